@@ -1,0 +1,53 @@
+# fastbcast: `make run` runs the main job, `make test` the tests. Each sets up
+# what it needs first: a local .venv (seeing the system's packages, so a
+# machine that already has torch keeps it), the CPU wheel torch==2.13.0 if no
+# torch is importable, the dev requirements, and an incremental build of the
+# extension (ninja rebuilds only what changed).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEPS   := $(VENV)/.deps-installed
+SO      = $(wildcard fastbcast/_C*.so)
+export MAX_JOBS ?= 2
+
+.PHONY: all build run test test-integrations bench-codec wheel sanitize clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(DEPS): $(PY) requirements-dev.txt
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+build: $(DEPS)
+	$(PY) setup.py -q build_ext --inplace
+
+run: build
+	$(PY) -m fastbcast.bench $(ARGS)
+
+# pytest exits 5 when it collects nothing: that is a failure here, as is any
+# other non-zero code, so the exit status is passed through unchanged.
+test: build
+	$(PY) -m pytest tests -q $(ARGS)
+
+bench-codec: build
+	$(PY) benchmarks/bench_codec.py $(ARGS)
+
+wheel: $(DEPS)
+	$(PY) -m pip wheel . --no-build-isolation --no-deps -w dist/
+
+# ASan + UBSan build of the codec, run over the codec tests. The sanitizer
+# runtime has to be loaded before Python itself.
+sanitize: $(DEPS)
+	FASTBCAST_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  $(PY) -m pytest tests/test_codec.py -q -p no:cacheprovider $(ARGS); rc=$$?; \
+	  $(PY) setup.py -q build_ext --inplace --force; exit $$rc
+
+clean:
+	rm -rf build dist *.egg-info fastbcast/_C*.so fastbcast/_build_info.py

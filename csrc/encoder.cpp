@@ -1,0 +1,745 @@
+#include "encoder.h"
+
+#include <cstring>
+#include <string>
+
+#include "exception.h"
+#include "pinned_pool.h"
+#include "python_compat.h"
+#include "tensor_codec.h"
+#include "type_registry.h"
+#include "wire.h"
+
+namespace fastbcast {
+
+namespace {
+
+// Size of the previous encoding in this process: the first block is chosen at
+// least this big, so a steady stream of similar payloads never regrows (each
+// regrow copies what was written so far). A documented cache, not state that
+// changes results.
+size_t g_last_size = 0;
+
+class Encoder {
+ public:
+  explicit Encoder(const EncodeOptions& opts) : opts_(opts) {}
+
+  bool run(PyObject* obj, Encoded* out) {
+    size_t first = std::max({opts_.min_capacity, opts_.reserve + g_last_size, PinnedPool::kMinBlock});
+    if (!set_block(first)) return false;
+    len_ = opts_.reserve;
+    if (!enc(obj, 0)) {
+      add_path_to_error();
+      return false;
+    }
+    g_last_size = len_ - opts_.reserve;
+    out->block = std::move(block_);
+    out->len = len_;
+    out->device_len = device_len_;
+    return true;
+  }
+
+ private:
+  // ---- buffer -----------------------------------------------------------
+  bool set_block(size_t min_bytes) {
+    at::Tensor b;
+    try {
+      b = PinnedPool::instance().acquire(min_bytes);
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what_without_backtrace());
+      return false;
+    }
+    if (len_) std::memcpy(b.data_ptr<uint8_t>(), data_, len_);
+    block_ = std::move(b);
+    data_ = block_.data_ptr<uint8_t>();
+    cap_ = block_.numel();
+    return true;
+  }
+
+  bool grow(size_t n) {
+    size_t want = std::max(cap_ * 2, len_ + n);
+    return set_block(want);
+  }
+
+  FB_INLINE bool reserve(size_t n) { return FB_LIKELY(len_ + n <= cap_) || grow(n); }
+  FB_INLINE void put(uint8_t b) { data_[len_++] = b; }
+  FB_INLINE void put_be16(uint16_t v) { store_be16(data_ + len_, v); len_ += 2; }
+  FB_INLINE void put_be32(uint32_t v) { store_be32(data_ + len_, v); len_ += 4; }
+  FB_INLINE void put_be64(uint64_t v) { store_be64(data_ + len_, v); len_ += 8; }
+  FB_INLINE void put_bytes(const void* p, size_t n) { std::memcpy(data_ + len_, p, n); len_ += n; }
+
+  // ---- scalars ----------------------------------------------------------
+  FB_INLINE bool write_int64(int64_t v) {
+    if (!reserve(9)) return false;
+    if (v >= 0) {
+      if (v <= 0x7f) {
+        put(uint8_t(v));
+      } else if (v <= 0xff) {
+        put(UINT8), put(uint8_t(v));
+      } else if (v <= 0xffff) {
+        put(UINT16), put_be16(uint16_t(v));
+      } else if (v <= 0xffffffffLL) {
+        put(UINT32), put_be32(uint32_t(v));
+      } else {
+        put(UINT64), put_be64(uint64_t(v));
+      }
+    } else {
+      if (v >= -32) {
+        put(uint8_t(int8_t(v)));
+      } else if (v >= -128) {
+        put(INT8), put(uint8_t(int8_t(v)));
+      } else if (v >= -32768) {
+        put(INT16), put_be16(uint16_t(int16_t(v)));
+      } else if (v >= -2147483648LL) {
+        put(INT32), put_be32(uint32_t(int32_t(v)));
+      } else {
+        put(INT64), put_be64(uint64_t(v));
+      }
+    }
+    return true;
+  }
+
+  bool write_int(PyObject* o) {
+    int64_t v;
+    if (FB_LIKELY(compact_long(o, &v))) return write_int64(v);
+    int overflow = 0;
+    long long ll = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (ll == -1 && PyErr_Occurred()) return false;
+    if (!overflow) return write_int64(ll);
+    if (overflow > 0) {
+      unsigned long long u = PyLong_AsUnsignedLongLong(o);
+      if (!(u == (unsigned long long)-1 && PyErr_Occurred())) {
+        if (!reserve(9)) return false;
+        put(UINT64), put_be64(u);
+        return true;
+      }
+      PyErr_Clear();
+    }
+    return write_bigint(o);
+  }
+
+  bool write_bigint(PyObject* o) {
+    if (opts_.compat) return unsupported(o, "int outside 64 bits in compat mode");
+    size_t bits = _PyLong_NumBits(o);
+    if (bits == size_t(-1) && PyErr_Occurred()) return false;
+    Py_ssize_t n = Py_ssize_t(bits / 8 + 1);
+    PyObject* meth = PyObject_GetAttrString(o, "to_bytes");
+    PyObject* args = meth ? Py_BuildValue("(ns)", n, "little") : nullptr;
+    PyObject* kw = args ? Py_BuildValue("{s:O}", "signed", Py_True) : nullptr;
+    PyObject* b = kw ? PyObject_Call(meth, args, kw) : nullptr;
+    Py_XDECREF(meth);
+    Py_XDECREF(args);
+    Py_XDECREF(kw);
+    if (!b) return false;
+    bool ok = write_ext_header(PyBytes_GET_SIZE(b), EXT_BIGINT) &&
+              (put_bytes(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b)), true);
+    Py_DECREF(b);
+    return ok;
+  }
+
+  FB_INLINE bool write_float(double d) {
+    if (!reserve(9)) return false;
+    uint64_t bits;
+    std::memcpy(&bits, &d, 8);
+    put(FLOAT64), put_be64(bits);
+    return true;
+  }
+
+  FB_INLINE bool write_str(PyObject* o) {
+    const char* s;
+    Py_ssize_t n;
+    if (FB_LIKELY(PyUnicode_IS_COMPACT_ASCII(o))) {
+      s = static_cast<const char*>(PyUnicode_DATA(o));
+      n = PyUnicode_GET_LENGTH(o);
+    } else {
+      s = PyUnicode_AsUTF8AndSize(o, &n);
+      if (!s) return false;  // UnicodeEncodeError (a lone surrogate); rewritten with the path
+    }
+    if (FB_UNLIKELY(uint64_t(n) > 0xffffffffULL)) return too_long(o, "str");
+    if (!reserve(5 + n)) return false;
+    if (n < 32) {
+      put(uint8_t(FIXSTR | n));
+    } else if (n <= 0xff) {
+      put(STR8), put(uint8_t(n));
+    } else if (n <= 0xffff) {
+      put(STR16), put_be16(uint16_t(n));
+    } else {
+      put(STR32), put_be32(uint32_t(n));
+    }
+    put_bytes(s, n);
+    return true;
+  }
+
+  bool write_bin(const void* p, size_t n, PyObject* o) {
+    if (n > 0xffffffffULL) return too_long(o, "bytes");
+    if (!reserve(5 + n)) return false;
+    if (n <= 0xff) {
+      put(BIN8), put(uint8_t(n));
+    } else if (n <= 0xffff) {
+      put(BIN16), put_be16(uint16_t(n));
+    } else {
+      put(BIN32), put_be32(uint32_t(n));
+    }
+    put_bytes(p, n);
+    return true;
+  }
+
+  // Raw bytes as an ext (BYTEARRAY, MEMORYVIEW) or, in compat mode, as bin.
+  bool write_raw(const void* p, size_t n, int8_t ext, PyObject* o) {
+    if (opts_.compat) return write_bin(p, n, o);
+    if (!write_ext_header(n, ext)) return false;
+    put_bytes(p, n);
+    return true;
+  }
+
+  // ---- headers ----------------------------------------------------------
+  FB_INLINE bool write_array_header(size_t n, PyObject* o) {
+    if (FB_UNLIKELY(n > 0xffffffffULL)) return too_long(o, "sequence");
+    if (!reserve(5)) return false;
+    if (n < 16) {
+      put(uint8_t(FIXARRAY | n));
+    } else if (n <= 0xffff) {
+      put(ARRAY16), put_be16(uint16_t(n));
+    } else {
+      put(ARRAY32), put_be32(uint32_t(n));
+    }
+    return true;
+  }
+
+  FB_INLINE bool write_map_header(size_t n, PyObject* o) {
+    if (FB_UNLIKELY(n > 0xffffffffULL)) return too_long(o, "dict");
+    if (!reserve(5)) return false;
+    if (n < 16) {
+      put(uint8_t(FIXMAP | n));
+    } else if (n <= 0xffff) {
+      put(MAP16), put_be16(uint16_t(n));
+    } else {
+      put(MAP32), put_be32(uint32_t(n));
+    }
+    return true;
+  }
+
+  // Ext header for a payload of known length; the caller then writes n bytes
+  // (reserve() already covers them).
+  bool write_ext_header(size_t n, int8_t type) {
+    if (n > 0xffffffffULL) {
+      PyErr_SetString(PyExc_ValueError, "value longer than 4 GiB");
+      return false;
+    }
+    if (!reserve(6 + n)) return false;
+    switch (n) {
+      case 1: put(FIXEXT1); break;
+      case 2: put(FIXEXT2); break;
+      case 4: put(FIXEXT4); break;
+      case 8: put(FIXEXT8); break;
+      case 16: put(FIXEXT16); break;
+      default:
+        if (n <= 0xff) {
+          put(EXT8), put(uint8_t(n));
+        } else if (n <= 0xffff) {
+          put(EXT16), put_be16(uint16_t(n));
+        } else {
+          put(EXT32), put_be32(uint32_t(n));
+        }
+    }
+    put(uint8_t(type));
+    return true;
+  }
+
+  // An ext whose payload is itself MessagePack of unknown length: always the
+  // EXT32 form, length patched once the payload is written.
+  bool begin_nested_ext(int8_t type, size_t* start) {
+    if (!reserve(6)) return false;
+    put(EXT32);
+    len_ += 4;
+    put(uint8_t(type));
+    *start = len_;
+    return true;
+  }
+  bool end_nested_ext(size_t start) {
+    size_t n = len_ - start;
+    if (n > 0xffffffffULL) {
+      PyErr_SetString(PyExc_ValueError, "value longer than 4 GiB");
+      return false;
+    }
+    store_be32(data_ + start - 5, uint32_t(n));
+    return true;
+  }
+
+  // ---- containers -------------------------------------------------------
+  bool write_list(PyObject* o, int depth) {
+    Py_ssize_t n = PyList_GET_SIZE(o);
+    if (!opts_.compat && size_t(n) >= kIntBlockMin && PyLong_CheckExact(PyList_GET_ITEM(o, 0))) {
+      int r = try_int_block(o, n);
+      if (r != 0) return r > 0;
+    }
+    if (!write_array_header(n, o)) return false;
+    // The list may shrink under us only through user code (__eq__, finalizers)
+    // that the encoder never calls; re-read the size anyway rather than trust it.
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (FB_UNLIKELY(i >= PyList_GET_SIZE(o))) {
+        PyErr_SetString(PyExc_RuntimeError, "list changed size during encoding");
+        return false;
+      }
+      if (!enc(PyList_GET_ITEM(o, i), depth)) return index_segment(i);
+    }
+    return true;
+  }
+
+  // Returns 1 if written as a block, 0 if the list is not a homogeneous int
+  // list (nothing written), -1 on error.
+  int try_int_block(PyObject* o, Py_ssize_t n) {
+    // Stage the values as int64 just past the largest possible ext header,
+    // then narrow them in place: the narrowed copy never overtakes its source.
+    constexpr size_t kHead = 6 + 1;
+    if (!reserve(kHead + 8 * size_t(n))) return -1;
+    uint8_t* stage = data_ + len_ + kHead;
+    int64_t lo = 0, hi = 0;
+    PyObject** items = reinterpret_cast<PyListObject*>(o)->ob_item;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* it = items[i];
+      int64_t v;
+      if (FB_UNLIKELY(!PyLong_CheckExact(it))) return 0;
+      if (FB_UNLIKELY(!compact_long(it, &v))) {
+        int overflow = 0;
+        v = PyLong_AsLongLongAndOverflow(it, &overflow);
+        if (overflow) return 0;  // leaves 64 bits: the generic path writes it
+        if (v == -1 && PyErr_Occurred()) return -1;
+      }
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+      store_le<int64_t>(stage + 8 * i, v);
+    }
+    IntWidth w;
+    if (lo >= 0) {
+      w = hi <= 0xff ? W_U8 : hi <= 0xffff ? W_U16 : hi <= 0xffffffffLL ? W_U32 : W_I64;
+    } else {
+      w = (lo >= INT32_MIN && hi <= INT32_MAX) ? W_I32 : W_I64;
+    }
+    size_t wb = kIntWidthBytes[w];
+    size_t payload = 1 + wb * size_t(n);
+    if (!write_ext_header(payload, EXT_INT_BLOCK)) return -1;  // reserve() cannot regrow: space is there
+    put(uint8_t(w));
+    uint8_t* dst = data_ + len_;
+    switch (w) {
+      case W_U8:
+        for (Py_ssize_t i = 0; i < n; ++i) dst[i] = uint8_t(load_le<int64_t>(stage + 8 * i));
+        break;
+      case W_U16:
+        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint16_t>(dst + 2 * i, uint16_t(load_le<int64_t>(stage + 8 * i)));
+        break;
+      case W_U32:
+      case W_I32:
+        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint32_t>(dst + 4 * i, uint32_t(load_le<int64_t>(stage + 8 * i)));
+        break;
+      default:
+        std::memmove(dst, stage, 8 * size_t(n));
+    }
+    len_ += wb * size_t(n);
+    return 1;
+  }
+
+  bool write_dict(PyObject* o, int depth) {
+    if (!write_map_header(PyDict_GET_SIZE(o), o)) return false;
+    Py_ssize_t pos = 0, n = PyDict_GET_SIZE(o);
+    PyObject *k, *v;
+    while (PyDict_Next(o, &pos, &k, &v)) {
+      if (FB_UNLIKELY(--n < 0)) break;
+      if (!enc(k, depth)) return key_segment(k, true);
+      if (!enc(v, depth)) return key_segment(k, false);
+    }
+    if (n != 0) {
+      PyErr_SetString(PyExc_RuntimeError, "dict changed size during encoding");
+      return false;
+    }
+    return true;
+  }
+
+  bool write_tuple(PyObject* o, int depth) {
+    size_t start = 0;
+    if (!opts_.compat && !begin_nested_ext(EXT_TUPLE, &start)) return false;
+    Py_ssize_t n = PyTuple_GET_SIZE(o);
+    if (!write_array_header(n, o)) return false;
+    for (Py_ssize_t i = 0; i < n; ++i)
+      if (!enc(PyTuple_GET_ITEM(o, i), depth)) return index_segment(i);
+    return opts_.compat || end_nested_ext(start);
+  }
+
+  bool write_set(PyObject* o, int depth, int8_t ext) {
+    size_t start = 0;
+    if (!opts_.compat && !begin_nested_ext(ext, &start)) return false;
+    Py_ssize_t n = PySet_GET_SIZE(o);
+    if (!write_array_header(n, o)) return false;
+    PyObject* it = PyObject_GetIter(o);
+    if (!it) return false;
+    PyObject* item;
+    Py_ssize_t i = 0;
+    while ((item = PyIter_Next(it))) {
+      bool ok = ++i <= n && enc(item, depth);
+      if (!ok && !PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "set changed size during encoding");
+      if (!ok) path_.push_back("{" + safe_repr(item) + "}");
+      Py_DECREF(item);
+      if (!ok) {
+        Py_DECREF(it);
+        return false;
+      }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return false;
+    return opts_.compat || end_nested_ext(start);
+  }
+
+  // ---- ext leaves -------------------------------------------------------
+  bool write_complex(PyObject* o) {
+    if (opts_.compat) return unsupported(o, "complex in compat mode");
+    Py_complex c = PyComplex_AsCComplex(o);
+    if (!write_ext_header(16, EXT_COMPLEX)) return false;
+    store_le<double>(data_ + len_, c.real);
+    store_le<double>(data_ + len_ + 8, c.imag);
+    len_ += 16;
+    return true;
+  }
+
+  bool write_tensor_header(const at::Tensor& t, int code, size_t extra, int8_t ext) {
+    int64_t ndim = t.dim();
+    if (ndim > 255) {
+      PyErr_SetString(PyExc_ValueError, "tensor with more than 255 dimensions");
+      return false;
+    }
+    if (!write_ext_header(2 + 8 * ndim + extra, ext)) return false;
+    put(uint8_t(code));
+    put(uint8_t(ndim));
+    for (int64_t d = 0; d < ndim; ++d) {
+      store_le<int64_t>(data_ + len_, t.size(d));
+      len_ += 8;
+    }
+    return true;
+  }
+
+  bool write_tensor(PyObject* o) {
+    if (opts_.compat) return unsupported(o, "torch.Tensor in compat mode");
+    const at::Tensor& src = unpack_tensor(o);
+    int code = dtype_code(src.scalar_type());
+    if (code < 0 || src.layout() != at::kStrided || src.is_quantized())
+      return unsupported(o, ("tensor of dtype " + std::string(c10::toString(src.scalar_type())) +
+                             " / layout " + c10::str(src.layout())).c_str());
+    try {
+      if (src.is_cuda()) {
+        if (!opts_.cuda_tensors)
+          return unsupported(o, "CUDA tensor outside a broadcast (fastbcast.encode writes host memory; "
+                                "use fastbcast.broadcast, or .cpu() it first)");
+        at::Tensor t = src.detach().resolve_conj().resolve_neg().contiguous();
+        size_t off = (device_len_ + kDeviceAlign - 1) / kDeviceAlign * kDeviceAlign;
+        if (!write_tensor_header(t, code, 8, EXT_CUDA_REF)) return false;
+        store_le<uint64_t>(data_ + len_, off);
+        len_ += 8;
+        device_len_ = off + t.nbytes();
+        opts_.cuda_tensors->push_back(std::move(t));
+        return true;
+      }
+      if (!src.is_cpu()) return unsupported(o, ("tensor on device " + src.device().str()).c_str());
+      at::Tensor t = src.detach().resolve_conj().resolve_neg().contiguous();
+      size_t nbytes = t.nbytes();
+      if (!write_tensor_header(t, code, nbytes, EXT_TENSOR)) return false;
+      if (nbytes) std::memcpy(data_ + len_, t.data_ptr(), nbytes);
+      len_ += nbytes;
+      return true;
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+      return false;
+    }
+  }
+
+  bool write_buffer_ext(PyObject* o, int8_t ext, const char* prefix, size_t prefix_len) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(o, &view, PyBUF_FULL_RO) < 0) return false;
+    size_t n = size_t(view.len);
+    bool ok = false;
+    if (opts_.compat) {
+      ok = reserve(5 + n) && write_bin_header(n, o);
+    } else {
+      ok = write_ext_header(prefix_len + n, ext);
+      if (ok) put_bytes(prefix, prefix_len);
+    }
+    if (ok) {
+      ok = PyBuffer_ToContiguous(data_ + len_, &view, view.len, 'C') == 0;
+      if (ok) len_ += n;
+    }
+    PyBuffer_Release(&view);
+    return ok;
+  }
+
+  bool write_bin_header(size_t n, PyObject* o) {
+    if (n > 0xffffffffULL) return too_long(o, "bytes");
+    if (n <= 0xff) {
+      put(BIN8), put(uint8_t(n));
+    } else if (n <= 0xffff) {
+      put(BIN16), put_be16(uint16_t(n));
+    } else {
+      put(BIN32), put_be32(uint32_t(n));
+    }
+    return true;
+  }
+
+  bool write_ndarray(PyObject* o) {
+    if (opts_.compat) return unsupported(o, "numpy.ndarray in compat mode");
+    PyObject* dtype = PyObject_GetAttrString(o, "dtype");
+    PyObject* kind = dtype ? PyObject_GetAttrString(dtype, "kind") : nullptr;
+    PyObject* str = kind ? PyObject_GetAttrString(dtype, "str") : nullptr;
+    PyObject* shape = str ? PyObject_GetAttrString(o, "shape") : nullptr;
+    bool ok = false;
+    if (shape) {
+      const char* k = PyUnicode_AsUTF8(kind);
+      Py_ssize_t sn;
+      const char* s = PyUnicode_AsUTF8AndSize(str, &sn);
+      Py_ssize_t ndim = PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : -1;
+      if (k && s && std::strchr("biufc", k[0]) && k[0] && sn < 256 && ndim >= 0 && ndim < 256) {
+        std::string prefix;
+        prefix.push_back(char(sn));
+        prefix.append(s, sn);
+        prefix.push_back(char(ndim));
+        ok = true;
+        for (Py_ssize_t d = 0; ok && d < ndim; ++d) {
+          long long dim = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, d));
+          if (dim == -1 && PyErr_Occurred()) ok = false;
+          char b[8];
+          store_le<int64_t>(reinterpret_cast<uint8_t*>(b), dim);
+          prefix.append(b, 8);
+        }
+        ok = ok && write_buffer_ext(o, EXT_NDARRAY, prefix.data(), prefix.size());
+      } else if (!PyErr_Occurred()) {
+        unsupported(o, ("numpy.ndarray of dtype " + std::string(s ? s : "?")).c_str());
+      }
+    }
+    Py_XDECREF(dtype);
+    Py_XDECREF(kind);
+    Py_XDECREF(str);
+    Py_XDECREF(shape);
+    return ok;
+  }
+
+  bool write_pyarray(PyObject* o) {
+    if (opts_.compat) return unsupported(o, "array.array in compat mode");
+    PyObject* tc = PyObject_GetAttrString(o, "typecode");
+    if (!tc) return false;
+    const char* s = PyUnicode_AsUTF8(tc);
+    char code = s ? s[0] : 0;
+    Py_DECREF(tc);
+    if (!s) return false;
+    return write_buffer_ext(o, EXT_PYARRAY, &code, 1);
+  }
+
+  bool write_enum(PyObject* o, const TypeInfo* info, int depth) {
+    if (opts_.compat) return unsupported(o, "enum in compat mode");
+    size_t start;
+    if (!begin_nested_ext(EXT_ENUM, &start) || !write_array_header(2, o) || !write_str(info->name)) return false;
+    PyObject* v = PyObject_GetAttrString(o, "_value_");
+    if (!v) return false;
+    bool ok = enc(v, depth);
+    Py_DECREF(v);
+    if (!ok) {
+      path_.push_back(".value");
+      return false;
+    }
+    return end_nested_ext(start);
+  }
+
+  bool write_fields(PyObject* o, const TypeInfo* info, int depth) {
+    if (opts_.compat) return unsupported(o, "class instance in compat mode");
+    size_t start;
+    Py_ssize_t n = PyTuple_GET_SIZE(info->fields);
+    if (!begin_nested_ext(EXT_OBJECT, &start) || !write_array_header(2, o) || !write_str(info->name) ||
+        !write_map_header(n, o))
+      return false;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* name = PyTuple_GET_ITEM(info->fields, i);
+      if (!write_str(name)) return false;
+      PyObject* v = PyObject_GetAttr(o, name);
+      bool ok = v && enc(v, depth);
+      Py_XDECREF(v);
+      if (!ok) {
+        path_.push_back("." + std::string(PyUnicode_AsUTF8(name)));
+        return false;
+      }
+    }
+    return end_nested_ext(start);
+  }
+
+  bool write_pickle(PyObject* o) {
+    PyObject* pickle = PyImport_ImportModule("pickle");
+    if (!pickle) return false;
+    PyObject* b = PyObject_CallMethod(pickle, "dumps", "Oi", o, 5);
+    Py_DECREF(pickle);
+    if (!b) return false;
+    bool ok = write_ext_header(PyBytes_GET_SIZE(b), EXT_PICKLE);
+    if (ok) put_bytes(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+    Py_DECREF(b);
+    return ok;
+  }
+
+  // ---- dispatch ---------------------------------------------------------
+  bool enc(PyObject* o, int depth) {
+    PyTypeObject* t = Py_TYPE(o);
+    // Most common first: the types of a rollout batch.
+    if (t == &PyUnicode_Type) return write_str(o);
+    if (t == &PyLong_Type) return write_int(o);
+    if (t == &PyList_Type) return enter(o, depth) && write_list(o, depth + 1);
+    if (t == &PyDict_Type) return enter(o, depth) && write_dict(o, depth + 1);
+    if (t == &PyFloat_Type) return write_float(PyFloat_AS_DOUBLE(o));
+    if (o == Py_None) return reserve(1) && (put(NIL), true);
+    if (o == Py_True) return reserve(1) && (put(TRUE_), true);
+    if (o == Py_False) return reserve(1) && (put(FALSE_), true);
+    if (t == &PyTuple_Type) return enter(o, depth) && write_tuple(o, depth + 1);
+    if (t == &PyBytes_Type) return write_bin(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), o);
+    return enc_other(o, t, depth);
+  }
+
+  bool enc_other(PyObject* o, PyTypeObject* t, int depth) {
+    if (t == &PyByteArray_Type) return write_raw(PyByteArray_AS_STRING(o), PyByteArray_GET_SIZE(o), EXT_BYTEARRAY, o);
+    if (t == &PyMemoryView_Type) return write_buffer_ext(o, EXT_MEMORYVIEW, nullptr, 0);
+    if (t == &PySet_Type) return enter(o, depth) && write_set(o, depth + 1, EXT_SET);
+    if (t == &PyFrozenSet_Type) return enter(o, depth) && write_set(o, depth + 1, EXT_FROZENSET);
+    if (t == &PyComplex_Type) return write_complex(o);
+    if (is_exact_tensor(o)) return write_tensor(o);
+    if (is_loaded_type(o, "numpy", "ndarray")) return write_ndarray(o);
+    if (is_loaded_type(o, "array", "array")) return write_pyarray(o);
+    const TypeInfo* info = TypeRegistry::instance().for_encode(t);
+    if (!info) return false;
+    switch (info->kind) {
+      case Kind::ENUM:
+        return enter(o, depth) && write_enum(o, info, depth + 1);
+      case Kind::DATACLASS:
+      case Kind::PYDANTIC:
+      case Kind::STRUCT:
+        return enter(o, depth) && write_fields(o, info, depth + 1);
+      case Kind::UNSUPPORTED:
+        break;
+    }
+    if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
+    return unsupported(o, nullptr);
+  }
+
+  static bool is_loaded_type(PyObject* o, const char* module, const char* name) {
+    PyObject* m = PyDict_GetItemString(PyImport_GetModuleDict(), module);
+    if (!m) return false;
+    PyObject* cls = PyDict_GetItemString(PyModule_GetDict(m), name);
+    return cls && reinterpret_cast<PyObject*>(Py_TYPE(o)) == cls;
+  }
+
+  // Depth bookkeeping for containers; tells a cycle from deep nesting.
+  bool enter(PyObject* o, int depth) {
+    if (FB_LIKELY(depth < kMaxDepth)) {
+      stack_[depth] = o;
+      return true;
+    }
+    for (int i = 0; i < depth; ++i) {
+      if (stack_[i] == o) {
+        PyErr_Format(PyExc_ValueError, "the object contains a reference cycle (a %s that contains itself)",
+                     Py_TYPE(o)->tp_name);
+        return false;
+      }
+    }
+    PyErr_Format(PyExc_ValueError, "nesting deeper than %d levels", kMaxDepth);
+    return false;
+  }
+
+  // ---- errors -----------------------------------------------------------
+  bool unsupported(PyObject* o, const char* what) {
+    if (what) {
+      PyErr_Format(PyExc_TypeError, "unsupported: %s", what);
+    } else {
+      PyErr_Format(PyExc_TypeError,
+                   "unsupported type %s (register the class with fastbcast.register(), or pass allow_pickle=True "
+                   "to send it as a pickle)",
+                   Py_TYPE(o)->tp_name);
+    }
+    return false;
+  }
+
+  bool too_long(PyObject* o, const char* what) {
+    PyErr_Format(PyExc_ValueError, "%s longer than MessagePack allows (2^32-1)", what);
+    return false;
+  }
+
+  bool index_segment(Py_ssize_t i) {
+    path_.push_back("[" + std::to_string(i) + "]");
+    return false;
+  }
+
+  bool key_segment(PyObject* k, bool in_key) {
+    path_.push_back(in_key ? "<key " + safe_repr(k) + ">" : "[" + safe_repr(k) + "]");
+    return false;
+  }
+
+  static std::string safe_repr(PyObject* o) {
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    std::string out = "?";
+    PyObject* r = PyObject_Repr(o);
+    if (r) {
+      const char* s = PyUnicode_AsUTF8(r);
+      if (s) out = s;
+      Py_DECREF(r);
+    }
+    if (out.size() > 60) out = out.substr(0, 57) + "...";
+    PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return out;
+  }
+
+  // Prefixes the pending exception's message with the path to the object
+  // that failed, e.g. "data[0]['messages'][2].content: unsupported type Foo".
+  void add_path_to_error() {
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    // Outermost segments first; a very deep path keeps both of its ends.
+    std::string path = "data";
+    size_t n = path_.size();
+    for (size_t i = 0; i < n; ++i) {
+      if (n > 16 && i == 8) {
+        path += "...";
+        i = n - 8;
+      }
+      path += path_[n - 1 - i];
+    }
+    PyObject* msg = ev ? PyObject_Str(ev) : nullptr;
+    const char* m = msg ? PyUnicode_AsUTF8(msg) : nullptr;
+    if (!m) PyErr_Clear();
+    PyObject* cls = PyErr_GivenExceptionMatches(et, PyExc_TypeError) ? PyExc_TypeError
+                    : PyErr_GivenExceptionMatches(et, PyExc_MemoryError) ? PyExc_MemoryError
+                    : PyErr_GivenExceptionMatches(et, PyExc_RuntimeError) ? PyExc_RuntimeError
+                                                                          : PyExc_ValueError;
+    PyErr_Format(cls, "%s: %s", path.c_str(), m ? m : "encoding failed");
+    Py_XDECREF(msg);
+    // Keep the original as __cause__ so nothing is lost.
+    PyObject *nt, *nv, *ntb;
+    PyErr_Fetch(&nt, &nv, &ntb);
+    PyErr_NormalizeException(&nt, &nv, &ntb);
+    if (ev) {
+      PyException_SetCause(nv, ev);  // steals ev
+      ev = nullptr;
+    }
+    PyErr_Restore(nt, nv, ntb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+  }
+
+  const EncodeOptions& opts_;
+  at::Tensor block_;
+  uint8_t* data_ = nullptr;
+  size_t cap_ = 0;
+  size_t len_ = 0;
+  uint64_t device_len_ = 0;
+  std::vector<std::string> path_;
+  PyObject* stack_[kMaxDepth];
+};
+
+}  // namespace
+
+bool encode_object(PyObject* obj, const EncodeOptions& opts, Encoded* out) {
+  Encoder enc(opts);
+  return enc.run(obj, out);
+}
+
+}  // namespace fastbcast

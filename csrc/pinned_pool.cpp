@@ -1,0 +1,123 @@
+#include "pinned_pool.h"
+
+#include <cstdlib>
+
+#include "exception.h"
+
+namespace fastbcast {
+
+namespace {
+
+size_t round_up_pow2(size_t n) {
+  size_t p = PinnedPool::kMinBlock;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+size_t default_limit() {
+  // FASTBCAST_POOL_LIMIT_MB overrides the 8 GiB default.
+  if (const char* s = std::getenv("FASTBCAST_POOL_LIMIT_MB")) {
+    char* end = nullptr;
+    unsigned long long mb = std::strtoull(s, &end, 10);
+    if (end != s && *end == '\0') return size_t(mb) << 20;
+  }
+  return size_t(8) << 30;
+}
+
+bool cuda_usable() {
+  // Pinning needs a CUDA driver and at least one device; a CUDA build of torch
+  // on a machine without GPUs must fall back to ordinary memory.
+  try {
+    return at::globalContext().hasCUDA();
+  } catch (...) {
+    return false;
+  }
+}
+
+}  // namespace
+
+PinnedPool& PinnedPool::instance() {
+  static PinnedPool* pool = new PinnedPool();  // never destroyed: tensors may outlive static destructors
+  return *pool;
+}
+
+PinnedPool::PinnedPool() : limit_(default_limit()), pinned_(cuda_usable()) {}
+
+bool PinnedPool::idle(const at::Tensor& t) {
+  return t.use_count() == 1 && t.storage().use_count() == 1;
+}
+
+at::Tensor PinnedPool::acquire(size_t min_bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  at::Tensor* best = nullptr;
+  for (auto& b : blocks_) {
+    if (size_t(b.numel()) >= min_bytes && idle(b) && (!best || b.numel() < best->numel())) best = &b;
+  }
+  if (best) return *best;
+
+  size_t want = round_up_pow2(min_bytes);
+  if (bytes_ + want > limit_) {
+    // Free idle blocks until the new one fits.
+    std::vector<at::Tensor> keep;
+    for (auto& b : blocks_) {
+      if (bytes_ + want > limit_ && idle(b)) {
+        bytes_ -= b.numel();
+      } else {
+        keep.push_back(std::move(b));
+      }
+    }
+    blocks_.swap(keep);
+  }
+  FB_CHECK(bytes_ + want <= limit_, "pinned pool exhausted: a ", want, "-byte buffer is needed but ", bytes_,
+           " of the ", limit_, "-byte limit are held by live buffers (results of fastbcast.encode still referenced?). "
+           "Raise it with fastbcast.set_pool_limit() or FASTBCAST_POOL_LIMIT_MB.");
+  auto opts = at::TensorOptions().dtype(at::kByte).pinned_memory(pinned_);
+  at::Tensor t = at::empty({int64_t(want)}, opts);
+  blocks_.push_back(t);
+  bytes_ += want;
+  allocations_ += 1;
+  return t;
+}
+
+PoolStats PinnedPool::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  PoolStats s;
+  s.blocks = blocks_.size();
+  s.bytes = bytes_;
+  s.limit = limit_;
+  s.allocations = allocations_;
+  s.pinned = pinned_;
+  for (auto& b : blocks_) {
+    if (!idle(b)) {
+      s.busy_blocks += 1;
+      s.busy_bytes += b.numel();
+    }
+  }
+  return s;
+}
+
+size_t PinnedPool::shrink() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t freed = 0;
+  std::vector<at::Tensor> keep;
+  for (auto& b : blocks_) {
+    if (idle(b)) {
+      freed += b.numel();
+    } else {
+      keep.push_back(std::move(b));
+    }
+  }
+  blocks_.swap(keep);
+  bytes_ -= freed;
+  return freed;
+}
+
+void PinnedPool::set_limit(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    limit_ = bytes;
+  }
+  if (stats().bytes > bytes) shrink();
+}
+
+}  // namespace fastbcast

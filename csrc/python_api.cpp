@@ -1,0 +1,241 @@
+// Every pybind11 binding of fastbcast._C. The Python package (fastbcast/)
+// wraps these in documented functions; nothing here is public API by itself.
+#include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstring>
+#include <string>
+
+#include "decoder.h"
+#include "encoder.h"
+#include "frame.h"
+#include "pinned_pool.h"
+#include "type_registry.h"
+#include "wire.h"
+
+namespace py = pybind11;
+
+namespace fastbcast {
+namespace {
+
+py::object steal(PyObject* o) {
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(o);
+}
+
+const at::Tensor& host_bytes(const py::handle& o, const char* what) {
+  if (!THPVariable_Check(o.ptr())) throw py::type_error(std::string(what) + " must be a torch.Tensor");
+  const at::Tensor& t = THPVariable_Unpack(o.ptr());
+  if (!t.is_cpu() || t.scalar_type() != at::kByte || !t.is_contiguous())
+    throw py::value_error(std::string(what) + " must be a contiguous CPU uint8 tensor, got " +
+                          c10::toString(t.scalar_type()) + " on " + t.device().str() +
+                          (t.is_contiguous() ? "" : " (non-contiguous)"));
+  return t;
+}
+
+EncodeOptions encode_options(bool compat, bool allow_pickle) {
+  EncodeOptions o;
+  o.compat = compat;
+  o.allow_pickle = allow_pickle;
+  return o;
+}
+
+Encoded encode_or_throw(PyObject* obj, const EncodeOptions& opts) {
+  Encoded e;
+  if (!encode_object(obj, opts, &e)) throw py::error_already_set();
+  return e;
+}
+
+DecodeOptions decode_options(bool allow_pickle, const py::object& trusted) {
+  DecodeOptions o;
+  o.allow_pickle = allow_pickle;
+  o.trusted = trusted.is_none() ? nullptr : trusted.ptr();
+  if (o.trusted && !PyTuple_Check(o.trusted)) throw py::type_error("trusted must be a tuple of module prefixes");
+  return o;
+}
+
+py::object encode(py::handle obj, bool compat, bool allow_pickle) {
+  Encoded e = encode_or_throw(obj.ptr(), encode_options(compat, allow_pickle));
+  return steal(THPVariable_Wrap(e.block.narrow(0, 0, int64_t(e.len))));
+}
+
+// Encodes into a pool block first, so a buffer that turns out too small is
+// left untouched. Returns (fits, size): the bytes written, or needed.
+py::tuple encode_into(py::handle obj, py::handle out, int64_t offset, bool compat, bool allow_pickle) {
+  const at::Tensor& dst = host_bytes(out, "out");
+  if (offset < 0 || offset > dst.numel())
+    throw py::value_error("offset " + std::to_string(offset) + " is outside the " + std::to_string(dst.numel()) +
+                          "-byte buffer");
+  Encoded e = encode_or_throw(obj.ptr(), encode_options(compat, allow_pickle));
+  if (int64_t(e.len) > dst.numel() - offset) return py::make_tuple(false, e.len);
+  std::memcpy(dst.data_ptr<uint8_t>() + offset, e.block.data_ptr<uint8_t>(), e.len);
+  return py::make_tuple(true, e.len);
+}
+
+py::object decode(py::handle buf, bool allow_pickle, const py::object& trusted) {
+  DecodeOptions opts = decode_options(allow_pickle, trusted);
+  if (THPVariable_Check(buf.ptr())) {
+    const at::Tensor& t = host_bytes(buf, "buf");
+    return steal(decode_object(t.data_ptr<uint8_t>(), size_t(t.numel()), opts));
+  }
+  Py_buffer view;
+  if (PyObject_GetBuffer(buf.ptr(), &view, PyBUF_C_CONTIGUOUS) < 0) {
+    PyErr_Clear();
+    throw py::type_error("decode() takes a uint8 torch.Tensor, bytes, bytearray or a contiguous memoryview");
+  }
+  PyObject* o = decode_object(static_cast<const uint8_t*>(view.buf), size_t(view.len), opts);
+  PyBuffer_Release(&view);
+  return steal(o);
+}
+
+// The source side of a broadcast: header + value in one pool block that is
+// at least first_chunk bytes long. Returns (block, used_bytes, cuda_tensors,
+// device_len).
+py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, bool compat,
+                       bool allow_pickle, bool collect_cuda) {
+  if (first_chunk < kHeaderBytes) throw py::value_error("first_chunk must be at least the 32-byte header");
+  if (chunk == 0) throw py::value_error("chunk must be positive");
+  std::vector<at::Tensor> cuda;
+  EncodeOptions opts = encode_options(compat, allow_pickle);
+  opts.reserve = kHeaderBytes;
+  opts.min_capacity = first_chunk;
+  opts.cuda_tensors = collect_cuda ? &cuda : nullptr;
+  Encoded e = encode_or_throw(obj.ptr(), opts);
+  FrameHeader h;
+  h.version = version;
+  h.flags = cuda.empty() ? 0 : FLAG_CUDA;
+  h.payload_len = e.len - kHeaderBytes;
+  h.first_chunk = first_chunk;
+  h.chunk = chunk;
+  h.device_len = e.device_len;
+  write_header(e.block.data_ptr<uint8_t>(), h);
+  py::list tensors;
+  for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
+  return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len);
+}
+
+// A frame that tells receivers the source failed: the ERROR flag and the
+// message (UTF-8, cut to fit the first chunk) as payload.
+py::object error_frame(const std::string& message, uint32_t first_chunk, uint32_t chunk, uint16_t version) {
+  if (first_chunk < kHeaderBytes) throw py::value_error("first_chunk must be at least the 32-byte header");
+  at::Tensor block = PinnedPool::instance().acquire(first_chunk);
+  size_t n = std::min(message.size(), size_t(first_chunk) - kHeaderBytes);
+  FrameHeader h;
+  h.version = version;
+  h.flags = FLAG_ERROR;
+  h.payload_len = n;
+  h.first_chunk = first_chunk;
+  h.chunk = chunk;
+  write_header(block.data_ptr<uint8_t>(), h);
+  std::memcpy(block.data_ptr<uint8_t>() + kHeaderBytes, message.data(), n);
+  return steal(THPVariable_Wrap(block));
+}
+
+py::tuple read_header_py(py::handle buf) {
+  const at::Tensor& t = host_bytes(buf, "header");
+  FrameHeader h;
+  std::string err;
+  if (!read_header(t.data_ptr<uint8_t>(), size_t(t.numel()), &h, &err)) {
+    PyErr_SetString(decode_error_type(), err.c_str());
+    throw py::error_already_set();
+  }
+  return py::make_tuple(h.version, h.flags, h.payload_len, h.first_chunk, h.chunk, h.device_len);
+}
+
+py::object decode_frame(py::handle buf, uint64_t payload_len, const py::object& device_buffer, bool allow_pickle,
+                        const py::object& trusted) {
+  const at::Tensor& t = host_bytes(buf, "frame");
+  if (uint64_t(t.numel()) < kHeaderBytes + payload_len)
+    throw py::value_error("frame buffer shorter than header + payload");
+  DecodeOptions opts = decode_options(allow_pickle, trusted);
+  at::Tensor dev;
+  if (!device_buffer.is_none()) {
+    if (!THPVariable_Check(device_buffer.ptr())) throw py::type_error("device_buffer must be a tensor");
+    dev = THPVariable_Unpack(device_buffer.ptr());
+    opts.device_buffer = &dev;
+  }
+  return steal(decode_object(t.data_ptr<uint8_t>() + kHeaderBytes, payload_len, opts, kHeaderBytes));
+}
+
+py::dict pool_stats() {
+  PoolStats s = PinnedPool::instance().stats();
+  py::dict d;
+  d["blocks"] = s.blocks;
+  d["bytes"] = s.bytes;
+  d["busy_blocks"] = s.busy_blocks;
+  d["busy_bytes"] = s.busy_bytes;
+  d["limit"] = s.limit;
+  d["allocations"] = s.allocations;
+  d["pinned"] = s.pinned;
+  d["min_block"] = PinnedPool::kMinBlock;
+  return d;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = FASTBCAST_VERSION;
+#ifdef FASTBCAST_WITH_CUDA
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+  d["python"] = PY_VERSION;
+  d["header_bytes"] = kHeaderBytes;
+  d["max_depth"] = kMaxDepth;
+  d["int_block_min"] = kIntBlockMin;
+  d["device_align"] = kDeviceAlign;
+#if defined(__SANITIZE_ADDRESS__)
+  d["sanitize"] = true;
+#else
+  d["sanitize"] = false;
+#endif
+  return d;
+}
+
+}  // namespace
+}  // namespace fastbcast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace fastbcast;
+  m.doc() = "fastbcast C++ core: MessagePack codec over a pinned pool, and broadcast frames";
+
+  PyObject* err = PyErr_NewExceptionWithDoc(
+      "fastbcast.DecodeError",
+      "Raised for bytes that are not a valid fastbcast encoding (truncated, corrupt, hostile, or naming a "
+      "class that is not trusted). A ValueError; the message names the byte offset.",
+      PyExc_ValueError, nullptr);
+  if (!err) throw py::error_already_set();
+  set_decode_error_type(err);
+  m.attr("DecodeError") = py::reinterpret_steal<py::object>(err);
+
+  m.def("encode", &encode, py::arg("obj"), py::arg("compat") = false, py::arg("allow_pickle") = false);
+  m.def("encode_into", &encode_into, py::arg("obj"), py::arg("out"), py::arg("offset") = 0,
+        py::arg("compat") = false, py::arg("allow_pickle") = false);
+  m.def("decode", &decode, py::arg("buf"), py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
+  m.def("encode_frame", &encode_frame, py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
+        py::arg("compat") = false, py::arg("allow_pickle") = false, py::arg("collect_cuda") = false);
+  m.def("error_frame", &error_frame, py::arg("message"), py::arg("first_chunk"), py::arg("chunk"),
+        py::arg("version"));
+  m.def("read_header", &read_header_py, py::arg("buf"));
+  m.def("decode_frame", &decode_frame, py::arg("buf"), py::arg("payload_len"), py::arg("device_buffer") = py::none(),
+        py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
+
+  m.def("register", [](py::handle cls) {
+    if (!TypeRegistry::instance().register_class(cls.ptr())) throw py::error_already_set();
+  });
+  m.def("trust", [](const std::string& prefix) {
+    if (prefix.empty()) throw py::value_error("empty module prefix would trust every module");
+    TypeRegistry::instance().add_trusted_prefix(prefix);
+  });
+  m.def("registered", []() { return steal(TypeRegistry::instance().registered_names()); });
+
+  m.def("pool_stats", &pool_stats);
+  m.def("shrink_pool", []() { return PinnedPool::instance().shrink(); });
+  m.def("set_pool_limit", [](size_t bytes) { PinnedPool::instance().set_limit(bytes); });
+  m.def("build_info", &build_info);
+
+  m.attr("HEADER_BYTES") = kHeaderBytes;
+  m.attr("FLAG_ERROR") = int(FLAG_ERROR);
+  m.attr("FLAG_CUDA") = int(FLAG_CUDA);
+  m.attr("DEVICE_ALIGN") = kDeviceAlign;
+}

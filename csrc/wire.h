@@ -1,0 +1,109 @@
+// MessagePack codes, fastbcast's ext type codes and the broadcast frame header.
+// FORMAT.md is the reference for every constant here; keep the two in step.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace fastbcast {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fastbcast assumes a little-endian host");
+
+// MessagePack type bytes (https://github.com/msgpack/msgpack/blob/master/spec.md).
+enum Code : uint8_t {
+  POSFIXINT_MAX = 0x7f,
+  FIXMAP = 0x80,      // 0x80..0x8f
+  FIXARRAY = 0x90,    // 0x90..0x9f
+  FIXSTR = 0xa0,      // 0xa0..0xbf
+  NIL = 0xc0,
+  NEVER_USED = 0xc1,
+  FALSE_ = 0xc2,
+  TRUE_ = 0xc3,
+  BIN8 = 0xc4,
+  BIN16 = 0xc5,
+  BIN32 = 0xc6,
+  EXT8 = 0xc7,
+  EXT16 = 0xc8,
+  EXT32 = 0xc9,
+  FLOAT32 = 0xca,
+  FLOAT64 = 0xcb,
+  UINT8 = 0xcc,
+  UINT16 = 0xcd,
+  UINT32 = 0xce,
+  UINT64 = 0xcf,
+  INT8 = 0xd0,
+  INT16 = 0xd1,
+  INT32 = 0xd2,
+  INT64 = 0xd3,
+  FIXEXT1 = 0xd4,
+  FIXEXT2 = 0xd5,
+  FIXEXT4 = 0xd6,
+  FIXEXT8 = 0xd7,
+  FIXEXT16 = 0xd8,
+  STR8 = 0xd9,
+  STR16 = 0xda,
+  STR32 = 0xdb,
+  ARRAY16 = 0xdc,
+  ARRAY32 = 0xdd,
+  MAP16 = 0xde,
+  MAP32 = 0xdf,
+  NEGFIXINT = 0xe0,   // 0xe0..0xff
+};
+
+// fastbcast's ext type codes. Never reuse a retired code.
+enum Ext : int8_t {
+  EXT_TUPLE = 1,
+  EXT_SET = 2,
+  EXT_FROZENSET = 3,
+  EXT_BIGINT = 4,
+  EXT_COMPLEX = 5,
+  EXT_INT_BLOCK = 6,
+  EXT_TENSOR = 7,
+  EXT_CUDA_REF = 8,
+  EXT_NDARRAY = 9,
+  EXT_ENUM = 10,
+  EXT_OBJECT = 11,
+  EXT_PYARRAY = 12,
+  EXT_BYTEARRAY = 13,
+  EXT_MEMORYVIEW = 14,
+  EXT_PICKLE = 15,
+};
+
+// Element widths of an EXT_INT_BLOCK.
+enum IntWidth : uint8_t { W_U8 = 0, W_U16 = 1, W_U32 = 2, W_I32 = 3, W_I64 = 4, W_U64 = 5 };
+inline constexpr size_t kIntWidthBytes[] = {1, 2, 4, 4, 8, 8};
+
+// Lists of at least this many ints are written as an EXT_INT_BLOCK.
+inline constexpr size_t kIntBlockMin = 8;
+// Containers nested deeper than this are refused on encode and decode.
+inline constexpr int kMaxDepth = 256;
+
+// Unaligned little-endian / big-endian loads and stores.
+template <typename T>
+inline T load_le(const uint8_t* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
+template <typename T>
+inline void store_le(uint8_t* p, T v) { std::memcpy(p, &v, sizeof(T)); }
+inline uint16_t load_be16(const uint8_t* p) { return __builtin_bswap16(load_le<uint16_t>(p)); }
+inline uint32_t load_be32(const uint8_t* p) { return __builtin_bswap32(load_le<uint32_t>(p)); }
+inline uint64_t load_be64(const uint8_t* p) { return __builtin_bswap64(load_le<uint64_t>(p)); }
+inline void store_be16(uint8_t* p, uint16_t v) { store_le<uint16_t>(p, __builtin_bswap16(v)); }
+inline void store_be32(uint8_t* p, uint32_t v) { store_le<uint32_t>(p, __builtin_bswap32(v)); }
+inline void store_be64(uint8_t* p, uint64_t v) { store_le<uint64_t>(p, __builtin_bswap64(v)); }
+
+// The broadcast frame header (FORMAT.md section 3). The first 8 bytes keep
+// their meaning in every format version.
+inline constexpr uint8_t kMagic[4] = {'F', 'B', 'C', 0x01};
+inline constexpr size_t kHeaderBytes = 32;
+enum HeaderFlag : uint16_t { FLAG_ERROR = 1, FLAG_CUDA = 2 };
+
+struct FrameHeader {
+  uint16_t version = 0;
+  uint16_t flags = 0;
+  uint64_t payload_len = 0;
+  uint32_t first_chunk = 0;
+  uint32_t chunk = 0;
+  uint64_t device_len = 0;
+};
+
+}  // namespace fastbcast

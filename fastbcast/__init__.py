@@ -1,0 +1,25 @@
+"""fastbcast: broadcast Python objects across a torch.distributed group.
+
+MessagePack in C++ over pinned buffers, NCCL for device groups and gloo for CPU
+groups, a mesh layer that resolves global ranks itself, and a drop-in for
+SGLang's `broadcast_pyobj`. The wire format is in FORMAT.md.
+"""
+from ._version import FORMAT_VERSION, __version__
+from ._loader import _C  # noqa: F401  (checks the torch build before loading)
+from .codec import (
+    DecodeError,
+    decode,
+    encode,
+    encode_into,
+    pool_stats,
+    register,
+    set_pool_limit,
+    shrink_pool,
+    trust,
+)
+
+__all__ = [
+    "__version__", "FORMAT_VERSION",
+    "encode", "encode_into", "decode", "register", "trust", "DecodeError",
+    "pool_stats", "set_pool_limit", "shrink_pool",
+]
