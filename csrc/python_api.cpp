@@ -229,6 +229,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("registered", []() { return steal(TypeRegistry::instance().registered_names()); });
 
+  m.def("pool_acquire", [](size_t n) { return steal(THPVariable_Wrap(PinnedPool::instance().acquire(n))); },
+        py::arg("nbytes"));
   m.def("pool_stats", &pool_stats);
   m.def("shrink_pool", []() { return PinnedPool::instance().shrink(); });
   m.def("set_pool_limit", [](size_t bytes) { PinnedPool::instance().set_limit(bytes); });

@@ -187,7 +187,8 @@ def _as_int(value: Any, name: str) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}= must be an int rank, got {type(value).__name__} {value!r}") from None
+        raise TypeError(
+            f"{name}= must be an int rank, got {type(value).__name__} {value!r}") from None
 
 
 def _require_initialized() -> None:
@@ -195,7 +196,8 @@ def _require_initialized() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "torch.distributed is not initialized: call "
-            "torch.distributed.init_process_group() (or init_device_mesh()) before resolving a group")
+            "torch.distributed.init_process_group() (or init_device_mesh()) before resolving "
+            "a group")
 
 
 def _group_info(pg: "ProcessGroup") -> _GroupInfo:
@@ -284,11 +286,10 @@ def _mesh_group(mesh: "DeviceMesh", dim: Any) -> tuple["ProcessGroup", _GroupInf
     if entry is not None and entry[0]() is mesh:
         return entry[1], entry[2], entry[3]
 
-    names = tuple(mesh.mesh_dim_names or ())
     ndim = mesh.ndim
+    dims = list(mesh.mesh_dim_names or range(ndim))
     if dim is None and ndim != 1:
-        raise ValueError(
-            f"dim= is required for a {ndim}-D mesh; its dims are {list(names) or list(range(ndim))}")
+        raise ValueError(f"dim= is required for a {ndim}-D mesh; its dims are {dims}")
     if isinstance(dim, int) and not -ndim <= dim < ndim:
         raise ValueError(f"dim={dim} is out of range for a {ndim}-D mesh")
 
@@ -304,7 +305,7 @@ def _mesh_group(mesh: "DeviceMesh", dim: Any) -> tuple["ProcessGroup", _GroupInf
     try:
         group = mesh.get_group(dim)
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
-        raise ValueError(f"mesh has no dim {dim!r}; its dims are {list(names) or list(range(ndim))} "
+        raise ValueError(f"mesh has no dim {dim!r}; its dims are {dims} "
                          f"({type(e).__name__}: {e})") from None
 
     # This rank's slice of the mesh along dim, in GLOBAL ranks, straight from

@@ -59,7 +59,8 @@ def requires_gpus(n: int):
     """A pytest mark that skips a test unless at least ``n`` CUDA devices are visible."""
     import pytest  # here, not at the top: every spawned rank imports this module
 
-    return pytest.mark.skipif(gpu_count() < n, reason=f"needs {n} CUDA devices, found {gpu_count()}")
+    found = gpu_count()
+    return pytest.mark.skipif(found < n, reason=f"needs {n} CUDA devices, found {found}")
 
 
 def free_port() -> int:
@@ -98,8 +99,7 @@ def _child(rank: int, world_size: int, port: int, backend: str, timeout: float,
 
     import torch.distributed as dist
 
-    status = "ok"
-    value = None
+    status, value = "ok", None
     try:
         fn, args, kwargs = pickle.loads(payload)
         if backend == "nccl":
@@ -107,20 +107,17 @@ def _child(rank: int, world_size: int, port: int, backend: str, timeout: float,
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size,
                                 timeout=datetime.timedelta(seconds=max(timeout, 1)))
-        value = fn(rank, world_size, *args, **kwargs)
-        pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # fail here, with a traceback
+        _write_atomic(result_path, ("ok", fn(rank, world_size, *args, **kwargs)))
     except BaseException:
-        status = "error"
-        value = traceback.format_exc()
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except BaseException:
-                if status == "ok":
-                    status, value = "error", traceback.format_exc()
-    _write_atomic(result_path, (status, value))
+        status, value = "error", traceback.format_exc()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except BaseException:
+            if status == "ok":
+                status, value = "error", traceback.format_exc()
     if status != "ok":
+        _write_atomic(result_path, (status, value))
         sys.stderr.write(f"[run_distributed] rank {rank} failed:\n{value}")
     # Skip interpreter teardown: with torch loaded it takes seconds when many
     # ranks share a few cores, and the result is already on disk. (atexit
@@ -184,7 +181,12 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
 
     Returns:
         The list of ``fn``'s return values, indexed by rank (each must be
-        picklable).
+        picklable; they travel through files in a temporary directory).
+
+    A rank leaves with ``os._exit`` once its result is written and its group
+    destroyed: interpreter teardown with torch loaded costs seconds when many
+    ranks share a few cores. So atexit handlers do not run in the ranks. After
+    one rank fails the others get 10 s to finish before they are killed.
 
     Raises:
         AssertionError: a rank raised (the message has each failing rank and

@@ -2,7 +2,8 @@
 
 Every multi-process check runs inside one of a few run_distributed calls:
 spawning 8 ranks that import torch costs seconds on a small CI box, so each
-call checks many things. The expected routes are computed here by hand from
+call checks many things, and both 8-rank tests share one run (a module-scoped
+fixture). The expected routes are computed here by hand from
 the row-major layout of init_device_mesh, not with the code under test.
 """
 import dataclasses
@@ -12,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 import pytest
 import torch
@@ -36,11 +38,13 @@ def _load_standalone(name="_fastbcast_mesh_standalone"):
 
 
 def _load_mesh():
-    # fastbcast/__init__.py loads the C++ extension; mesh.py itself must not
-    # need it, so when the extension is not built, test the file on its own.
+    # fastbcast/__init__.py loads the C++ extension and the other modules;
+    # mesh.py itself needs neither, so when the package cannot be imported
+    # (extension not built, or another module broken mid-edit), test the file
+    # on its own. The package import is covered by the other test modules.
     try:
         from fastbcast import mesh
-    except ImportError:
+    except Exception:
         return _load_standalone()
     return mesh
 
@@ -351,8 +355,36 @@ def _design_brief(rank, world_size):
     return {"buggy_rejected": buggy is not None, "received": got, "src": route.src}
 
 
-def test_design_brief_rank_trap_8_ranks():
-    results = run_distributed(_design_brief, 8)
+def _eight_ranks_all(rank, world_size):
+    """Both 8-rank sections in one spawn (8 ranks importing torch cost seconds).
+
+    Each section's failure is returned as its traceback, so each test reports
+    its own; a section that fails on some ranks only may leave the others in a
+    collective, which run_distributed then reports as hung.
+    """
+    out = {}
+    for name, section in (("design", _design_brief), ("meshes", _eight_ranks)):
+        try:
+            out[name] = ("ok", section(rank, world_size))
+        except Exception:
+            out[name] = ("error", f"rank {rank}:\n{traceback.format_exc()}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def eight_rank_run():
+    return run_distributed(_eight_ranks_all, 8)
+
+
+def _section(results, name):
+    errors = [r[name][1] for r in results if r[name][0] != "ok"]
+    if errors:
+        pytest.fail(f"section {name!r} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
+    return [r[name][1] for r in results]
+
+
+def test_design_brief_rank_trap_8_ranks(eight_rank_run):
+    results = _section(eight_rank_run, "design")
     assert [r["buggy_rejected"] for r in results] == [False, False] + [True] * 6
     assert [r["src"] for r in results] == [0, 0, 2, 2, 4, 4, 6, 6]
     assert [r["received"]["tp_group"] for r in results] == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -381,8 +413,8 @@ def _eight_ranks(rank, world_size):
     return seen
 
 
-def test_eight_ranks_meshes_and_subgroups():
-    results = run_distributed(_eight_ranks, 8)
+def test_eight_ranks_meshes_and_subgroups(eight_rank_run):
+    results = _section(eight_rank_run, "meshes")
     for rank, seen in enumerate(results):
         for shape, got in seen.items():
             names = ("dp", "tp", "pp")[:len(shape)]

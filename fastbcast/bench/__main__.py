@@ -51,6 +51,19 @@ cells and timing:
   --seconds with at least --min-reps of them, or --max-reps. Cells a method
   cannot carry (e.g. msgspec and tensors) print n/a with the reason.
 
+output:
+  Rank 0 prints the table of each payload as it completes, then the summary
+  lines again. Columns: payload, bytes (fastbcast's encoding of the payload;
+  pickle's size if fastbcast cannot encode), method, via (transport), reps
+  (timed samples), median ms and min ms (barrier -> slowest rank holds the
+  decoded object), algbw GB/s = bytes / median (10^9 B/s), busbw GB/s (= algbw
+  for a broadcast), vs pickle (pickle design's median over the same transport /
+  this median), check. It writes OUT/<timestamp>.json (machine: hostname,
+  CPUs, GPU name and count, torch version; backend, world size, options, and
+  every sample of every cell) and OUT/<timestamp>.png (needs matplotlib). The
+  progress bar needs tqdm; without matplotlib or tqdm the run goes on with a
+  one-line note.
+
 examples:
   python -m fastbcast.bench                        # default suite, this machine
   python -m fastbcast.bench --quick                # under a minute
@@ -93,7 +106,8 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
                    help="progress bar on stderr (tqdm): auto shows it when stderr is a "
                         "terminal (default auto)")
     p.add_argument("--timeout", type=float, default=900.0,
-                   help="seconds before a stuck collective or run is abandoned (default 900)")
+                   help="seconds a collective may wait before it fails; the whole run is "
+                        "stopped after 4x this (default 900)")
     return p.parse_args(argv)
 
 

@@ -22,19 +22,30 @@ Variants:
                            (input/prompt/response ids, attention, position and
                            loss masks) as a CPU tensor: token ids and position
                            ids int64 (what tokenizers and HF models use), masks
-                           int32.            pickled ~    944 KB
+                           int32.
   rollout_256x4k_tensor    the same for rollout_256x4k.
-                                             pickled ~ 14.0 MB
   sched_structs            one scheduler step: 32 ``SchedRequest`` dataclass
                            instances (an enum state, a nested
                            ``SamplingParams`` dataclass, a few ints / floats /
                            strs, 24..96 token ids each).
-                                             pickled ~   15 KB
   cuda_tensors             only when CUDA is available (absent from PAYLOADS
                            otherwise): a dict with 16 bf16 4096x1024 weight
                            tensors (8 MiB each), four small tensors (fp32,
                            bool, int64, fp16) and a little metadata, all on
-                           the current CUDA device.  ~128.3 MiB of tensor data
+                           the current CUDA device: about 128.0 MiB of tensor
+                           data (134,230,016 bytes).
+
+Sizes in bytes (fastbcast: FORMAT_VERSION 1, default options, measured when
+this was written; msgspec: ``msgspec.msgpack.encode``)::
+
+  name                        pickled       msgspec     fastbcast
+  tiny_1req                     2,639         2,341         2,329
+  sched_step_8req              33,412        29,399        29,297
+  sched_structs                11,986        14,277        18,505
+  rollout_64x1k             1,526,029     1,266,751     1,153,283
+  rollout_64x1k_tensor      3,462,746           n/a     3,273,731
+  rollout_256x4k           23,625,086    19,425,311    17,261,571
+  rollout_256x4k_tensor    51,603,215           n/a    50,843,651
 
 Run ``python -m fastbcast.bench.payloads`` to print every size on this machine
 (pickled, msgspec, and fastbcast's encoding when the extension is built).
