@@ -426,8 +426,8 @@ class Encoder {
     try {
       if (src.is_cuda()) {
         if (!opts_.cuda_tensors)
-          return unsupported(o, "CUDA tensor outside a broadcast (fastbcast.encode writes host memory; "
-                                "use fastbcast.broadcast, or .cpu() it first)");
+          return unsupported(o, "CUDA tensor: only a broadcast over an NCCL group carries CUDA tensors (device "
+                                "to device); fastbcast.encode and gloo groups carry host bytes, so .cpu() it first");
         at::Tensor t = src.detach().resolve_conj().resolve_neg().contiguous();
         size_t off = (device_len_ + kDeviceAlign - 1) / kDeviceAlign * kDeviceAlign;
         if (!write_tensor_header(t, code, 8, EXT_CUDA_REF)) return false;

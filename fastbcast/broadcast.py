@@ -90,7 +90,10 @@ class Broadcaster:
         self.group = route.group
         self.backend = route.backend
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+            # A mixed default group ("cpu:gloo,cuda:nccl") can carry either;
+            # take the device path when it has NCCL.
+            has_nccl = "nccl" in self.backend and torch.cuda.is_available()
+            device = torch.device("cuda", torch.cuda.current_device()) if has_nccl else torch.device("cpu")
         self.device = torch.device(device)
         if self.backend == "nccl" and self.device.type != "cuda":
             raise ValueError(f"an NCCL group carries CUDA buffers; device={self.device} is not a CUDA device")

@@ -121,9 +121,9 @@ def payload_table(name: str, sizes: Dict[str, Any], cells: List[dict]) -> str:
 
 def _rel(t: float, other: float, what: str) -> str:
     """'3.2x faster than X (9.6 ms)' or '1.4x slower than X (2.1 ms)' for time t."""
-    if t <= other:
-        return "%.1fx faster than %s (%.3f ms)" % (other / t, what, other)
-    return "%.1fx slower than %s (%.3f ms)" % (t / other, what, other)
+    ratio = other / t if t <= other else t / other
+    return "%s %s than %s (%.3f ms)" % (("%.2fx" if ratio < 10 else "%.1fx") % ratio,
+                                        "faster" if t <= other else "slower", what, other)
 
 
 def summary_line(name: str, cells: List[dict]) -> str:
