@@ -337,6 +337,14 @@ class Decoder {
     return true;
   }
 
+  // A bool is one byte that must be 0 or 1; anything else is undefined
+  // behaviour for torch and numpy alike.
+  static bool bool_bytes(const uint8_t* q, size_t n) {
+    uint8_t acc = 0;
+    for (size_t i = 0; i < n; ++i) acc |= q[i];
+    return acc <= 1;
+  }
+
   PyObject* tensor(bool cuda) {
     at::ScalarType dtype;
     std::vector<int64_t> shape;
@@ -357,6 +365,7 @@ class Decoder {
       }
       if (nbytes != left()) return fail("tensor data of %zu bytes, %llu expected", left(), (unsigned long long)nbytes);
       const uint8_t* q = take(nbytes);
+      if (dtype == at::kBool && !bool_bytes(q, nbytes)) return fail("bool tensor holds bytes other than 0 and 1");
       at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
       if (nbytes) std::memcpy(t.data_ptr(), q, nbytes);
       return wrap_tensor(std::move(t));
@@ -396,11 +405,12 @@ class Decoder {
     if (__builtin_mul_overflow(count, uint64_t(PyLong_AsUnsignedLongLong(itemsize.p)), &nbytes) || nbytes != left())
       return fail("array data of %zu bytes does not match its shape", left());
     const uint8_t* q = take(nbytes);
+    if (k[0] == 'b' && !bool_bytes(q, nbytes)) return fail("bool array holds bytes other than 0 and 1");
     Ref raw(PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(q), Py_ssize_t(nbytes)));
     if (!raw) return nullptr;
     Ref flat(PyObject_CallMethod(np.p, "frombuffer", "OO", raw.p, dtype.p));
     if (!flat) return fail("cannot build numpy array");
-    PyObject* out = PyObject_CallMethod(flat.p, "reshape", "O", shape.p);
+    PyObject* out = PyObject_CallMethod(flat.p, "reshape", "(O)", shape.p);
     return out ? out : fail("cannot reshape numpy array");
   }
 
@@ -442,8 +452,9 @@ class Decoder {
     if (!info) {
       p_ = name_at;
       if (PyErr_Occurred()) return fail("cannot resolve class");
-      return fail("class %s is not trusted for decoding: call fastbcast.register(cls) on every receiving rank, or "
-                  "pass trusted=(\"module.prefix\",)", PyUnicode_AsUTF8(name.p));
+      return fail("class %s is not trusted: it is neither registered (fastbcast.register(cls) on every receiving "
+                  "rank) nor in an already-imported module under a trusted prefix (decode(trusted=...) / "
+                  "fastbcast.trust(); decoding never imports)", PyUnicode_AsUTF8(name.p));
     }
     if ((info->kind == Kind::ENUM) != is_enum) return fail("class %s has the wrong kind", PyUnicode_AsUTF8(name.p));
     if (is_enum) {
@@ -452,8 +463,10 @@ class Decoder {
       PyObject* out = PyObject_CallOneArg(info->cls, value.p);  // EnumMeta.__call__: a member lookup
       return out ? out : fail("no member of %s has this value", PyUnicode_AsUTF8(name.p));
     }
+    // The field map is part of the object, not a level of its own: the
+    // encoder counts the values one level below the object, and so do we.
     const uint8_t* fields_at = p_;
-    Ref fields(dec(depth + 1));
+    Ref fields(dec(depth));
     if (!fields) return nullptr;
     if (!PyDict_CheckExact(fields.p)) return fail("object fields are not a map");
     // Refuse fields the class does not declare: they could only be set by
@@ -467,6 +480,11 @@ class Decoder {
         return fail("%s has no field %s", PyUnicode_AsUTF8(name.p),
                     PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : "(non-str key)");
       }
+    }
+    if (info->kind == Kind::DATACLASS && PyDict_GET_SIZE(fields.p) != PyTuple_GET_SIZE(info->fields)) {
+      p_ = fields_at;
+      return fail("%s needs all of its %zd fields, got %zd", PyUnicode_AsUTF8(name.p),
+                  PyTuple_GET_SIZE(info->fields), PyDict_GET_SIZE(fields.p));
     }
     PyObject* out = nullptr;
     switch (info->kind) {

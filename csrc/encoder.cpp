@@ -120,7 +120,13 @@ class Encoder {
 
   bool write_bigint(PyObject* o) {
     if (opts_.compat) return unsupported(o, "int outside 64 bits in compat mode");
-    size_t bits = _PyLong_NumBits(o);
+    // Two's complement needs bit_length(v) + 1 bits for v >= 0 and
+    // bit_length(~v) + 1 for v < 0 (so -2^71 takes 9 bytes, not 10).
+    bool neg = _PyLong_Sign(o) < 0;
+    PyObject* mag = neg ? PyNumber_Invert(o) : (Py_INCREF(o), o);
+    if (!mag) return false;
+    size_t bits = _PyLong_NumBits(mag);
+    Py_DECREF(mag);
     if (bits == size_t(-1) && PyErr_Occurred()) return false;
     Py_ssize_t n = Py_ssize_t(bits / 8 + 1);
     PyObject* meth = PyObject_GetAttrString(o, "to_bytes");
@@ -295,23 +301,40 @@ class Encoder {
     if (!reserve(kHead + 8 * size_t(n))) return -1;
     uint8_t* stage = data_ + len_ + kHead;
     int64_t lo = 0, hi = 0;
+    bool above_i64 = false;  // some value is in [2^63, 2^64): only W_U64 holds it
     PyObject** items = reinterpret_cast<PyListObject*>(o)->ob_item;
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* it = items[i];
+      // Token ids are scattered heap objects: fetch a few ahead so the loop
+      // is not one cache miss per element.
+      if (i + 16 < n) __builtin_prefetch(items[i + 16]);
       int64_t v;
       if (FB_UNLIKELY(!PyLong_CheckExact(it))) return 0;
       if (FB_UNLIKELY(!compact_long(it, &v))) {
         int overflow = 0;
         v = PyLong_AsLongLongAndOverflow(it, &overflow);
-        if (overflow) return 0;  // leaves 64 bits: the generic path writes it
         if (v == -1 && PyErr_Occurred()) return -1;
+        if (overflow) {
+          if (overflow < 0) return 0;  // below -2^63: the generic path writes a big int
+          unsigned long long u = PyLong_AsUnsignedLongLong(it);
+          if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;  // 2^64 or more
+          }
+          above_i64 = true;
+          store_le<uint64_t>(stage + 8 * i, u);
+          continue;
+        }
       }
       lo = v < lo ? v : lo;
       hi = v > hi ? v : hi;
       store_le<int64_t>(stage + 8 * i, v);
     }
     IntWidth w;
-    if (lo >= 0) {
+    if (above_i64) {
+      if (lo < 0) return 0;  // needs more than 64 bits per item
+      w = W_U64;
+    } else if (lo >= 0) {
       w = hi <= 0xff ? W_U8 : hi <= 0xffff ? W_U16 : hi <= 0xffffffffLL ? W_U32 : W_I64;
     } else {
       w = (lo >= INT32_MIN && hi <= INT32_MAX) ? W_I32 : W_I64;
@@ -345,6 +368,7 @@ class Encoder {
     PyObject *k, *v;
     while (PyDict_Next(o, &pos, &k, &v)) {
       if (FB_UNLIKELY(--n < 0)) break;
+      Hold hk(k), hv(v);
       if (!enc(k, depth)) return key_segment(k, true);
       if (!enc(v, depth)) return key_segment(k, false);
     }
@@ -421,7 +445,7 @@ class Encoder {
     const at::Tensor& src = unpack_tensor(o);
     int code = dtype_code(src.scalar_type());
     if (code < 0 || src.layout() != at::kStrided || src.is_quantized())
-      return unsupported(o, ("tensor of dtype " + std::string(c10::toString(src.scalar_type())) +
+      return fallback(o, ("tensor of dtype " + std::string(c10::toString(src.scalar_type())) +
                              " / layout " + c10::str(src.layout())).c_str());
     try {
       if (src.is_cuda()) {
@@ -508,7 +532,7 @@ class Encoder {
         }
         ok = ok && write_buffer_ext(o, EXT_NDARRAY, prefix.data(), prefix.size());
       } else if (!PyErr_Occurred()) {
-        unsupported(o, ("numpy.ndarray of dtype " + std::string(s ? s : "?")).c_str());
+        ok = fallback(o, ("numpy.ndarray of dtype " + std::string(s ? s : "?")).c_str());
       }
     }
     Py_XDECREF(dtype);
@@ -578,19 +602,38 @@ class Encoder {
   }
 
   // ---- dispatch ---------------------------------------------------------
+  // Containers are walked through borrowed references, and a few leaves
+  // (class instances, pickles) run user code (__getattr__, __reduce__) that
+  // could empty the container holding them. So every container, and every
+  // leaf taken by the slow path, holds a reference to itself while it is
+  // being written: user code can then mutate, but never free, what the
+  // encoder is reading. Plain leaves (str, int, float, bytes) run no code.
+  struct Hold {
+    PyObject* o;
+    explicit Hold(PyObject* x) : o(x) { Py_INCREF(o); }
+    ~Hold() { Py_DECREF(o); }
+  };
+
   bool enc(PyObject* o, int depth) {
     PyTypeObject* t = Py_TYPE(o);
     // Most common first: the types of a rollout batch.
     if (t == &PyUnicode_Type) return write_str(o);
     if (t == &PyLong_Type) return write_int(o);
-    if (t == &PyList_Type) return enter(o, depth) && write_list(o, depth + 1);
-    if (t == &PyDict_Type) return enter(o, depth) && write_dict(o, depth + 1);
+    if (t == &PyList_Type) {
+      Hold h(o);
+      return enter(o, depth) && write_list(o, depth + 1);
+    }
+    if (t == &PyDict_Type) {
+      Hold h(o);
+      return enter(o, depth) && write_dict(o, depth + 1);
+    }
     if (t == &PyFloat_Type) return write_float(PyFloat_AS_DOUBLE(o));
     if (o == Py_None) return reserve(1) && (put(NIL), true);
     if (o == Py_True) return reserve(1) && (put(TRUE_), true);
     if (o == Py_False) return reserve(1) && (put(FALSE_), true);
-    if (t == &PyTuple_Type) return enter(o, depth) && write_tuple(o, depth + 1);
+    if (t == &PyTuple_Type) return enter(o, depth) && write_tuple(o, depth + 1);  // immutable
     if (t == &PyBytes_Type) return write_bin(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), o);
+    Hold h(o);
     return enc_other(o, t, depth);
   }
 
@@ -654,6 +697,13 @@ class Encoder {
                    Py_TYPE(o)->tp_name);
     }
     return false;
+  }
+
+  // An object of a supported type that this codec still cannot represent
+  // (an object-dtype array, a quantized tensor): a pickle if allowed.
+  bool fallback(PyObject* o, const char* what) {
+    if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
+    return unsupported(o, (std::string(what) + " (pass allow_pickle=True to send it as a pickle)").c_str());
   }
 
   bool too_long(PyObject* o, const char* what) {

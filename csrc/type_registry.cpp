@@ -230,6 +230,10 @@ const TypeInfo* TypeRegistry::for_decode(PyObject* name, PyObject* extra_trusted
   const TypeInfo* info = for_encode(reinterpret_cast<PyTypeObject*>(obj));
   Py_DECREF(obj);  // the cache holds its own reference
   if (!info || info->kind == Kind::UNSUPPORTED) return nullptr;
+  // The walk may have reached a class defined elsewhere (an imported name,
+  // `trusted_mod:enum.Enum`): only a class whose own module and qualname are
+  // the wire name counts, so trust never extends past the prefix.
+  if (PyUnicode_Compare(info->name, name) != 0) return nullptr;
   return info;
 }
 

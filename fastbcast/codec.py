@@ -105,6 +105,8 @@ def decode(buf, *, allow_pickle: bool = False, trusted: Iterable[str] = ()) -> A
             class that is not trusted, or hold a pickle while `allow_pickle`
             is off. The message names the byte offset.
     """
+    if isinstance(trusted, str):
+        trusted = (trusted,)
     return _C.decode(buf, allow_pickle, tuple(trusted) if trusted else None)
 
 
