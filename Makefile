@@ -40,14 +40,19 @@ bench-codec: build
 wheel: $(DEPS)
 	$(PY) -m pip wheel . --no-build-isolation --no-deps -w dist/
 
-# ASan + UBSan build of the codec, run over the codec tests. The sanitizer
-# runtime has to be loaded before Python itself.
+# ASan + UBSan build of the codec, run over the codec tests and the corpus.
+# It builds in a copy of the tree (build/sanitize) so the normal in-place
+# build stays untouched; the sanitizer runtimes load before Python itself.
+SAN_TESTS ?= tests/test_codec.py tests/test_codec_hostile.py tests/test_codec_props.py
 sanitize: $(DEPS)
-	FASTBCAST_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	rm -rf build/sanitize && mkdir -p build/sanitize
+	cp -r csrc fastbcast tests setup.py pyproject.toml build/sanitize/
+	rm -f build/sanitize/fastbcast/_C*.so
+	cd build/sanitize && FASTBCAST_SANITIZE=1 ../../$(PY) setup.py -q build_ext --inplace
+	cd build/sanitize && ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	  $(PY) -m pytest tests/test_codec.py -q -p no:cacheprovider $(ARGS); rc=$$?; \
-	  $(PY) setup.py -q build_ext --inplace --force; exit $$rc
+	  ../../$(PY) -m pytest $(SAN_TESTS) -q -p no:cacheprovider --capture=sys $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info fastbcast/_C*.so fastbcast/_build_info.py

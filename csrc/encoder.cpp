@@ -66,7 +66,10 @@ class Encoder {
   FB_INLINE void put_be16(uint16_t v) { store_be16(data_ + len_, v); len_ += 2; }
   FB_INLINE void put_be32(uint32_t v) { store_be32(data_ + len_, v); len_ += 4; }
   FB_INLINE void put_be64(uint64_t v) { store_be64(data_ + len_, v); len_ += 8; }
-  FB_INLINE void put_bytes(const void* p, size_t n) { std::memcpy(data_ + len_, p, n); len_ += n; }
+  FB_INLINE void put_bytes(const void* p, size_t n) {
+    if (n) std::memcpy(data_ + len_, p, n);  // p may be NULL when n == 0 (an empty buffer)
+    len_ += n;
+  }
 
   // ---- scalars ----------------------------------------------------------
   FB_INLINE bool write_int64(int64_t v) {

@@ -192,12 +192,22 @@ def _check_world_every_source(rank, world):
             src = (i * 3) % world
             obj = _chunky_obj(f"b{i}", kb=12) if i % 2 else _small_obj(f"b{i}")
             _check_round(lambda o: b.broadcast(o, src=src), rank, src, obj)
+    # closed: refused on every rank before anything is sent
+    e = _raises(RuntimeError, b.broadcast, [1], src=0)
+    assert "closed" in str(e), str(e)
 
 
 @check
 def _check_subgroups_every_source(rank, world):
     fb = _fb()
-    g12, g03, g013 = _group([1, 2]), _group([0, 3]), _group([0, 1, 3])
+    g12, g03, g013, g2 = _group([1, 2]), _group([0, 3]), _group([0, 1, 3]), _group([2])
+    if rank == 2:
+        # a group of one: the object comes straight back, nothing is sent
+        obj = {"alone": True}
+        assert fb.broadcast(obj, group=g2) is obj
+        assert fb.broadcast(obj, group=g2, src=2) is obj
+        data = [1]
+        assert fb.broadcast_pyobj(data, 2, g2, 2) is data
     for members, g in (([1, 2], g12), ([0, 3], g03)):
         if rank not in members:
             continue
@@ -560,6 +570,9 @@ def _check_error_wrong_rank(rank, world):
         assert "group-local" in msg, msg
         got = fb.broadcast_pyobj(data if rank == tp_src else None, rank, tp_group, tp_src)
         assert (got is data) if rank == 2 else got == [{"reqs": list(range(5)), "from": 2}], got
+    # src straight from the mesh tensor (a 0-d tensor, no .item()) works too
+    got = fb.broadcast_pyobj(data if rank == tp_src else None, rank, tp_group, mesh["tp"].mesh[0])
+    assert got == [{"reqs": list(range(5)), "from": tp_src}], got
 
 
 def _bad_obj():
@@ -618,6 +631,15 @@ def _check_drop_in_pickle_policy(rank, world):
     else:
         e = _raises(fb.BroadcastError, fb.broadcast_pyobj, None, rank, g, 2, allow_pickle=False)
         assert "Opaque" in str(e), str(e)
+    # The source may pickle, but receivers that do not accept pickles refuse
+    # them (a DecodeError after the whole frame arrived: no rank waits).
+    if rank == 0:
+        got = fb.broadcast(data, group=g, src=0, allow_pickle=True, trusted=("bcast_types",))
+        assert got is data
+    else:
+        e = _raises(fb.DecodeError, fb.broadcast, None, group=g, src=0)
+        assert "pickle" in str(e).lower(), str(e)
+    _check_round(lambda o: fb.broadcast(o, group=g, src=0), rank, 0, [1, "after refused pickle"])
     # strict mode still carries native objects
     got = fb.broadcast_pyobj([1, (2,)] if rank == 3 else None, rank, g, 3, allow_pickle=False)
     assert got == [1, (2,)], got
@@ -673,13 +695,24 @@ def _check_chunk_size_mismatch(rank, world):
     with fb.Broadcaster(g, first_chunk=4096, chunk=chunk) as b:
         started = time.monotonic()
         if rank == 0:
-            b.broadcast(payload, src=0)
+            try:
+                b.broadcast(payload, src=0)
+            except RuntimeError as e:
+                raise AssertionError(
+                    f"the source (chunk=2000) was left waiting: its chunk collectives after the first failed "
+                    f"after {time.monotonic() - started:.1f} s ({str(e)[:200]}): the receivers (chunk=1000) "
+                    f"raised without receiving the rest of the frame") from e
         else:
             e = _raises(fb.BroadcastError, b.broadcast, None, src=0)
             assert "chunk" in str(e), str(e)
         assert time.monotonic() - started < 5
     with fb.Broadcaster(g, first_chunk=4096, chunk=1000) as b:
-        _check_round(lambda o: b.broadcast(o, src=0), rank, 0, payload)
+        try:
+            _check_round(lambda o: b.broadcast(o, src=0), rank, 0, payload)
+        except fb.DecodeError as e:
+            raise AssertionError(
+                "a normal broadcast on the same group right after the chunk-size mismatch failed: it read "
+                f"what was left of the rejected frame as a new frame ({e})") from e
 
 
 def _run_checks(rank, world_size, outdir, names):

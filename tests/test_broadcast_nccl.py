@@ -11,7 +11,6 @@ source's values (compared on the device).
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -287,7 +286,7 @@ def _drop_in(rank, world):
     # force_cpu_device=True on an NCCL group: a ValueError before anything is sent
     e = _raises(ValueError, fb.broadcast_pyobj, [1], rank, None, 0, True)
     assert "nccl" in str(e).lower(), str(e)
-    e = _raises(ValueError, fb.broadcast_pyobj, [1], rank, dist.group.WORLD, 0)   # default is True
+    _raises(ValueError, fb.broadcast_pyobj, [1], rank, dist.group.WORLD, 0)   # default is True
     # the same group still works afterwards
     got = fb.broadcast_pyobj([42] if rank == 1 else None, rank, None, 1, False)
     assert got == [42]

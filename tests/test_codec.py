@@ -1570,3 +1570,12 @@ def test_decode_empty_input():
 def test_decode_error_is_a_value_error():
     assert issubclass(DecodeError, ValueError)
     assert fastbcast.DecodeError is fastbcast.codec.DecodeError
+
+
+def test_int_block_lists_are_not_tracked_by_the_gc():
+    # FORMAT.md: lists decoded from an INT_BLOCK hold only ints and are left
+    # out of the cyclic GC; other containers stay tracked.
+    out = decode(encode({"ids": list(range(100)), "short": [1, 2], "mixed": [1] * 8 + ["x"]}))
+    assert not gc.is_tracked(out["ids"])
+    assert gc.is_tracked(out["short"]) and gc.is_tracked(out["mixed"])
+    assert out["ids"] == list(range(100))

@@ -44,10 +44,6 @@ class Row:
     def key(self) -> str:
         return "%s@%s" % (self.method, self.transport)
 
-    @property
-    def is_floor(self) -> bool:
-        return self.method in FLOORS
-
 
 def resolve_rows(spec: Optional[str], backend: str) -> List[Row]:
     """Turns ``--methods`` (names, or ``name@transport``) into table rows.
