@@ -1,6 +1,7 @@
 #include "pinned_pool.h"
 
 #include <cstdlib>
+#include <string>
 
 #include "exception.h"
 
@@ -41,7 +42,16 @@ PinnedPool& PinnedPool::instance() {
   return *pool;
 }
 
-PinnedPool::PinnedPool() : limit_(default_limit()), pinned_(cuda_usable()) {}
+bool pinning_wanted() {
+  // FASTBCAST_PINNED=0 keeps the pool in ordinary (pageable) memory even
+  // when CUDA is present: host<->device copies then go through the driver's
+  // staging buffers, slower for large frames, but the CPU reads and writes
+  // ordinary memory (see BENCHMARKS.md for when that matters).
+  const char* s = std::getenv("FASTBCAST_PINNED");
+  return !(s && std::string(s) == "0");
+}
+
+PinnedPool::PinnedPool() : limit_(default_limit()), pinned_(cuda_usable() && pinning_wanted()) {}
 
 bool PinnedPool::idle(const at::Tensor& t) {
   return t.use_count() == 1 && t.storage().use_count() == 1;

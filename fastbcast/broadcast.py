@@ -245,11 +245,18 @@ class Broadcaster:
         else:
             dist.broadcast(host[:f], src=route.src, group=route.group)
         version, flags, payload_len, first_chunk, chunk, device_len = _C.read_header(host[:HEADER_BYTES])
+        mismatch = None
         if (first_chunk, chunk) != (f, self.chunk):
-            raise BroadcastError(
+            mismatch = BroadcastError(
                 f"chunk sizes differ between ranks: the source (global rank {route.src}) uses first_chunk="
                 f"{first_chunk}, chunk={chunk}; this rank (global rank {route.rank}) uses first_chunk={f}, "
                 f"chunk={self.chunk}. Configure every rank alike (FASTBCAST_FIRST_CHUNK / FASTBCAST_CHUNK).")
+            if first_chunk != f:
+                # The first collective itself did not line up: there is no
+                # frame to follow, so nothing more can be received safely.
+                raise mismatch
+            # Otherwise follow the source's chunking to the end of the frame
+            # (so the source is not left sending), then raise.
         total = max(HEADER_BYTES + payload_len, f)
         self._recv_hint = total
         if total > f:
@@ -268,9 +275,12 @@ class Broadcaster:
         device_buffer = None
         if flags & _C.FLAG_CUDA:
             device_buffer = torch.empty(device_len, dtype=torch.uint8, device=self.device if self._cuda else "cpu")
-            dist.broadcast(device_buffer, src=route.src, group=route.group)
+            if device_len:  # the source sends the device buffer only when it has bytes
+                dist.broadcast(device_buffer, src=route.src, group=route.group)
         # Everything the source sent has been received: errors from here on
         # leave no rank waiting.
+        if mismatch is not None:
+            raise mismatch
         if version != FORMAT_VERSION:
             raise BroadcastError(
                 f"fastbcast format version mismatch: the source (global rank {route.src}) sent version {version}, "
@@ -336,7 +346,10 @@ def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | No
         `obj` on the source, an equal decoded object elsewhere.
     """
     if mesh is not None:
-        group = resolve(mesh=mesh, dim=dim).group
+        # The mesh decides the default source (its slice's first rank, which
+        # need not be the group's lowest rank), so resolve it here.
+        route = resolve(mesh=mesh, dim=dim, src=src, src_group_rank=src_group_rank, rank=rank)
+        group, src, src_group_rank = route.group, route.src, None
     b = _cached(group, device, compat=compat, allow_pickle=allow_pickle, trusted=tuple(trusted))
     return b.broadcast(obj, src=src, src_group_rank=src_group_rank, rank=rank)
 
