@@ -1,5 +1,7 @@
 """How fast the CPU reads and writes the pool's pinned memory, against
-ordinary memory, and what that does to encode and decode.
+ordinary memory, and what that does to encode and decode, for each pool
+mode (FASTBCAST_PINNED=1: torch's pinned allocator; register: huge-page
+memory locked with cudaHostRegister; 0: pageable).
 
 On some virtual machines page-locked host memory is much slower for the CPU
 than ordinary memory; fastbcast encodes into and decodes out of its pool, so
@@ -32,12 +34,16 @@ def child(payloads):
     import fastbcast
     from fastbcast.bench.payloads import PAYLOADS
 
-    pinned = fastbcast.pool_stats()["pinned"]
+    stats = fastbcast.pool_stats()
+    pinned = stats["mode"]
     n = 64 << 20
     if torch.cuda.is_available():
-        a = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
-        b = torch.empty(n, dtype=torch.uint8, pin_memory=pinned)
+        a = fastbcast._C.pool_acquire(n)
+        b = fastbcast._C.pool_acquire(n + 1)
         a.fill_(1)
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        h2d = best(lambda: (dev.copy_(a, non_blocking=True), torch.cuda.synchronize()))
+        print(f"pinned={pinned}: H2D 64 MiB {h2d:.2f} ms ({n / h2d / 1e6:.1f} GB/s)")
         ms = best(lambda: b.copy_(a))
         print(f"pinned={pinned}: host memcpy 64 MiB {ms:.2f} ms ({n / ms / 1e6:.1f} GB/s)")
     for name in payloads:
@@ -59,7 +65,7 @@ def main():
     if a.child:
         child(a.payloads.split(","))
         return
-    for pinned in ("1", "0"):
+    for pinned in ("1", "register", "0"):
         subprocess.run([sys.executable, __file__, "--child", "--payloads", a.payloads], check=True,
                        env={**os.environ, "FASTBCAST_PINNED": pinned})
 

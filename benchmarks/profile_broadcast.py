@@ -90,6 +90,7 @@ def _phases(b, obj, src, rank, cuda):
 
 
 def worker(rank, world, port, backend, names, reps):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as fastbcast.bench does
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -281,10 +281,18 @@ class Decoder {
         for (size_t i = 0; i < count; ++i) items[i] = make_int(q[i]);
         break;
       case W_U16:
-        for (size_t i = 0; i < count; ++i) items[i] = make_int(load_le<uint16_t>(q + 2 * i));
+        for (size_t i = 0; i < count; ++i) {
+          if (i + 16 < count) prefetch_int(load_le<uint16_t>(q + 2 * (i + 16)));
+          items[i] = make_int(load_le<uint16_t>(q + 2 * i));
+        }
         break;
       case W_U32:
-        for (size_t i = 0; i < count; ++i) items[i] = make_int(load_le<uint32_t>(q + 4 * i));
+        // Token ids: random values, so each shared int is a cache miss; load
+        // them a few elements ahead.
+        for (size_t i = 0; i < count; ++i) {
+          if (i + 16 < count) prefetch_int(load_le<uint32_t>(q + 4 * (i + 16)));
+          items[i] = make_int(load_le<uint32_t>(q + 4 * i));
+        }
         break;
       case W_I32:
         for (size_t i = 0; i < count; ++i) items[i] = make_int(load_le<int32_t>(q + 4 * i));

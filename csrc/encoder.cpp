@@ -297,22 +297,70 @@ class Encoder {
 
   // Returns 1 if written as a block, 0 if the list is not a homogeneous int
   // list (nothing written), -1 on error.
+  //
+  // The common case (token ids, masks, positions: small non-negative ints)
+  // takes one pass over the int objects, staging each value as u32 just past
+  // the largest possible header and narrowing in place at the end (the
+  // narrowed copy never overtakes its source). A run of the same object (a
+  // mask of 1s) costs a pointer compare per element. Anything else (a
+  // negative or large value) falls back to the general two-pass writer.
   int try_int_block(PyObject* o, Py_ssize_t n) {
-    // Stage the values as int64 just past the largest possible ext header,
-    // then narrow them in place: the narrowed copy never overtakes its source.
     constexpr size_t kHead = 6 + 1;
-    if (!reserve(kHead + 8 * size_t(n))) return -1;
-    uint8_t* stage = data_ + len_ + kHead;
-    int64_t lo = 0, hi = 0;
-    bool above_i64 = false;  // some value is in [2^63, 2^64): only W_U64 holds it
+    if (!reserve(kHead + 4 * size_t(n))) return -1;
+    const size_t stage_at = len_ + kHead;
+    uint8_t* stage = data_ + stage_at;
     PyObject** items = reinterpret_cast<PyListObject*>(o)->ob_item;
+    PyObject* prev = nullptr;
+    uint32_t pv = 0, bits = 0;  // OR of all values: below 2^k exactly when every value is
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* it = items[i];
+      if (it != prev) {
+        // Token ids are scattered heap objects: fetch a few ahead so the
+        // loop is not one cache miss per element.
+        if (i + 16 < n) __builtin_prefetch(items[i + 16]);
+        int64_t v;
+        if (FB_UNLIKELY(!PyLong_CheckExact(it))) return 0;
+        if (FB_UNLIKELY(!compact_long(it, &v) || v < 0)) return try_int_block_general(o, n);
+        prev = it;
+        pv = uint32_t(v);
+        bits |= pv;
+      }
+      store_le<uint32_t>(stage + 4 * i, pv);
+    }
+    IntWidth w = bits <= 0xff ? W_U8 : bits <= 0xffff ? W_U16 : W_U32;
+    size_t wb = kIntWidthBytes[w];
+    if (!write_ext_header(1 + wb * size_t(n), EXT_INT_BLOCK)) return -1;  // space is reserved: no regrow
+    put(uint8_t(w));
+    uint8_t* dst = data_ + len_;
+    FB_ASSERT(dst <= data_ + stage_at);
+    switch (w) {
+      case W_U8:
+        for (Py_ssize_t i = 0; i < n; ++i) dst[i] = uint8_t(load_le<uint32_t>(stage + 4 * i));
+        break;
+      case W_U16:
+        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint16_t>(dst + 2 * i, uint16_t(load_le<uint32_t>(stage + 4 * i)));
+        break;
+      default:
+        std::memmove(dst, stage, 4 * size_t(n));
+    }
+    len_ += wb * size_t(n);
+    return 1;
+  }
+
+  // Two passes over the int objects: the first checks types and finds the
+  // range, the second writes each value in the chosen width (a list's int
+  // objects are still in cache for it).
+  int try_int_block_general(PyObject* o, Py_ssize_t n) {
+    PyObject** items = reinterpret_cast<PyListObject*>(o)->ob_item;
+    int64_t lo = 0, hi = 0;
+    bool above_i64 = false;  // some value is in [2^63, 2^64): only W_U64 holds it
+    for (Py_ssize_t i = 0; i < n; ++i) {
       // Token ids are scattered heap objects: fetch a few ahead so the loop
       // is not one cache miss per element.
       if (i + 16 < n) __builtin_prefetch(items[i + 16]);
-      int64_t v;
+      PyObject* it = items[i];
       if (FB_UNLIKELY(!PyLong_CheckExact(it))) return 0;
+      int64_t v;
       if (FB_UNLIKELY(!compact_long(it, &v))) {
         int overflow = 0;
         v = PyLong_AsLongLongAndOverflow(it, &overflow);
@@ -325,13 +373,11 @@ class Encoder {
             return 0;  // 2^64 or more
           }
           above_i64 = true;
-          store_le<uint64_t>(stage + 8 * i, u);
           continue;
         }
       }
       lo = v < lo ? v : lo;
       hi = v > hi ? v : hi;
-      store_le<int64_t>(stage + 8 * i, v);
     }
     IntWidth w;
     if (above_i64) {
@@ -343,26 +389,35 @@ class Encoder {
       w = (lo >= INT32_MIN && hi <= INT32_MAX) ? W_I32 : W_I64;
     }
     size_t wb = kIntWidthBytes[w];
-    size_t payload = 1 + wb * size_t(n);
-    if (!write_ext_header(payload, EXT_INT_BLOCK)) return -1;  // reserve() cannot regrow: space is there
+    if (!write_ext_header(1 + wb * size_t(n), EXT_INT_BLOCK)) return -1;  // also reserves the payload
     put(uint8_t(w));
     uint8_t* dst = data_ + len_;
     switch (w) {
       case W_U8:
-        for (Py_ssize_t i = 0; i < n; ++i) dst[i] = uint8_t(load_le<int64_t>(stage + 8 * i));
+        for (Py_ssize_t i = 0; i < n; ++i) dst[i] = uint8_t(int_value(items[i]));
         break;
       case W_U16:
-        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint16_t>(dst + 2 * i, uint16_t(load_le<int64_t>(stage + 8 * i)));
+        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint16_t>(dst + 2 * i, uint16_t(int_value(items[i])));
         break;
       case W_U32:
       case W_I32:
-        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint32_t>(dst + 4 * i, uint32_t(load_le<int64_t>(stage + 8 * i)));
+        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint32_t>(dst + 4 * i, uint32_t(int_value(items[i])));
         break;
-      default:
-        std::memmove(dst, stage, 8 * size_t(n));
+      case W_I64:
+        for (Py_ssize_t i = 0; i < n; ++i) store_le<int64_t>(dst + 8 * i, int_value(items[i]));
+        break;
+      case W_U64:
+        for (Py_ssize_t i = 0; i < n; ++i) store_le<uint64_t>(dst + 8 * i, PyLong_AsUnsignedLongLong(items[i]));
+        break;
     }
     len_ += wb * size_t(n);
     return 1;
+  }
+
+  // The value of an int already checked by try_int_block to fit int64.
+  static FB_INLINE int64_t int_value(PyObject* it) {
+    int64_t v;
+    return FB_LIKELY(compact_long(it, &v)) ? v : int64_t(PyLong_AsLongLong(it));
   }
 
   bool write_dict(PyObject* o, int depth) {

@@ -22,6 +22,8 @@
 
 namespace fastbcast {
 
+enum class PinMode { PAGEABLE, TORCH_PINNED, REGISTERED };
+
 struct PoolStats {
   size_t blocks = 0;        // buffers held by the pool
   size_t bytes = 0;         // their total capacity
@@ -30,6 +32,7 @@ struct PoolStats {
   size_t limit = 0;         // cap on `bytes`
   size_t allocations = 0;   // buffers ever allocated (reuse keeps this flat)
   bool pinned = false;
+  const char* mode = "pageable";  // "pinned", "registered" or "pageable"
 };
 
 class PinnedPool {
@@ -45,7 +48,7 @@ class PinnedPool {
   // Frees every idle block; returns the bytes freed.
   size_t shrink();
   void set_limit(size_t bytes);
-  bool pinned() const { return pinned_; }
+  bool pinned() const { return mode_ != PinMode::PAGEABLE; }
 
   static constexpr size_t kMinBlock = size_t(64) << 10;
 
@@ -58,7 +61,7 @@ class PinnedPool {
   size_t bytes_ = 0;
   size_t limit_;
   size_t allocations_ = 0;
-  bool pinned_;
+  PinMode mode_;
 };
 
 }  // namespace fastbcast

@@ -167,6 +167,7 @@ py::dict pool_stats() {
   d["limit"] = s.limit;
   d["allocations"] = s.allocations;
   d["pinned"] = s.pinned;
+  d["mode"] = s.mode;
   d["min_block"] = PinnedPool::kMinBlock;
   return d;
 }

@@ -1,0 +1,466 @@
+"""Helpers for the integration tests against the real sglang and verl packages.
+
+Nothing here imports sglang or verl at module import time: spawned ranks import
+this module too, and the tests skip cleanly when the packages are missing.
+
+* :func:`require` skips a test module (pytest) when a package is not
+  installed, with a reason saying how to install the integration extras.
+* :func:`ensure_torchvision_importable` works around the CUDA build of
+  torchvision (the only one on PyPI) failing to load next to a CPU torch;
+  call it before importing sglang or verl in every process, spawned ranks
+  included.
+* :func:`import_verl_rollout_utils` imports verl's vendored
+  ``broadcast_pyobj`` module without running the rollout package's
+  ``__init__`` (which needs sglang names that moved after verl 0.5.0).
+* :func:`make_sglang_requests` / :func:`make_verl_requests` build realistic
+  payloads from the real classes.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+INSTALL_HINT = ("install the integration extras: pip install -c constraints.txt -r requirements-integrations.txt "
+                "&& pip install --no-deps -c constraints.txt -r requirements-integrations-nodeps.txt")
+
+
+def installed(dist_name: str) -> bool:
+    """Whether the distribution is installed (no import: importing sglang costs seconds)."""
+    import importlib.metadata
+    try:
+        importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def require(*dist_names: str) -> None:
+    """Skip the calling test module unless every distribution is installed."""
+    import pytest
+    missing = [d for d in dist_names if not installed(d)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed; {INSTALL_HINT}", allow_module_level=True)
+
+
+# Kept alive for the life of the process: dropping a torch.library.Library
+# removes the operator definitions it made.
+_TORCHVISION_SHIM = None
+
+
+def ensure_torchvision_importable() -> None:
+    """Make ``import torchvision`` work when only its CUDA build is installed next to CPU torch.
+
+    That build fails at import with ``RuntimeError: operator torchvision::nms
+    does not exist`` because its C++ ops cannot load. sglang only needs
+    torchvision's pure-Python transforms, so defining the two operator schemas
+    its import registers fake kernels for is enough. A no-op when torchvision
+    imports (or is not installed).
+    """
+    global _TORCHVISION_SHIM
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+        return
+    except ModuleNotFoundError:
+        return
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+    # The failed import leaves partial modules behind; drop them first.
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    import torch
+    if _TORCHVISION_SHIM is None:
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_SHIM = lib
+    import torchvision  # noqa: F401,F811
+
+
+def import_verl_rollout_utils():
+    """Import ``verl.workers.rollout.sglang_rollout.utils`` (the vendored broadcast_pyobj).
+
+    Its package ``__init__`` imports ``sglang_rollout.py``, which needs sglang
+    names that moved after verl 0.5.0. The package module is therefore put in
+    sys.modules without running its ``__init__``; ``utils`` itself imports
+    normally (so an import hook sees it like any other import).
+    """
+    name = "verl.workers.rollout.sglang_rollout"
+    if name + ".utils" in sys.modules:
+        return sys.modules[name + ".utils"]
+    ensure_torchvision_importable()
+    if name not in sys.modules:
+        parent = importlib.import_module("verl.workers.rollout")
+        d = os.path.join(os.path.dirname(parent.__file__), "sglang_rollout")
+        spec = importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"),
+                                                      submodule_search_locations=[d])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(name + ".utils")
+
+
+# ---------------------------------------------------------------------------
+# Payloads
+
+class _ByteTokenizer:
+    """Just enough of a tokenizer for SamplingParams.normalize()."""
+
+    def encode(self, s, add_special_tokens=False):
+        return list(s.encode())
+
+
+def make_sglang_requests(n: int, seed: int = 0, min_len: int = 16, max_len: int = 600) -> list:
+    """``n`` realistic TokenizedGenerateReqInput objects (array('q') token ids, time_stats=None)."""
+    import random
+    from array import array
+
+    from sglang.srt.managers.io_struct import SessionParams, TokenizedGenerateReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        sp = SamplingParams(max_new_tokens=1024, temperature=0.8, top_p=0.95, top_k=40,
+                            stop=["</s>", "\n\nUser:"], stop_token_ids=[151643, 151645],
+                            sampling_seed=1234 + seed * 1000 + i)
+        sp.normalize(_ByteTokenizer())
+        sp.verify(vocab_size=151936)
+        length = rng.randint(min_len, max_len)
+        out.append(TokenizedGenerateReqInput(
+            rid=f"{seed:08x}{i:024x}", input_text=None,
+            input_ids=array("q", [rng.randrange(151936) for _ in range(length)]),
+            input_embeds=None, mm_inputs=None, token_type_ids=None, sampling_params=sp,
+            return_logprob=bool(i % 2), logprob_start_len=-1, top_logprobs_num=i % 3,
+            token_ids_logprob=None, stream=bool(i % 3 == 0),
+            session_params=SessionParams(id=f"s{seed}", replace=False), time_stats=None))
+    return out
+
+
+def make_verl_requests(n: int, seed: int = 0, tensors: bool = True) -> list:
+    """``n`` AsyncRolloutRequest objects built with model_construct (no tokenizer needed).
+
+    tensors=True: token fields are (1, L) tensors as in verl 0.5; response_ids
+    and the other response fields are views into the prompt+response tensors,
+    as verl's own slicing makes them. tensors=False: plain lists (verl <= 0.4).
+    """
+    import random
+
+    import torch
+    from verl.tools.schemas import (OpenAIFunctionCallSchema, OpenAIFunctionParametersSchema,
+                                    OpenAIFunctionPropertySchema, OpenAIFunctionSchema, OpenAIFunctionToolCall,
+                                    OpenAIFunctionToolSchema)
+    from verl.workers.rollout.schemas import (AsyncRolloutRequest, AsyncRolloutRequestStateEnum,
+                                              FinishReasonTypeEnum, Message, TokenizationSanityCheckModeEnum)
+
+    tool = OpenAIFunctionToolSchema(type="function", function=OpenAIFunctionSchema(
+        name="calc_gsm8k_reward", description="A tool for calculating the reward of gsm8k.",
+        parameters=OpenAIFunctionParametersSchema(
+            type="object", required=["answer"],
+            properties={"answer": OpenAIFunctionPropertySchema(type="string", description="The answer.")})))
+    modes = list(TokenizationSanityCheckModeEnum)
+
+    rng = random.Random(seed)
+    states = list(AsyncRolloutRequestStateEnum)
+    out = []
+    for i in range(n):
+        p_len, r_len = rng.randint(8, 200), rng.randint(1, 300)
+        total = p_len + r_len
+        ids = [rng.randrange(151936) for _ in range(total)]
+        mask = [0] * p_len + [rng.randint(0, 1) for _ in range(r_len)]
+        call = OpenAIFunctionToolCall(id=f"call_{seed}_{i}", function=OpenAIFunctionCallSchema(
+            name="calc_gsm8k_reward", arguments={"answer": str(rng.randrange(1000))}))
+        messages = [
+            Message(role="system", content="You are a helpful assistant."),
+            Message(role="user", content=f"Question {seed}.{i}: what is {i} + {seed}?"),
+            Message(role="assistant", content="Let me compute that.", tool_calls=[call]),
+            Message(role="tool", content=f"{i + seed}"),
+        ]
+        if tensors:
+            input_ids = torch.tensor([ids], dtype=torch.int64)
+            attention_mask = torch.ones_like(input_ids)
+            position_ids = torch.arange(total, dtype=torch.int64).unsqueeze(0)
+            loss_mask = torch.tensor([mask], dtype=torch.bool)
+            token = dict(
+                input_ids=input_ids, prompt_ids=input_ids[..., :p_len], response_ids=input_ids[..., p_len:],
+                attention_mask=attention_mask, prompt_attention_mask=attention_mask[..., :p_len],
+                response_attention_mask=attention_mask[..., p_len:],
+                position_ids=position_ids, prompt_position_ids=position_ids[..., :p_len],
+                response_position_ids=position_ids[..., p_len:],
+                loss_mask=loss_mask, prompt_loss_mask=loss_mask[..., :p_len],
+                response_loss_mask=loss_mask[..., p_len:])
+        else:
+            token = dict(
+                input_ids=ids, prompt_ids=ids[:p_len], response_ids=ids[p_len:],
+                attention_mask=[1] * total, prompt_attention_mask=[1] * p_len,
+                response_attention_mask=[1] * r_len,
+                position_ids=list(range(total)), prompt_position_ids=list(range(p_len)),
+                response_position_ids=list(range(p_len, total)),
+                loss_mask=mask, prompt_loss_mask=mask[:p_len], response_loss_mask=mask[p_len:])
+        out.append(AsyncRolloutRequest.model_construct(
+            batch_data_id=seed, rollout_offset=i, request_id=f"req-{seed}-{i}",
+            state=states[i % len(states)], messages=messages,
+            multi_modal_keys=["image", "video"], multi_modal_data={"image": [], "video": []},
+            tool_schemas=[tool] if i % 2 else None, tools_kwargs={"calc_gsm8k_reward": {"create_kwargs": {"ground_truth": str(i)}}},
+            interaction_kwargs={}, reward_scores={"calc_gsm8k_reward": 0.5 * i},
+            max_prompt_len=1024, max_response_len=1024, max_model_len=2048,
+            metrics={"turns": [i, seed]}, use_inference_chat_template=True,
+            tokenization_sanity_check_mode=modes[i % len(modes)],
+            generation_prompt_ids=input_ids[..., p_len - 3:p_len] if tensors else ids[p_len - 3:p_len],
+            base_conv_wo_gen_prompt_end_pos=p_len - 3, base_conv_with_gen_prompt_end_pos=p_len,
+            finish_reason=FinishReasonTypeEnum.from_str(["stop", "length", "tool_calls"][i % 3])
+            if i % 4 else None,
+            **token))
+    return out
+
+
+def plain_rollout_batch(n: int, seed: int = 0, device=None, tokens: int = 300) -> list:
+    """Dict payloads shaped like rollout requests; needs neither verl nor sglang.
+
+    With ``device`` (e.g. "cuda"), each request also carries its token ids as
+    an int64 tensor on that device.
+    """
+    import random
+
+    import torch
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p_len, r_len = rng.randint(8, tokens), rng.randint(1, tokens)
+        ids = [rng.randrange(151936) for _ in range(p_len + r_len)]
+        req = {
+            "batch_data_id": seed, "rollout_offset": i, "request_id": f"req-{seed}-{i}",
+            "state": ["pending", "running", "completed"][i % 3],
+            "messages": [{"role": "user", "content": f"Question {seed}.{i}"},
+                         {"role": "assistant", "content": "Answer.", "tool_calls": None}],
+            "prompt_ids": ids[:p_len], "response_ids": ids[p_len:],
+            "response_loss_mask": [rng.randint(0, 1) for _ in range(r_len)],
+            "reward_scores": {"acc": float(i % 2)}, "metrics": {"turns": [i, seed]},
+            "finish_reason": ("stop", 151645) if i % 2 else None,
+        }
+        if device is not None:
+            req["input_ids"] = torch.tensor(ids, dtype=torch.int64, device=device).view(1, -1)
+        out.append(req)
+    return out
+
+
+def same(a, b) -> bool:
+    """Deep equality that also compares tensors (values, dtype, shape, device type) and exact types."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+                and a.device.type == b.device.type and torch.equal(a.cpu(), b.cpu()))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    fields = getattr(type(a), "model_fields", None)  # pydantic v2 (== raises on tensor fields)
+    if fields is not None:
+        return all(same(getattr(a, f), getattr(b, f)) for f in fields)
+    return a == b
+
+
+def _outcome(fn):
+    """Run fn(); ("ok", value) or (exception type name, message)."""
+    try:
+        return ("ok", fn())
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return (type(e).__name__, str(e))
+
+
+def mesh_checks_plain(rank: int, world_size: int, dp: int, tp: int, device_type: str,
+                      force_cpu_device: bool) -> dict:
+    """Rank-trap and mesh checks with dict payloads (no verl, no sglang), on one rank.
+
+    Builds init_device_mesh(device_type, (dp, tp, 1), ("dp", "tp", "pp")) as
+    verl's rollout does; every TP group sends its own batch at the same time.
+    Returns a dict of outcomes for the test to assert on.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fastbcast
+    from fastbcast.integrations.verl import broadcast_rollout
+
+    mesh = init_device_mesh(device_type, (dp, tp, 1), mesh_dim_names=("dp", "tp", "pp"))
+    tp_group = mesh["tp"].get_group()
+    src = mesh["tp"].mesh[0].item()
+    tp_rank = mesh.get_local_rank("tp")
+    dp_rank = mesh.get_local_rank("dp")
+    is_src = tp_rank == 0
+    tensor_device = "cuda" if device_type == "cuda" else None
+    res = {"rank": dist.get_rank(), "tp_rank": tp_rank, "dp_rank": dp_rank, "src": src}
+
+    def batch(seed, n=4, tokens=300):
+        return plain_rollout_batch(n, seed=seed, device=tensor_device, tokens=tokens)
+
+    mine = batch(dp_rank)
+    # The rank trap: the TP-local rank where a global one belongs.
+    res["wrong_rank"] = _outcome(lambda: same(fastbcast.broadcast_pyobj(
+        [mine] if is_src else [None], rank=tp_rank, dist_group=tp_group, src=src,
+        force_cpu_device=force_cpu_device, allow_pickle=False), [mine]))
+    # The fixed call, strict: every TP group gets its own batch.
+    res["global_rank"] = _outcome(lambda: same(fastbcast.broadcast_pyobj(
+        [mine] if is_src else [None], rank=dist.get_rank(), dist_group=tp_group, src=src,
+        force_cpu_device=force_cpu_device, allow_pickle=False), [mine]))
+    res["empty"] = _outcome(lambda: fastbcast.broadcast_pyobj(
+        [] if is_src else None, dist.get_rank(), tp_group, src, force_cpu_device, allow_pickle=False))
+    res["ip_port"] = _outcome(lambda: fastbcast.broadcast_pyobj(
+        ["10.0.0.%d" % dp_rank, 40000 + dp_rank] if is_src else None, dist.get_rank(), tp_group, src,
+        force_cpu_device, allow_pickle=False) == ["10.0.0.%d" % dp_rank, 40000 + dp_rank])
+    # The mesh layer: no rank at all. A small batch, then one over the 64 KiB first chunk.
+    res["rollout"] = _outcome(lambda: same(broadcast_rollout(mine if is_src else None, mesh, "tp"), mine))
+    big = batch(100 + dp_rank, n=64, tokens=800)
+    res["rollout_big"] = _outcome(lambda: same(broadcast_rollout(big if is_src else None, mesh), big))
+    dist.barrier()
+    return res
+
+
+def assert_mesh_checks_plain(results: list, dp: int, tp: int) -> None:
+    """The assertions for mesh_checks_plain's per-rank results."""
+    assert len(results) == dp * tp
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["src"] == r - r % tp and res["tp_rank"] == r % tp
+        # A rank whose TP-local rank equals its global rank (only in the first
+        # TP group, ranks 0..tp-1) made a correct call by accident, so it
+        # succeeds; everywhere else the wrong rank is a ValueError raised before
+        # any collective, so nothing hangs and nobody gets [].
+        if r < tp:
+            assert res["wrong_rank"] == ("ok", True), (r, res["wrong_rank"])
+        else:
+            kind, msg = res["wrong_rank"]
+            assert kind == "ValueError", (r, res["wrong_rank"])
+            assert f"rank={r % tp} is not this process's global rank" in msg and "group-local" in msg, msg
+        for key in ("global_rank", "ip_port", "rollout", "rollout_big"):
+            assert res[key] == ("ok", True), (r, key, res[key])
+        assert res["empty"] == ("ok", []), (r, res["empty"])
+
+
+def _check_verl_request(a, b) -> bool:
+    """Field-by-field equality of two AsyncRolloutRequests, exact enum types included."""
+    from verl.workers.rollout.schemas import (AsyncRolloutRequest, AsyncRolloutRequestStateEnum,
+                                              TokenizationSanityCheckModeEnum)
+    assert type(b) is AsyncRolloutRequest, type(b)
+    # str-subclass enums must come back as the enum, not as a plain str.
+    assert type(b.state) is AsyncRolloutRequestStateEnum, type(b.state)
+    assert type(b.tokenization_sanity_check_mode) is TokenizationSanityCheckModeEnum
+    for f in AsyncRolloutRequest.model_fields:
+        assert same(getattr(a, f), getattr(b, f)), f
+    return True
+
+
+def verl_mesh_checks(rank: int, world_size: int, dp: int, tp: int, device_type: str,
+                     force_cpu_device: bool) -> dict:
+    """The verl rollout broadcast checks with real AsyncRolloutRequest objects, on one rank.
+
+    Imports verl's schemas and its vendored broadcast_pyobj (not the rollout
+    module itself, which needs the SGLang engine). Mesh as verl builds it.
+    """
+    ensure_torchvision_importable()
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from verl.workers.rollout.schemas import FinishReasonTypeEnum
+
+    import fastbcast
+    import fastbcast.integrations.verl as fb_verl
+    utils = import_verl_rollout_utils()
+    verl_original = utils.broadcast_pyobj
+
+    mesh = init_device_mesh(device_type, (dp, tp, 1), mesh_dim_names=("dp", "tp", "pp"))
+    me = dist.get_rank()
+    tp_rank = mesh["tp"].get_local_rank()
+    dp_rank = mesh.get_local_rank("dp")
+    is_src = tp_rank == 0
+    # The arguments of verl's three call sites.
+    group, src = mesh["tp"].get_group(), mesh["tp"].mesh[0].item()
+    tensor_reqs = make_verl_requests(3, seed=dp_rank, tensors=True)
+    list_reqs = make_verl_requests(3, seed=10 + dp_rank, tensors=False)
+    output = {"text": f"answer {dp_rank}", "output_ids": list(range(dp_rank, dp_rank + 40)),
+              "meta_info": {"id": f"gen-{dp_rank}", "prompt_tokens": 12, "completion_tokens": 40,
+                            "finish_reason": {"type": "stop", "matched": 151645},
+                            "output_token_logprobs": [(-0.25 * k, k, None) for k in range(40)],
+                            "reason": FinishReasonTypeEnum.STOP}}
+    res = {"rank": me, "tp_rank": tp_rank, "src": src}
+
+    def check_reqs(got, want):
+        assert isinstance(got, list) and len(got) == 1 and len(got[0]) == len(want), got
+        return all(_check_verl_request(a, b) for a, b in zip(want, got[0]))
+
+    # (a) The bug: verl's own broadcast_pyobj with the TP-local rank.
+    res["bug"] = _outcome(lambda: verl_original(
+        data=[tensor_reqs] if is_src else [None], rank=tp_rank, dist_group=group, src=src,
+        force_cpu_device=force_cpu_device))
+    if res["bug"][0] == "ok":
+        got = res["bug"][1]
+        res["bug"] = ("ok", "[]" if got == [] else ("equal" if check_reqs(got, tensor_reqs) else "different"))
+    dist.barrier()
+
+    # (b) fastbcast's drop-in with the same wrong rank.
+    res["trap"] = _outcome(lambda: check_reqs(fastbcast.broadcast_pyobj(
+        data=[tensor_reqs] if is_src else [None], rank=tp_rank, dist_group=group, src=src,
+        force_cpu_device=force_cpu_device, allow_pickle=False), tensor_reqs))
+    dist.barrier()
+
+    # (c) The fixed call (global rank), strict: every TP group sends its own requests at once.
+    for name, reqs in (("tensor_ids", tensor_reqs), ("list_ids", list_reqs)):
+        res[name] = _outcome(lambda: check_reqs(fastbcast.broadcast_pyobj(
+            data=[reqs] if is_src else [None], rank=me, dist_group=group, src=src,
+            force_cpu_device=force_cpu_device, allow_pickle=False), reqs))
+    res["rollout"] = _outcome(lambda: check_reqs(
+        [fb_verl.broadcast_rollout(tensor_reqs if is_src else None, mesh, "tp")], tensor_reqs))
+    res["rollout_lists"] = _outcome(lambda: check_reqs(
+        [fb_verl.broadcast_rollout(list_reqs if is_src else None, mesh)], list_reqs))
+
+    # The integration: the vendored function rebound, called exactly as verl's three sites call it.
+    fb_verl.patch(allow_pickle=False)
+    res["patched"] = utils.broadcast_pyobj is fb_verl.broadcast_pyobj
+    res["patched_modules"] = fb_verl.patched_modules()
+    res["patched_ip_port"] = _outcome(lambda: utils.broadcast_pyobj(
+        ["10.0.0.%d" % dp_rank, 40000 + dp_rank], rank=me, dist_group=mesh.get_group("tp"), src=src,
+        force_cpu_device=False) == ["10.0.0.%d" % dp_rank, 40000 + dp_rank])
+    res["patched_output"] = _outcome(lambda: same(utils.broadcast_pyobj(
+        data=[output if is_src else None], rank=me, dist_group=group, src=src, force_cpu_device=False),
+        [output]))
+    res["patched_reqs"] = _outcome(lambda: check_reqs(utils.broadcast_pyobj(
+        data=[tensor_reqs if is_src else None], rank=me, dist_group=group, src=src, force_cpu_device=False),
+        tensor_reqs))
+    res["patched_trap"] = _outcome(lambda: check_reqs(utils.broadcast_pyobj(
+        data=[tensor_reqs if is_src else None], rank=tp_rank, dist_group=group, src=src,
+        force_cpu_device=False), tensor_reqs))
+    dist.barrier()
+    fb_verl.unpatch()
+    res["unpatched"] = utils.broadcast_pyobj is verl_original
+    dist.barrier()
+    return res
+
+
+def assert_verl_mesh_checks(results: list, dp: int, tp: int) -> None:
+    """The assertions for verl_mesh_checks's per-rank results."""
+    assert len(results) == dp * tp
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["tp_rank"] == r % tp and res["src"] == r - r % tp
+        first_group = r < tp
+        # (a) verl's function: only the first TP group works; every rank of
+        # the others believes it receives, and gets [].
+        assert res["bug"] == ("ok", "equal" if first_group else "[]"), (r, res["bug"])
+        # (b) fastbcast: in the first TP group the TP-local rank equals the
+        # global rank, so the call is correct and succeeds; on every other
+        # rank it is a ValueError raised before any collective (no hang, no []).
+        for key in ("trap", "patched_trap"):
+            if first_group:
+                assert res[key] == ("ok", True), (r, key, res[key])
+            else:
+                kind, msg = res[key]
+                assert kind == "ValueError" and "global rank" in msg and "group-local" in msg, (r, key, res[key])
+        # (c) the fixed call and the mesh layer, without pickle.
+        for key in ("tensor_ids", "list_ids", "rollout", "rollout_lists", "patched_ip_port",
+                    "patched_output", "patched_reqs"):
+            assert res[key] == ("ok", True), (r, key, res[key])
+        assert res["patched"] and res["unpatched"], (r, res["patched"], res["unpatched"])
+        assert "verl.workers.rollout.sglang_rollout.utils" in res["patched_modules"]
