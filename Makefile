@@ -18,9 +18,18 @@ $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(DEPS): $(PY) requirements-dev.txt
+# The integration extras (sglang and verl with the import-time dependencies
+# they need on a CPU machine, about 2 GB) are installed too, so the
+# integration tests run against the real packages; sglang and verl themselves
+# go in with --no-deps because their declared dependencies pull CUDA kernels
+# and another torch. FASTBCAST_NO_INTEGRATIONS=1 skips them (those tests then
+# skip, saying why).
+$(DEPS): $(PY) requirements-dev.txt requirements-integrations.txt requirements-integrations-nodeps.txt constraints.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	if [ "$${FASTBCAST_NO_INTEGRATIONS:-0}" != 1 ]; then \
+	  $(PY) -m pip install -q -c constraints.txt -r requirements-integrations.txt && \
+	  $(PY) -m pip install -q --no-deps -c constraints.txt -r requirements-integrations-nodeps.txt; fi
 	touch $@
 
 build: $(DEPS)
@@ -33,6 +42,10 @@ run: build
 # other non-zero code, so the exit status is passed through unchanged.
 test: build
 	$(PY) -m pytest tests -q $(ARGS)
+
+test-integrations: build
+	$(PY) -m pytest tests/test_patching.py tests/test_integration_sglang.py tests/test_integration_verl.py \
+	  tests/test_integrations_nodeps.py tests/test_integration_nccl.py -q $(ARGS)
 
 bench-codec: build
 	$(PY) benchmarks/bench_codec.py $(ARGS)

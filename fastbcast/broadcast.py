@@ -15,11 +15,30 @@ sync). gloo groups use the host buffers directly.
 The collectives are driven from Python: each costs one `dist.broadcast` call
 (a few microseconds of dispatch), against encode/decode work that is measured
 in milliseconds for the payloads that matter; see BENCHMARKS.md.
+
+Failure handling (RELIABILITY.md has the whole table and the tests):
+
+* The source that cannot send its object (an encode error, an object over
+  `max_bytes`, an exhausted pool) still sends a first chunk: an error frame
+  that makes every receiver raise BroadcastError with the source's message.
+* `timeout=` bounds a whole broadcast call. Each collective is started with
+  `async_op=True` and waited on with the time left; past the deadline the
+  call raises BroadcastTimeoutError. A dead or stalled peer, or ranks that
+  disagree about `src`, end there instead of waiting for the process group's
+  own timeout (30 minutes by default for gloo, 10 for NCCL).
+* After a collective failed or timed out the group is in an unknown state (a
+  collective may still be pending inside torch.distributed), so the
+  Broadcaster refuses further use with BroadcastError; recreate the group.
+* A group destroyed with `destroy_process_group` is detected before anything
+  is sent: RuntimeError, on each rank that uses it.
 """
 from __future__ import annotations
 
+import datetime
 import os
+import struct
 import threading
+import time
 from typing import Any, Iterable
 
 import torch
@@ -29,7 +48,8 @@ from ._loader import _C
 from ._version import FORMAT_VERSION
 from .mesh import Route, resolve
 
-__all__ = ["Broadcaster", "BroadcastError", "broadcast", "broadcast_pyobj", "DEFAULT_FIRST_CHUNK", "DEFAULT_CHUNK"]
+__all__ = ["Broadcaster", "BroadcastError", "BroadcastTimeoutError", "broadcast", "broadcast_pyobj",
+           "DEFAULT_FIRST_CHUNK", "DEFAULT_CHUNK", "DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT"]
 
 HEADER_BYTES = _C.HEADER_BYTES
 DEVICE_ALIGN = _C.DEVICE_ALIGN
@@ -45,16 +65,60 @@ def _env_int(name: str, default: int) -> int:
 DEFAULT_FIRST_CHUNK = _env_int("FASTBCAST_FIRST_CHUNK", 64 << 10)
 #: Bytes of each following collective (FASTBCAST_CHUNK).
 DEFAULT_CHUNK = _env_int("FASTBCAST_CHUNK", 64 << 20)
+#: Cap on the bytes one broadcast may carry: the encoded value plus its CUDA
+#: tensors (FASTBCAST_MAX_BYTES, default 4 GiB). The source refuses a larger
+#: object before sending anything but an error frame; a receiver refuses a
+#: frame whose header announces more.
+DEFAULT_MAX_BYTES = _env_int("FASTBCAST_MAX_BYTES", 4 << 30)
+
+
+def _env_seconds(name: str) -> float | None:
+    v = os.environ.get(name)
+    return float(v) if v else None
+
+
+#: Default `timeout=` of every Broadcaster, in seconds (FASTBCAST_TIMEOUT;
+#: unset: none, so only the process group's own timeout applies).
+DEFAULT_TIMEOUT = _env_seconds("FASTBCAST_TIMEOUT")
 
 
 class BroadcastError(RuntimeError):
     """A broadcast failed on another rank or between ranks: the source could
     not encode its object, or the ranks disagree on the protocol (format
-    version, chunk sizes). Raised on every receiving rank alike."""
+    version, chunk sizes), or a collective failed (a peer died). Raised on
+    every receiving rank alike."""
+
+
+class BroadcastTimeoutError(BroadcastError):
+    """A broadcast did not finish within its `timeout=`: a peer is dead or
+    stalled, or the ranks disagree about the source. The group may still
+    hold the unfinished collective, so the Broadcaster that raised this
+    refuses further use; destroy and recreate the group."""
 
 
 def _backend(group) -> str:
     return str(dist.get_backend(group)).lower()
+
+
+def _require_live(group) -> None:
+    """RuntimeError if `group` (None: the world) was destroyed.
+
+    A destroyed group object stays referenced by its Broadcaster (and by the
+    mesh layer's cache), and torch would only notice at the first collective;
+    checking first (under a microsecond) makes the error say what happened,
+    on every rank, before anything is sent."""
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialized: the default process group was destroyed (or never created), "
+            "so there is no group to broadcast on")
+    if not isinstance(group, dist.ProcessGroup):
+        return  # None (the world) or not a group at all: resolve() says what is wrong
+    try:
+        dist.get_backend(group)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise RuntimeError(
+            f"the process group was destroyed (torch.distributed.destroy_process_group) or belongs to a "
+            f"torn-down world ({type(e).__name__}: {e}); create a new group and a new Broadcaster") from e
 
 
 class Broadcaster:
@@ -64,8 +128,14 @@ class Broadcaster:
     device staging buffer (NCCL) that grows to the largest object sent and
     host buffers from fastbcast's pinned pool. `close()` (or leaving a `with`
     block) waits for copies still in flight and frees the device buffer; the
-    object must not be used afterwards. A Broadcaster refuses to be entered by
-    two threads at once (RuntimeError) rather than interleave collectives.
+    object must not be used afterwards.
+
+    Threads: a Broadcaster is not shared between threads. A second thread
+    that calls `broadcast` while another thread is inside it gets a
+    RuntimeError at once (it does not wait): two threads driving collectives
+    on one group would interleave them differently on different ranks. Use
+    one group and one Broadcaster per thread. (The one-line functions share
+    one cached Broadcaster per group, so the same holds for them.)
 
     Arguments:
         group: the ProcessGroup, or None for the default (world) group.
@@ -80,11 +150,31 @@ class Broadcaster:
             pickles.
         trusted: module prefixes whose classes receivers may rebuild (see
             `fastbcast.decode`).
+        timeout: seconds (or a datetime.timedelta) that one `broadcast` call
+            may take, from its start on this rank to its last collective;
+            None (default, or FASTBCAST_TIMEOUT) waits as long as the process
+            group's own timeout. Past it the call raises
+            BroadcastTimeoutError. On the source the encode counts too, so
+            allow for it on receivers. On gloo the wait is
+            `work.wait(timeout)`; on NCCL the same call blocks this CPU
+            thread until the GPU finished the collective (torch documents
+            that a wait with a timeout does), which costs a few microseconds
+            per collective that the default stream-ordered wait does not.
+        max_bytes: the most bytes one broadcast may carry: the encoded value
+            plus its CUDA tensors (default 4 GiB, or FASTBCAST_MAX_BYTES).
+            The source refuses a larger object with ValueError before it
+            sends anything but an error frame, so every receiver raises
+            BroadcastError saying why. A receiver also refuses a frame whose
+            header announces more than its own max_bytes: it takes the rest
+            of the frame in chunk-sized pieces (so nothing large is held and
+            the source is not left waiting) and raises BroadcastError.
     """
 
     def __init__(self, group=None, *, mesh=None, dim=None, device=None, first_chunk: int | None = None,
                  chunk: int | None = None, compat: bool = False, allow_pickle: bool = False,
-                 trusted: Iterable[str] = ()):
+                 trusted: Iterable[str] = (), timeout: float | datetime.timedelta | None = None,
+                 max_bytes: int | None = None):
+        _require_live(group)
         route = resolve(mesh=mesh, dim=dim, group=group)
         self._mesh, self._dim = mesh, dim
         self.group = route.group
@@ -104,11 +194,23 @@ class Broadcaster:
         self.compat = compat
         self.allow_pickle = allow_pickle
         self.trusted = tuple(trusted) or None
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT
+        if isinstance(timeout, datetime.timedelta):
+            timeout = timeout.total_seconds()
+        if timeout is not None and not (float(timeout) > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.timeout = None if timeout is None else float(timeout)
+        self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+        if self.max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
         self._staging: torch.Tensor | None = None   # device bytes (CUDA transport only)
         self._inflight = None                       # (host block, event) the last H2D copy reads
         self._recv_hint = self.first_chunk          # size of the last frame received
         self._lock = threading.Lock()
         self._closed = False
+        self._broken: str | None = None             # why the group can no longer be trusted
+        self._deadline: float | None = None         # time.monotonic() deadline of the call in progress
 
     # ---- public ---------------------------------------------------------
     def broadcast(self, obj: Any = None, *, src: int | None = None, src_group_rank: int | None = None,
@@ -134,13 +236,21 @@ class Broadcaster:
 
         Raises:
             ValueError: src/rank are not in the group or not this process
-                (nothing is sent; raised on the ranks that passed them).
+                (nothing is sent; raised on the ranks that passed them);
+                (source) the object encodes to more than `max_bytes`.
             TypeError: (source) an object the codec cannot represent;
                 receivers then raise BroadcastError with the same message.
-            BroadcastError: (receivers) the source failed, or the ranks run
-                different fastbcast format versions.
+            BroadcastError: (receivers) the source failed, the ranks run
+                different fastbcast format versions, or the frame is over
+                this rank's `max_bytes`; (any rank) a collective failed (a
+                peer died), or this Broadcaster is unusable after such a
+                failure.
+            BroadcastTimeoutError: the call took longer than `timeout`.
+            RuntimeError: the group was destroyed, the Broadcaster was
+                closed, or another thread is inside `broadcast`.
             DecodeError: (receivers) the bytes did not decode.
         """
+        self._check_group_alive()
         route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
                         src=src, src_group_rank=src_group_rank, rank=rank)
         if not self._lock.acquire(blocking=False):
@@ -149,12 +259,19 @@ class Broadcaster:
         try:
             if self._closed:
                 raise RuntimeError("this Broadcaster was closed")
+            if self._broken is not None:
+                raise BroadcastError(
+                    f"this Broadcaster can no longer be used: {self._broken}. The process group may still "
+                    f"hold an unfinished collective, so its ranks are out of step; destroy and recreate the "
+                    f"group (and the Broadcaster).")
             if route.size == 1:
                 return obj
+            self._deadline = None if self.timeout is None else time.monotonic() + self.timeout
             if route.is_src:
                 return self._send(obj, route)
             return self._recv(route)
         finally:
+            self._deadline = None
             self._lock.release()
 
     def close(self) -> None:
@@ -169,6 +286,10 @@ class Broadcaster:
 
     def __exit__(self, *exc):
         self.close()
+
+    # ---- checks ---------------------------------------------------------
+    def _check_group_alive(self):
+        _require_live(self.group)
 
     # ---- transport ------------------------------------------------------
     @property
@@ -188,29 +309,94 @@ class Broadcaster:
             self._staging = torch.empty(size, dtype=torch.uint8, device=self.device)
         return self._staging
 
+    @staticmethod
+    def _host(nbytes: int) -> torch.Tensor:
+        """A host buffer of at least nbytes: a pool block, or, when the pool's
+        cap is reached, ordinary memory (slower to copy to a GPU, but a rank
+        that cannot join a collective would leave its peers waiting)."""
+        try:
+            return _C.pool_acquire(nbytes)
+        except RuntimeError:
+            return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _bcast(self, buf: torch.Tensor, route: Route, what: str):
+        """One collective, bounded by the call's deadline when there is one.
+        Any failure leaves the ranks out of step: the Broadcaster is marked
+        unusable and the error is raised as BroadcastError(Timeout)."""
+        deadline = self._deadline
+        try:
+            if deadline is None:
+                dist.broadcast(buf, src=route.src, group=route.group)
+                return
+            left = deadline - time.monotonic()
+            if left > 0:
+                work = dist.broadcast(buf, src=route.src, group=route.group, async_op=True)
+                work.wait(timeout=datetime.timedelta(seconds=left))
+                return
+            error = None
+        except RuntimeError as e:
+            error = e
+        role = "source" if route.is_src else f"receiver of global rank {route.src}"
+        timed_out = deadline is not None and (error is None or time.monotonic() >= deadline - 1e-3
+                                              or "timed out" in str(error).lower())
+        if timed_out:
+            self._broken = (f"a broadcast timed out after {self.timeout:g} s on global rank {route.rank} ({role}) "
+                            f"during {what}")
+            raise BroadcastTimeoutError(
+                f"broadcast timed out after {self.timeout:g} s on global rank {route.rank} ({role}, group "
+                f"{list(route.ranks)}) during {what}: a peer is dead or stalled, or the ranks passed different "
+                f"src (every rank must name global rank {route.src} as the source). The group may still hold "
+                f"this collective; destroy and recreate it.") from error
+        self._broken = f"a collective failed on global rank {route.rank} ({role}) during {what}: {error}"
+        raise BroadcastError(
+            f"broadcast failed on global rank {route.rank} ({role}, group {list(route.ranks)}) during {what}: "
+            f"{type(error).__name__}: {error}") from error
+
     def _collectives(self, buf: torch.Tensor, total: int, route: Route):
         """Broadcasts buf[:first_chunk], then buf[first_chunk:total] in chunks."""
         f, c = self.first_chunk, self.chunk
-        dist.broadcast(buf[:f], src=route.src, group=route.group)
-        for off in range(f, total, c):
-            dist.broadcast(buf[off:min(off + c, total)], src=route.src, group=route.group)
+        n = 1 + max(0, -(-(total - f) // c))
+        self._bcast(buf[:f], route, f"collective 1 of {n} (the first chunk)")
+        for i, off in enumerate(range(f, total, c)):
+            self._bcast(buf[off:min(off + c, total)], route, f"collective {i + 2} of {n}")
 
     def _send(self, obj, route: Route):
         self._settle()
         try:
             block, used, cuda_tensors, device_len = _C.encode_frame(
                 obj, self.first_chunk, self.chunk, FORMAT_VERSION, self.compat, self.allow_pickle, self._cuda)
+            size = used - HEADER_BYTES + device_len
+            if size > self.max_bytes:
+                del block, cuda_tensors
+                raise ValueError(
+                    f"the object encodes to {size} bytes, over this Broadcaster's max_bytes={self.max_bytes} "
+                    f"(Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); nothing was sent")
         except Exception as e:
             # Receivers are already waiting on the first chunk: tell them.
             msg = f"source (global rank {route.src}) failed to encode: {type(e).__name__}: {e}"
-            self._send_frame(_C.error_frame(msg, self.first_chunk, self.chunk, FORMAT_VERSION),
-                             self.first_chunk, route)
+            self._send_frame(self._error_frame(msg), self.first_chunk, route)
             raise
         total = max(used, self.first_chunk)
         self._send_frame(block, total, route, used)
         if device_len:
-            dist.broadcast(self._pack_device(cuda_tensors, device_len), src=route.src, group=route.group)
+            self._bcast(self._pack_device(cuda_tensors, device_len), route, "the device buffer")
         return obj
+
+    def _error_frame(self, msg: str) -> torch.Tensor:
+        f = self.first_chunk
+        try:
+            return _C.error_frame(msg, f, self.chunk, FORMAT_VERSION)
+        except RuntimeError:
+            # The pool is at its cap (often the very reason the encode
+            # failed): build the frame in ordinary memory, or the receivers
+            # would wait for a first chunk that never comes. The header
+            # layout is FORMAT.md section 3, fixed for every version.
+            data = msg.encode("utf-8", "replace")[:f - HEADER_BYTES]
+            header = struct.pack("<4sHHQIIQ", b"FBC\x01", FORMAT_VERSION, _C.FLAG_ERROR, len(data), f,
+                                 self.chunk, 0)
+            frame = torch.zeros(f, dtype=torch.uint8)
+            frame[:HEADER_BYTES + len(data)] = torch.frombuffer(bytearray(header + data), dtype=torch.uint8)
+            return frame
 
     def _send_frame(self, block: torch.Tensor, total: int, route: Route, used: int | None = None):
         if not self._cuda:
@@ -237,14 +423,18 @@ class Broadcaster:
 
     def _recv(self, route: Route):
         f = self.first_chunk
-        host = _C.pool_acquire(max(self._recv_hint, f))
+        host = self._host(max(self._recv_hint, f))
         if self._cuda:
             dev = self._stage(max(self._recv_hint, f))
-            dist.broadcast(dev[:f], src=route.src, group=route.group)
+            self._bcast(dev[:f], route, "collective 1 (the first chunk)")
             self._to_host(dev, host, 0, f)
         else:
-            dist.broadcast(host[:f], src=route.src, group=route.group)
-        version, flags, payload_len, first_chunk, chunk, device_len = _C.read_header(host[:HEADER_BYTES])
+            self._bcast(host[:f], route, "collective 1 (the first chunk)")
+        try:
+            version, flags, payload_len, first_chunk, chunk, device_len = _C.read_header(host[:HEADER_BYTES])
+        except ValueError as e:  # DecodeError: not a fastbcast frame, so where the source is is unknown
+            self._broken = f"global rank {route.rank} received a corrupt frame header from global rank {route.src}"
+            raise BroadcastError(f"{self._broken}: {e}") from e
         mismatch = None
         if (first_chunk, chunk) != (f, self.chunk):
             mismatch = BroadcastError(
@@ -258,25 +448,33 @@ class Broadcaster:
             # Otherwise follow the source's chunking to the end of the frame
             # (so the source is not left sending), then raise.
         total = max(HEADER_BYTES + payload_len, f)
+        announced = payload_len + (device_len if flags & _C.FLAG_CUDA else 0)
+        if announced > self.max_bytes:
+            self._drain(route, total, chunk, device_len if flags & _C.FLAG_CUDA else 0)
+            raise BroadcastError(
+                f"the source (global rank {route.src}) sent a frame of {announced} bytes, over this rank's "
+                f"(global rank {route.rank}) max_bytes={self.max_bytes} (Broadcaster(max_bytes=) / "
+                f"FASTBCAST_MAX_BYTES); it was received in pieces and dropped. Configure every rank alike.")
         self._recv_hint = total
         if total > f:
             if host.numel() < total:
-                bigger = _C.pool_acquire(total)
+                bigger = self._host(total)
                 bigger[:f].copy_(host[:f])
                 host = bigger
+            n = 1 + -(-(total - f) // chunk)
             if self._cuda:
                 dev = self._stage(total)
-                for off in range(f, total, chunk):
-                    dist.broadcast(dev[off:min(off + chunk, total)], src=route.src, group=route.group)
+                for i, off in enumerate(range(f, total, chunk)):
+                    self._bcast(dev[off:min(off + chunk, total)], route, f"collective {i + 2} of {n}")
                 self._to_host(dev, host, f, total)
             else:
-                for off in range(f, total, chunk):
-                    dist.broadcast(host[off:min(off + chunk, total)], src=route.src, group=route.group)
+                for i, off in enumerate(range(f, total, chunk)):
+                    self._bcast(host[off:min(off + chunk, total)], route, f"collective {i + 2} of {n}")
         device_buffer = None
         if flags & _C.FLAG_CUDA:
             device_buffer = torch.empty(device_len, dtype=torch.uint8, device=self.device if self._cuda else "cpu")
             if device_len:  # the source sends the device buffer only when it has bytes
-                dist.broadcast(device_buffer, src=route.src, group=route.group)
+                self._bcast(device_buffer, route, "the device buffer")
         # Everything the source sent has been received: errors from here on
         # leave no rank waiting.
         if mismatch is not None:
@@ -289,6 +487,20 @@ class Broadcaster:
         if flags & _C.FLAG_ERROR:
             raise BroadcastError(bytes(host[HEADER_BYTES:HEADER_BYTES + payload_len].numpy()).decode("utf-8", "replace"))
         return _C.decode_frame(host, payload_len, device_buffer, self.allow_pickle, self.trusted)
+
+    def _drain(self, route: Route, total: int, chunk: int, device_len: int):
+        """Receives the rest of a refused frame into one reused piece of at
+        most `chunk` bytes, so the source finishes and nothing large is kept."""
+        f = self.first_chunk
+        if total > f:
+            piece = min(chunk, total - f)
+            scratch = self._stage(piece) if self._cuda else torch.empty(piece, dtype=torch.uint8)
+            n = 1 + -(-(total - f) // chunk)
+            for i, off in enumerate(range(f, total, chunk)):
+                self._bcast(scratch[:min(chunk, total - off)], route, f"collective {i + 2} of {n} (dropped)")
+        if device_len:
+            scratch = torch.empty(device_len, dtype=torch.uint8, device=self.device if self._cuda else "cpu")
+            self._bcast(scratch, route, "the device buffer (dropped)")
 
     @staticmethod
     def _to_host(dev: torch.Tensor, host: torch.Tensor, start: int, stop: int):
@@ -314,6 +526,11 @@ def _cached(group, device, **opts) -> Broadcaster:
         return b
 
 
+def _seconds(timeout):
+    # A timedelta and its seconds must share one cached Broadcaster.
+    return timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
+
+
 def close_all() -> None:
     """Closes every Broadcaster the module-level functions created."""
     with _BROADCASTERS_LOCK:
@@ -324,7 +541,8 @@ def close_all() -> None:
 
 def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | None = None,
               src_group_rank: int | None = None, device=None, rank: int | None = None, compat: bool = False,
-              allow_pickle: bool = False, trusted: Iterable[str] = ()) -> Any:
+              allow_pickle: bool = False, trusted: Iterable[str] = (),
+              timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None) -> Any:
     """Broadcasts `obj` from one rank to every rank of a group, in one line.
 
     Every rank of the group calls it; every rank returns an equal object.
@@ -341,6 +559,8 @@ def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | No
         rank: optionally this process's GLOBAL rank, checked.
         compat, allow_pickle, trusted: codec options (see `fastbcast.encode`
             and `fastbcast.decode`).
+        timeout, max_bytes: as for `Broadcaster` (seconds the call may take;
+            the most bytes it may carry).
 
     Returns:
         `obj` on the source, an equal decoded object elsewhere.
@@ -350,7 +570,8 @@ def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | No
         # need not be the group's lowest rank), so resolve it here.
         route = resolve(mesh=mesh, dim=dim, src=src, src_group_rank=src_group_rank, rank=rank)
         group, src, src_group_rank = route.group, route.src, None
-    b = _cached(group, device, compat=compat, allow_pickle=allow_pickle, trusted=tuple(trusted))
+    b = _cached(group, device, compat=compat, allow_pickle=allow_pickle, trusted=tuple(trusted),
+                timeout=_seconds(timeout), max_bytes=max_bytes)
     return b.broadcast(obj, src=src, src_group_rank=src_group_rank, rank=rank)
 
 
@@ -359,7 +580,8 @@ DROP_IN_ALLOW_PICKLE = os.environ.get("FASTBCAST_ALLOW_PICKLE", "1") != "0"
 
 
 def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_cpu_device: bool = True, *,
-                    allow_pickle: bool | None = None) -> list:
+                    allow_pickle: bool | None = None, timeout: float | datetime.timedelta | None = None,
+                    max_bytes: int | None = None) -> list:
     """Drop-in for SGLang's `broadcast_pyobj`, with the same signature and results.
 
     Arguments:
@@ -378,6 +600,9 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
             it), which keeps every payload that works with SGLang's pickle
             version working; natively representable objects never use pickle.
             Pass False for the secure setting: no pickle on the wire.
+        timeout, max_bytes: as for `Broadcaster` (seconds the call may take,
+            default FASTBCAST_TIMEOUT or none; the most bytes it may carry,
+            default FASTBCAST_MAX_BYTES or 4 GiB).
 
     Returns:
         `data` on the source; an equal list on every other rank; [] everywhere
@@ -386,10 +611,11 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
     allow = DROP_IN_ALLOW_PICKLE if allow_pickle is None else allow_pickle
     if dist_group is None:
         dist_group = dist.group.WORLD
+    _require_live(dist_group)
     backend = _backend(dist_group)
     if backend == "nccl" and force_cpu_device:
         raise ValueError("broadcast_pyobj(force_cpu_device=True) needs a group that carries CPU tensors (gloo); "
                          "this group's backend is nccl: pass its CPU group or force_cpu_device=False")
     device = None if backend == "nccl" else torch.device("cpu")
-    b = _cached(dist_group, device, allow_pickle=allow)
+    b = _cached(dist_group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes)
     return b.broadcast(data, src=src, rank=rank)

@@ -13,7 +13,12 @@ this module too, and the tests skip cleanly when the packages are missing.
   ``broadcast_pyobj`` module without running the rollout package's
   ``__init__`` (which needs sglang names that moved after verl 0.5.0).
 * :func:`make_sglang_requests` / :func:`make_verl_requests` build realistic
-  payloads from the real classes.
+  payloads from the real classes; :func:`plain_rollout_batch` builds dicts
+  shaped like rollout requests, for machines without verl.
+* :func:`mesh_checks_plain` and :func:`verl_mesh_checks` are the per-rank
+  bodies of the mesh / rank-trap checks (for ``run_distributed``, over gloo
+  or NCCL), with their assertions in ``assert_mesh_checks_plain`` and
+  ``assert_verl_mesh_checks``; the gloo and the NCCL test files share them.
 """
 from __future__ import annotations
 
@@ -203,15 +208,16 @@ def make_verl_requests(n: int, seed: int = 0, tensors: bool = True) -> list:
             batch_data_id=seed, rollout_offset=i, request_id=f"req-{seed}-{i}",
             state=states[i % len(states)], messages=messages,
             multi_modal_keys=["image", "video"], multi_modal_data={"image": [], "video": []},
-            tool_schemas=[tool] if i % 2 else None, tools_kwargs={"calc_gsm8k_reward": {"create_kwargs": {"ground_truth": str(i)}}},
+            tool_schemas=[tool] if i % 2 else None,
+            tools_kwargs={"calc_gsm8k_reward": {"create_kwargs": {"ground_truth": str(i)}}},
             interaction_kwargs={}, reward_scores={"calc_gsm8k_reward": 0.5 * i},
             max_prompt_len=1024, max_response_len=1024, max_model_len=2048,
-            metrics={"turns": [i, seed]}, use_inference_chat_template=True,
+            metrics={"turns": [i, seed],
+                     "finish_reason": [FinishReasonTypeEnum.from_str(["stop", "length", "tool_calls"][i % 3])]},
+            use_inference_chat_template=True,
             tokenization_sanity_check_mode=modes[i % len(modes)],
             generation_prompt_ids=input_ids[..., p_len - 3:p_len] if tensors else ids[p_len - 3:p_len],
             base_conv_wo_gen_prompt_end_pos=p_len - 3, base_conv_with_gen_prompt_end_pos=p_len,
-            finish_reason=FinishReasonTypeEnum.from_str(["stop", "length", "tool_calls"][i % 3])
-            if i % 4 else None,
             **token))
     return out
 
@@ -294,7 +300,7 @@ def mesh_checks_plain(rank: int, world_size: int, dp: int, tp: int, device_type:
     tp_rank = mesh.get_local_rank("tp")
     dp_rank = mesh.get_local_rank("dp")
     is_src = tp_rank == 0
-    tensor_device = "cuda" if device_type == "cuda" else None
+    tensor_device = "cuda" if device_type == "cuda" else "cpu"
     res = {"rank": dist.get_rank(), "tp_rank": tp_rank, "dp_rank": dp_rank, "src": src}
 
     def batch(seed, n=4, tokens=300):
@@ -351,7 +357,12 @@ def _check_verl_request(a, b) -> bool:
     assert type(b.state) is AsyncRolloutRequestStateEnum, type(b.state)
     assert type(b.tokenization_sanity_check_mode) is TokenizationSanityCheckModeEnum
     for f in AsyncRolloutRequest.model_fields:
-        assert same(getattr(a, f), getattr(b, f)), f
+        x, y = getattr(a, f), getattr(b, f)
+        assert same(x, y), f
+        # response_ids and the other slices are views into input_ids' storage
+        # on the source; they arrive as tensors of their own with the same values.
+        if hasattr(y, "is_contiguous") and b is not a:
+            assert y.is_contiguous(), f
     return True
 
 
@@ -401,6 +412,15 @@ def verl_mesh_checks(rank: int, world_size: int, dp: int, tp: int, device_type: 
         res["bug"] = ("ok", "[]" if got == [] else ("equal" if check_reqs(got, tensor_reqs) else "different"))
     dist.barrier()
 
+    # (c) The mesh layer: no rank to pass. It trusts verl's schema modules per
+    # call, so this works before anything is trusted process-wide.
+    res["rollout"] = _outcome(lambda: check_reqs(
+        [fb_verl.broadcast_rollout(tensor_reqs if is_src else None, mesh, "tp")], tensor_reqs))
+    res["rollout_lists"] = _outcome(lambda: check_reqs(
+        [fb_verl.broadcast_rollout(list_reqs if is_src else None, mesh)], list_reqs))
+
+    # The plain drop-in rebuilds only trusted classes (patch() would trust these).
+    fastbcast.trust(*fb_verl.SCHEMA_MODULES)
     # (b) fastbcast's drop-in with the same wrong rank.
     res["trap"] = _outcome(lambda: check_reqs(fastbcast.broadcast_pyobj(
         data=[tensor_reqs] if is_src else [None], rank=tp_rank, dist_group=group, src=src,
@@ -412,10 +432,6 @@ def verl_mesh_checks(rank: int, world_size: int, dp: int, tp: int, device_type: 
         res[name] = _outcome(lambda: check_reqs(fastbcast.broadcast_pyobj(
             data=[reqs] if is_src else [None], rank=me, dist_group=group, src=src,
             force_cpu_device=force_cpu_device, allow_pickle=False), reqs))
-    res["rollout"] = _outcome(lambda: check_reqs(
-        [fb_verl.broadcast_rollout(tensor_reqs if is_src else None, mesh, "tp")], tensor_reqs))
-    res["rollout_lists"] = _outcome(lambda: check_reqs(
-        [fb_verl.broadcast_rollout(list_reqs if is_src else None, mesh)], list_reqs))
 
     # The integration: the vendored function rebound, called exactly as verl's three sites call it.
     fb_verl.patch(allow_pickle=False)

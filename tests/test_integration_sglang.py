@@ -58,7 +58,8 @@ def _same_reqs(a, b) -> bool:
     from array import array
 
     def ids_typecodes(x):
-        return [(type(r.input_ids), r.input_ids.typecode) for r in x if isinstance(getattr(r, "input_ids", None), array)]
+        return [(type(r.input_ids), r.input_ids.typecode)
+                for r in x if isinstance(getattr(r, "input_ids", None), array)]
     return a == b and [type(x) for x in a] == [type(x) for x in b] and ids_typecodes(a) == ids_typecodes(b)
 
 

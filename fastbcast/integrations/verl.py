@@ -105,7 +105,8 @@ def broadcast_rollout(obj: Any, device_mesh, dim: str = "tp", **kw) -> Any:
         **kw: passed on to :func:`fastbcast.broadcast`: ``src=`` (GLOBAL
             rank) or ``src_group_rank=`` to pick another source, ``device=``,
             ``allow_pickle=`` (default False: no pickle), ``trusted=``
-            (added to verl's schema modules, which are always trusted here).
+            (added to verl's schema modules, which are always trusted here),
+            and the rest of its options (see its docstring).
 
     Returns:
         ``obj`` on the source; an equal object on every other rank of the slice.

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU runs behind BENCHMARKS.md, in the order they were made: build in
+# place, the NCCL tests, the phase profile, and the benchmark tables.
+#
+#   OUT=gpu-results bash benchmarks/gpu_session.sh tests     # NCCL tests + profile + 2-GPU table
+#   OUT=gpu-results bash benchmarks/gpu_session.sh bench     # the 4-GPU table
+#
+# Needs torch with CUDA, nccl, pybind11, ninja; msgspec/ormsgpack/tqdm for
+# the baselines (on a machine without network, carry them as wheels and put
+# them on PYTHONPATH first).
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+MAX_JOBS=${MAX_JOBS:-32} FASTBCAST_NO_INTEGRATIONS=1 python3 setup.py -q build_ext --inplace 2>&1 | grep -iE "error" || true
+nvidia-smi -L | tee "$OUT/gpus.txt"
+python3 -m fastbcast.info > "$OUT/info.txt"
+case "${1:-tests}" in
+  tests)
+    timeout 330 python3 -m pytest tests/test_broadcast_nccl.py tests/test_integration_nccl.py -q -rs 2>&1 \
+      | tee "$OUT/nccl_tests.log" | tail -15
+    timeout 100 python3 benchmarks/profile_broadcast.py --world-size 4 --backend nccl --reps 10 \
+      --payloads tiny_1req,sched_step_8req,rollout_64x1k,rollout_256x4k 2>&1 | grep -v Warn | tee "$OUT/profile4.log"
+    CUDA_VISIBLE_DEVICES=0,1 timeout 150 python3 -m fastbcast.bench --backend nccl --world-size 2 --no-plot --seconds 0.5 \
+      --out "$OUT" 2>&1 | tee "$OUT/bench2.log" | grep "^# summary"
+    ;;
+  bench)
+    timeout 420 python3 -m fastbcast.bench --backend nccl --world-size 4 --out "$OUT" 2>&1 \
+      | tee "$OUT/bench4.log" | grep "^# summary"
+    ;;
+esac
