@@ -102,7 +102,12 @@ at::Tensor PinnedPool::acquire(size_t min_bytes) {
   for (auto& b : blocks_) {
     if (size_t(b.numel()) >= min_bytes && idle(b) && (!best || b.numel() < best->numel())) best = &b;
   }
-  if (best) return *best;
+  // Hand out an alias (a new TensorImpl over the same storage), never the
+  // pool's own handle: once torch has wrapped a TensorImpl in a Python object
+  // that impl stays referenced after the Python object is gone, so a block
+  // whose own handle reached Python (pool_acquire, encode_frame, error_frame)
+  // would look busy forever and the pool would grow by one block per call.
+  if (best) return best->alias();
 
   size_t want = round_up_pow2(min_bytes);
   if (bytes_ + want > limit_) {
@@ -131,7 +136,7 @@ at::Tensor PinnedPool::acquire(size_t min_bytes) {
   blocks_.push_back(t);
   bytes_ += want;
   allocations_ += 1;
-  return t;
+  return t.alias();
 }
 
 PoolStats PinnedPool::stats() {

@@ -6,7 +6,7 @@ SGLang's `broadcast_pyobj`. The wire format is in FORMAT.md.
 """
 from ._version import FORMAT_VERSION, __version__
 from ._loader import _C  # noqa: F401  (checks the torch build before loading)
-from .broadcast import Broadcaster, BroadcastError, broadcast, broadcast_pyobj
+from .broadcast import Broadcaster, BroadcastError, BroadcastTimeoutError, broadcast, broadcast_pyobj
 from .codec import (
     BufferTooSmallError,
     DecodeError,
@@ -25,5 +25,5 @@ __all__ = [
     "__version__", "FORMAT_VERSION",
     "encode", "encode_into", "decode", "register", "trust", "DecodeError",
     "BufferTooSmallError", "pool_stats", "set_pool_limit", "shrink_pool",
-    "broadcast", "broadcast_pyobj", "Broadcaster", "BroadcastError", "resolve", "Route",
+    "broadcast", "broadcast_pyobj", "Broadcaster", "BroadcastError", "BroadcastTimeoutError", "resolve", "Route",
 ]

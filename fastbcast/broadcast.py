@@ -618,4 +618,9 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
                          "this group's backend is nccl: pass its CPU group or force_cpu_device=False")
     device = None if backend == "nccl" else torch.device("cpu")
     b = _cached(dist_group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes)
+    if data is not None and len(data) == 0 and dist.get_rank() == src:
+        # SGLang sends size 0 for any empty `data` and receivers build `[]`:
+        # an empty tuple must arrive as `[]` too.
+        b.broadcast([], src=src, rank=rank)
+        return data
     return b.broadcast(data, src=src, rank=rank)
