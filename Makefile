@@ -10,7 +10,7 @@ DEPS   := $(VENV)/.deps-installed
 SO      = $(wildcard fastbcast/_C*.so)
 export MAX_JOBS ?= 2
 
-.PHONY: all build run test test-integrations bench-codec wheel sanitize clean
+.PHONY: all build run test test-integrations bench-codec wheel sanitize fuzz clean
 
 all: build
 
@@ -56,7 +56,8 @@ wheel: $(DEPS)
 # ASan + UBSan build of the codec, run over the codec tests and the corpus.
 # It builds in a copy of the tree (build/sanitize) so the normal in-place
 # build stays untouched; the sanitizer runtimes load before Python itself.
-SAN_TESTS ?= tests/test_codec.py tests/test_codec_hostile.py tests/test_codec_props.py
+SAN_TESTS ?= tests/test_codec.py tests/test_codec_hostile.py tests/test_codec_props.py tests/test_corpus.py \
+	tests/test_reliability_codec.py
 sanitize: $(DEPS)
 	rm -rf build/sanitize && mkdir -p build/sanitize
 	cp -r csrc fastbcast tests setup.py pyproject.toml build/sanitize/
@@ -66,6 +67,14 @@ sanitize: $(DEPS)
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	  ../../$(PY) -m pytest $(SAN_TESTS) -q -p no:cacheprovider --capture=sys $(ARGS)
+
+# Coverage-guided fuzzing of the decoder with atheris against a clang
+# ASan/UBSan build (needs clang-16: apt-get install clang-16; see
+# tests/fuzz/run_fuzz.sh for minimising a crash and refreshing the corpus).
+FUZZ_SECONDS ?= 1800
+fuzz: $(DEPS)
+	$(PY) -m pip install -q atheris
+	bash tests/fuzz/run_fuzz.sh $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build dist *.egg-info fastbcast/_C*.so fastbcast/_build_info.py

@@ -109,8 +109,9 @@ def _require_live(group) -> None:
     on every rank, before anything is sent."""
     if not dist.is_initialized():
         raise RuntimeError(
-            "torch.distributed is not initialized: the default process group was destroyed (or never created), "
-            "so there is no group to broadcast on")
+            "torch.distributed is not initialized: call torch.distributed.init_process_group() (or "
+            "init_device_mesh()) first; if it was, the default process group has been destroyed since, and "
+            "with it every group a Broadcaster could use")
     if not isinstance(group, dist.ProcessGroup):
         return  # None (the world) or not a group at all: resolve() says what is wrong
     try:

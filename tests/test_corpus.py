@@ -6,8 +6,13 @@ a regression. The corpus holds:
 
   seed-*.bin   valid encodings of every type, written by
                tests/fuzz/make_seeds.py (they must also decode);
-  crash-*.bin  inputs the fuzzer (tests/fuzz/fuzz_decode.py) found to break
-               the decoder, minimised; each one stays here for good.
+  cov-*.bin    inputs the fuzzer (tests/fuzz/fuzz_decode.py) found that
+               reach decoder branches no seed reaches: the smallest set that
+               covers them all (libFuzzer -set_cover_merge=1 -use_counters=0
+               over the fuzzing corpus, with the seeds as the base), named by
+               their SHA-1;
+  crash-*.bin  inputs the fuzzer found to break the decoder, minimised; each
+               one stays here for good (none so far).
 
 Each file is decoded as fuzz_decode.py decodes it: with the classes of
 tests/codec_types.py trusted, pickles refused, and once more through the
@@ -61,7 +66,7 @@ def _decode_both_ways(data):
 def test_corpus_is_there():
     seeds = [n for n in FILES if n.startswith("seed-")]
     assert len(seeds) >= 100, f"{len(seeds)} seeds in {CORPUS}; run tests/fuzz/make_seeds.py"
-    unknown = [n for n in FILES if not n.startswith(("seed-", "crash-"))]
+    unknown = [n for n in FILES if not n.startswith(("seed-", "cov-", "crash-"))]
     assert not unknown, f"unexpected files in tests/corpus (fuzzer output?): {unknown[:5]}"
 
 

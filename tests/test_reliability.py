@@ -151,6 +151,23 @@ def _check_stalled_peer(rank, world):
 
 
 @check
+def _check_corrupt_frame_header(rank, world):
+    """A first chunk that is not a fastbcast frame (another protocol on the
+    same group, or corruption): the receiver says so and will not guess
+    where the sender is; its Broadcaster refuses further use."""
+    fb = _fb()
+    g = _group()
+    if rank == 0:
+        dist.broadcast(torch.full((4096,), 7, dtype=torch.uint8), src=0, group=g)
+        return
+    b = fb.Broadcaster(g, first_chunk=4096, timeout=30)
+    e, took = _expect(fb.BroadcastError, b.broadcast, None, src=0)
+    assert "corrupt frame header" in str(e) and "07 07 07 07" in str(e) and took < SLACK_S, str(e)
+    e, _ = _expect(fb.BroadcastError, b.broadcast, None, src=0)
+    assert "can no longer be used" in str(e), str(e)
+
+
+@check
 def _check_source_fails_to_encode_under_timeout(rank, world):
     """The error frame also goes out through the timeout= (async) path."""
     fb = _fb()
@@ -268,11 +285,11 @@ def _check_two_threads_one_broadcaster(rank, world):
     # thread would interleave with the one waiting there.
     if rank == 0:
         dist.barrier()
-        time.sleep(1.0)              # rank 1's first thread is waiting meanwhile
+        time.sleep(2.0)              # rank 1's first thread is waiting meanwhile
         assert b.broadcast({"late": True}, src=0) == {"late": True}
         fb.broadcast("one-line", group=g, src=0)
         dist.barrier()
-        time.sleep(1.0)
+        time.sleep(2.0)
         fb.broadcast("one-line again", group=g, src=0)
         return
     out = {}
@@ -453,6 +470,10 @@ def test_src_disagreement_no_source_times_out(two_rank_run):
 
 def test_stalled_peer_times_out(two_rank_run):
     _expect_ok(two_rank_run, "stalled_peer")
+
+
+def test_corrupt_frame_header_is_refused(two_rank_run):
+    _expect_ok(two_rank_run, "corrupt_frame_header")
 
 
 def test_encode_error_frame_with_timeout(two_rank_run):

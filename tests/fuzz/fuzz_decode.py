@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzz target for fastbcast.decode (atheris / libFuzzer).
 
 The contract under test (FORMAT.md section 2, issue 6): for ANY bytes, decode
@@ -14,10 +15,14 @@ Each input is decoded twice:
 Pickles are never allowed here: with allow_pickle=True a fuzzer could build a
 pickle that runs code on this machine.
 
-Run (see tests/fuzz/README.md for the sanitizer build it should run against):
+Run it with tests/fuzz/run_fuzz.sh, which builds the clang ASan + UBSan +
+libFuzzer-coverage extension it should run against (build/fuzz) and passes:
 
-    python tests/fuzz/fuzz_decode.py tests/corpus -max_len=4096 -timeout=10 \
+    python tests/fuzz/fuzz_decode.py WORK_DIR tests/corpus -max_len=4096 -timeout=10 \
         -rss_limit_mb=6144 -malloc_limit_mb=256 -max_total_time=1800
+
+(WORK_DIR first: libFuzzer writes the inputs it finds into the first
+directory, and tests/corpus must only hold seeds and crash reproducers.)
 
 A crashing input is written to ./crash-<sha1> (or -artifact_prefix=...);
 minimise it with `-minimize_crash=1 -runs=20000 <crash file>`, then copy it to
