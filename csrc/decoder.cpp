@@ -3,6 +3,7 @@
 #include <cstdarg>
 #include <cstring>
 #include <string>
+#include <unordered_map>
 
 #include "exception.h"
 #include "int_cache.h"
@@ -51,6 +52,31 @@ struct Ref {
     return o;
   }
   explicit operator bool() const { return p != nullptr; }
+};
+
+// Ints, floats, complex numbers and tuples of them hash the same in every
+// process, so a sender can pick map keys (or set items) that all share one
+// hash; each insert then compares with every earlier one and the decode
+// turns quadratic (minutes for a few MB). Distinct keys of real data almost
+// never share a full hash (ints below 2^61 never do), so more than
+// kMaxSameHash keys with one hash in one map or set is refused. str and bytes
+// keys are exempt: their hashes are randomised per process.
+class HashGuard {
+ public:
+  static constexpr uint32_t kMaxSameHash = 64;
+  // false: too many keys share `key`'s hash.
+  bool admit(PyObject* key) {
+    if (PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) return true;
+    Py_hash_t h = PyObject_Hash(key);
+    if (h == -1 && PyErr_Occurred()) {
+      PyErr_Clear();  // unhashable: the insert that follows reports it
+      return true;
+    }
+    return ++counts_[h] <= kMaxSameHash;
+  }
+
+ private:
+  std::unordered_map<Py_hash_t, uint32_t> counts_;
 };
 
 class Decoder {
@@ -156,9 +182,11 @@ class Decoder {
     if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
     Ref d(_PyDict_NewPresized(Py_ssize_t(n)));
     if (!d) return nullptr;
+    HashGuard guard;
     for (size_t i = 0; i < n; ++i) {
       Ref k(dec(depth + 1));
       if (!k) return nullptr;
+      if (!guard.admit(k.p)) return fail("more than %u map keys share one hash (a hash-flooding input)", HashGuard::kMaxSameHash);
       Ref v(dec(depth + 1));
       if (!v) return nullptr;
       if (PyDict_SetItem(d.p, k.p, v.p) < 0) return fail("map key of type %s is not hashable", Py_TYPE(k.p)->tp_name);
@@ -255,9 +283,11 @@ class Decoder {
     if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
     Ref s(frozen ? PyFrozenSet_New(nullptr) : PySet_New(nullptr));
     if (!s) return nullptr;
+    HashGuard guard;
     for (size_t i = 0; i < k; ++i) {
       Ref item(dec(depth + 1));
       if (!item) return nullptr;
+      if (!guard.admit(item.p)) return fail("more than %u set items share one hash (a hash-flooding input)", HashGuard::kMaxSameHash);
       if (PySet_Add(s.p, item.p) < 0) return fail("set item of type %s is not hashable", Py_TYPE(item.p)->tp_name);
     }
     return s.release();
