@@ -9,7 +9,6 @@
 #include <c10/util/Exception.h>
 
 #define FB_CHECK(cond, ...) TORCH_CHECK(cond, "fastbcast: ", __VA_ARGS__)
-#define FB_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "fastbcast: ", __VA_ARGS__)
 #define FB_ASSERT(cond, ...) TORCH_INTERNAL_ASSERT(cond, "fastbcast internal error: ", ##__VA_ARGS__)
 
 #if defined(__GNUC__)

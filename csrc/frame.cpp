@@ -35,9 +35,4 @@ bool read_header(const uint8_t* src, size_t len, FrameHeader* h, std::string* er
   return true;
 }
 
-uint64_t frame_wire_bytes(const FrameHeader& h) {
-  uint64_t total = kHeaderBytes + h.payload_len;
-  return total < h.first_chunk ? h.first_chunk : total;
-}
-
 }  // namespace fastbcast

@@ -16,8 +16,4 @@ void write_header(uint8_t* dst, const FrameHeader& h);
 // wrong; a version mismatch is left to the caller, who knows both versions.
 bool read_header(const uint8_t* src, size_t len, FrameHeader* h, std::string* error);
 
-// Bytes the whole frame occupies on the wire: the first chunk, then the rest
-// of header + payload in chunks of h.chunk.
-uint64_t frame_wire_bytes(const FrameHeader& h);
-
 }  // namespace fastbcast

@@ -48,7 +48,6 @@ class PinnedPool {
   // Frees every idle block; returns the bytes freed.
   size_t shrink();
   void set_limit(size_t bytes);
-  bool pinned() const { return mode_ != PinMode::PAGEABLE; }
 
   static constexpr size_t kMinBlock = size_t(64) << 10;
 
