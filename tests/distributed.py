@@ -63,6 +63,33 @@ def requires_gpus(n: int):
     return pytest.mark.skipif(found < n, reason=f"needs {n} CUDA devices, found {found}")
 
 
+class CountBroadcasts:
+    """Counts torch.distributed.broadcast calls while active (fastbcast drives
+    every collective through it). `n` is the count; `count` is the same, or
+    None if nothing was seen (e.g. if the collectives ever move to C++, so a
+    check can skip the count instead of failing)."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.n = 0
+        self._dist, self._orig = dist, dist.broadcast
+
+        def counting(*args, **kwargs):
+            self.n += 1
+            return self._orig(*args, **kwargs)
+
+        dist.broadcast = counting
+        return self
+
+    def __exit__(self, *exc):
+        self._dist.broadcast = self._orig
+
+    @property
+    def count(self):
+        return self.n or None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now.
 

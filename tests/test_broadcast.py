@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 import bcast_types as bt
-from distributed import run_distributed
+from distributed import CountBroadcasts, run_distributed
 
 WORLD = 4
 CHECK_TIMEOUT_S = 30          # collective timeout of the per-check groups
@@ -70,30 +70,6 @@ def _raises(exc, fn, *args, **kwargs):
     except BaseException as e:  # pragma: no cover - reported as the failure
         raise AssertionError(f"expected {exc.__name__}, got {type(e).__name__}: {e}") from e
     raise AssertionError(f"expected {exc.__name__}, nothing was raised")
-
-
-class _CountCollectives:
-    """Counts torch.distributed.broadcast calls made while active (fastbcast
-    drives its collectives through it). `count` is None if nothing was seen,
-    e.g. if the collectives moved to C++; checks then skip the count."""
-
-    def __enter__(self):
-        self.n = 0
-        self._orig = dist.broadcast
-
-        def counting(*args, **kwargs):
-            self.n += 1
-            return self._orig(*args, **kwargs)
-
-        dist.broadcast = counting
-        return self
-
-    def __exit__(self, *exc):
-        dist.broadcast = self._orig
-
-    @property
-    def count(self):
-        return self.n or None
 
 
 def _bytes_encoding_to(n_encoded: int) -> bytes:
@@ -389,7 +365,7 @@ def _check_first_chunk_boundaries(rank, world):
             payload = _bytes_encoding_to(n_enc)
             assert len(fb.encode(payload)) == n_enc
             for src in (0, 3):
-                with _CountCollectives() as c:
+                with CountBroadcasts() as c:
                     got = b.broadcast(payload if rank == src else None, src=src)
                 assert got == payload and type(got) is bytes, (f, delta, len(got))
                 want = _expected_collectives(n_enc, f, default_chunk)
@@ -400,7 +376,7 @@ def _check_first_chunk_boundaries(rank, world):
     # The one-line function uses the default first chunk.
     for delta in (-32, -31):
         payload = _bytes_encoding_to(default_f + delta)
-        with _CountCollectives() as c:
+        with CountBroadcasts() as c:
             got = fb.broadcast(payload if rank == 1 else None, group=g, src=1)
         assert got == payload
         if c.count is not None:
@@ -427,7 +403,7 @@ def _check_multi_chunk(rank, world):
         want_n = _expected_collectives(n_enc, f, c)
         with fb.Broadcaster(g, first_chunk=f, chunk=c) as b:
             for src in range(world):
-                with _CountCollectives() as cc:
+                with CountBroadcasts() as cc:
                     got = b.broadcast(payload if rank == src else None, src=src)
                 assert got == payload, (f, c, n_enc, src)
                 if cc.count is not None:

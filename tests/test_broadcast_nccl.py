@@ -19,11 +19,10 @@ import torch
 import torch.distributed as dist
 
 import bcast_types as bt
-from distributed import gpu_count, requires_gpus, run_distributed
+from distributed import CountBroadcasts, gpu_count, requires_gpus, run_distributed
 from test_broadcast import (
     _bmod,
     _bytes_encoding_to,
-    _CountCollectives,
     _expected_collectives,
     _fb,
     _pickle_broadcast_pyobj,
@@ -199,7 +198,7 @@ def _chunks(rank, world):
             for delta in (-33, -32, -31, -32):
                 payload = _bytes_encoding_to(f + delta)
                 for src in (0, world - 1):
-                    with _CountCollectives() as c:
+                    with CountBroadcasts() as c:
                         got = b.broadcast(payload if rank == src else None, src=src)
                     assert got == payload, (f, delta)
                     want = _expected_collectives(f + delta, f, default_chunk)

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 import distributed
-from distributed import run_distributed
+from distributed import CountBroadcasts, run_distributed
 
 WORLD = 2
 TIMEOUT_S = 1.5          # fastbcast's timeout= in the checks that expect it to fire
@@ -76,25 +76,6 @@ def _expect(exc, fn, *args, **kwargs):
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _Counting:
-    """Counts dist.broadcast calls while active (fastbcast drives every
-    collective through torch.distributed.broadcast)."""
-
-    def __enter__(self):
-        self.n = 0
-        self._orig = dist.broadcast
-
-        def counted(*a, **k):
-            self.n += 1
-            return self._orig(*a, **k)
-
-        dist.broadcast = counted
-        return self
-
-    def __exit__(self, *exc):
-        dist.broadcast = self._orig
 
 
 CHECKS = {}
@@ -194,7 +175,7 @@ def _check_payload_over_max_bytes(rank, world):
     b = fb.Broadcaster(g, max_bytes=10_000, first_chunk=4096, chunk=4096, timeout=30)
     started = time.monotonic()
     if rank == 0:
-        with _Counting() as c:
+        with CountBroadcasts() as c:
             e, _ = _expect(ValueError, b.broadcast, big, src=0)
         assert c.n == 1, f"{c.n} collectives for a refused payload (only the error frame may go)"
     else:
