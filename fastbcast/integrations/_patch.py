@@ -39,7 +39,13 @@ import threading
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
-__all__ = ["Patcher"]
+__all__ = ["Patcher", "check_pickle_policy"]
+
+
+def check_pickle_policy(allow_pickle: Any) -> None:
+    """TypeError unless allow_pickle is None (the drop-in's default), True or False."""
+    if allow_pickle is not None and not isinstance(allow_pickle, bool):
+        raise TypeError(f"allow_pickle must be None, True or False, got {allow_pickle!r}")
 
 logger = logging.getLogger("fastbcast")
 

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from .. import codec
 from ..broadcast import broadcast_pyobj as _fastbcast_broadcast_pyobj
-from ._patch import Patcher
+from ._patch import Patcher, check_pickle_policy
 
 __all__ = ["patch", "unpatch", "is_patched", "patched_modules", "original", "broadcast_pyobj",
            "DEFINING_MODULE", "MODULE_PREFIXES", "TRUSTED_PREFIXES"]
@@ -89,11 +89,6 @@ def broadcast_pyobj(data: Any, rank: int, dist_group=None, src: int = 0, force_c
 _patcher = Patcher(DEFINING_MODULE, "broadcast_pyobj", broadcast_pyobj, MODULE_PREFIXES, pip_name="sglang")
 
 
-def _check_policy(allow_pickle: Any) -> None:
-    if allow_pickle is not None and not isinstance(allow_pickle, bool):
-        raise TypeError(f"allow_pickle must be None, True or False, got {allow_pickle!r}")
-
-
 def patch(allow_pickle: bool | None = None) -> tuple[str, ...]:
     """Make SGLang's ``broadcast_pyobj`` fastbcast's, everywhere SGLang bound it.
 
@@ -112,7 +107,7 @@ def patch(allow_pickle: bool | None = None) -> tuple[str, ...]:
     nothing is changed then.
     """
     global _allow_pickle
-    _check_policy(allow_pickle)
+    check_pickle_policy(allow_pickle)
     names = _patcher.patch()
     if allow_pickle != _allow_pickle:
         logger.debug("SGLang broadcast_pyobj: allow_pickle=%s (was %s)", allow_pickle, _allow_pickle)

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable
 from .. import codec
 from ..broadcast import broadcast as _fastbcast_broadcast
 from ..broadcast import broadcast_pyobj as _fastbcast_broadcast_pyobj
-from ._patch import Patcher
+from ._patch import Patcher, check_pickle_policy
 
 __all__ = ["patch", "unpatch", "is_patched", "patched_modules", "original", "broadcast_pyobj",
            "broadcast_rollout", "DEFINING_MODULE", "MODULE_PREFIXES", "SCHEMA_MODULES"]
@@ -139,8 +139,7 @@ def patch(allow_pickle: bool | None = None) -> tuple[str, ...]:
     nothing is changed then.
     """
     global _allow_pickle
-    if allow_pickle is not None and not isinstance(allow_pickle, bool):
-        raise TypeError(f"allow_pickle must be None, True or False, got {allow_pickle!r}")
+    check_pickle_policy(allow_pickle)
     try:
         names = _patcher.patch()
     except ImportError as e:
