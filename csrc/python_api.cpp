@@ -261,13 +261,12 @@ namespace {
 PyObject* g_shm_peer_error = nullptr;
 PyObject* g_shm_timeout_error = nullptr;
 
+// Read when a wait first outlasts a slice, not once per process: a short
+// wait never looks, and a test can change it between waits.
 double shm_warn_interval_s() {
-  static const double v = [] {
-    const char* s = std::getenv("FASTBCAST_SHM_WARN_S");
-    double d = s && *s ? std::atof(s) : 10.0;
-    return d > 0 ? d : 10.0;
-  }();
-  return v;
+  const char* s = std::getenv("FASTBCAST_SHM_WARN_S");
+  double d = s && *s ? std::atof(s) : 10.0;
+  return d > 0 ? d : 10.0;
 }
 
 // A blocked wait gives the interpreter a look in every slice: a pending
@@ -276,10 +275,11 @@ double shm_warn_interval_s() {
 WaitPolicy shm_policy(const std::optional<double>& timeout_s) {
   WaitPolicy p;
   p.timeout_s = timeout_s ? std::max(*timeout_s, 0.0) : -1.0;
-  auto next_warn = std::make_shared<double>(shm_warn_interval_s());
+  auto next_warn = std::make_shared<double>(-1.0);
   p.on_slice = [next_warn](const WaitInfo& w) {
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() != 0) throw ShmInterrupted();
+    if (*next_warn < 0) *next_warn = shm_warn_interval_s();
     if (w.waited_s >= *next_warn) {
       *next_warn = w.waited_s + shm_warn_interval_s();
       std::string msg = "fastbcast: still " + w.describe() + " after " + std::to_string(int(w.waited_s)) + " s";
