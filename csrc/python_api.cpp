@@ -16,6 +16,10 @@
 namespace py = pybind11;
 
 namespace fastbcast {
+void bind_shm(py::module_& m);  // the shared-memory block at the end of this file
+}
+
+namespace fastbcast {
 namespace {
 
 py::object steal(PyObject* o) {
@@ -274,4 +278,168 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("FLAG_ERROR") = int(FLAG_ERROR);
   m.attr("FLAG_CUDA") = int(FLAG_CUDA);
   m.attr("DEVICE_ALIGN") = kDeviceAlign;
+  bind_shm(m);
 }
+
+// ---- shared-memory ring (shm_ring.h, shm_channel.h) ----
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "shm_channel.h"
+
+namespace fastbcast {
+namespace {
+
+PyObject* g_shm_peer_error = nullptr;
+PyObject* g_shm_timeout_error = nullptr;
+
+// Read when a wait first outlasts a slice, not once per process: a short
+// wait never looks, and a test can change it between waits.
+double shm_warn_interval_s() {
+  const char* s = std::getenv("FASTBCAST_SHM_WARN_S");
+  double d = s && *s ? std::atof(s) : 10.0;
+  return d > 0 ? d : 10.0;
+}
+
+// A blocked wait gives the interpreter a look in every slice: a pending
+// signal (Ctrl-C) ends the wait with its exception, and a wait past
+// FASTBCAST_SHM_WARN_S is logged once per interval on logger "fastbcast".
+WaitPolicy shm_policy(const std::optional<double>& timeout_s) {
+  WaitPolicy p;
+  p.timeout_s = timeout_s ? std::max(*timeout_s, 0.0) : -1.0;
+  auto next_warn = std::make_shared<double>(-1.0);
+  p.on_slice = [next_warn](const WaitInfo& w) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw ShmInterrupted();
+    if (*next_warn < 0) *next_warn = shm_warn_interval_s();
+    if (w.waited_s >= *next_warn) {
+      *next_warn = w.waited_s + shm_warn_interval_s();
+      std::string msg = "fastbcast: still " + w.describe() + " after " + std::to_string(int(w.waited_s)) + " s";
+      try {
+        py::module_::import("logging").attr("getLogger")("fastbcast").attr("warning")("%s", msg);
+      } catch (py::error_already_set& e) {
+        e.discard_as_unraisable("fastbcast shm long-wait log");
+      }
+    }
+  };
+  return p;
+}
+
+// Runs f without the GIL; a signal seen during it re-raises its exception.
+template <class F>
+auto without_gil(F f) -> decltype(f()) {
+  try {
+    py::gil_scoped_release nogil;
+    return f();
+  } catch (const ShmInterrupted&) {
+    throw py::error_already_set();
+  }
+}
+
+}  // namespace
+
+void bind_shm(py::module_& m) {
+  g_shm_peer_error = PyErr_NewExceptionWithDoc(
+      "fastbcast.ShmPeerError",
+      "A peer of a shared-memory channel died, closed its end or vanished while this rank waited for it. A "
+      "RuntimeError; the message names the peer's global rank, its role and what was being waited for.",
+      PyExc_RuntimeError, nullptr);
+  g_shm_timeout_error = PyErr_NewExceptionWithDoc(
+      "fastbcast.ShmTimeoutError",
+      "A shared-memory channel wait passed its timeout_s. A TimeoutError; the message names the rank waited for, "
+      "the slot and the direction.",
+      PyExc_TimeoutError, nullptr);
+  if (!g_shm_peer_error || !g_shm_timeout_error) throw py::error_already_set();
+  m.attr("ShmPeerError") = py::reinterpret_steal<py::object>(g_shm_peer_error);
+  m.attr("ShmTimeoutError") = py::reinterpret_steal<py::object>(g_shm_timeout_error);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const ShmPeerDied& e) {
+      PyErr_SetString(g_shm_peer_error, e.what());
+    } catch (const ShmTimedOut& e) {
+      PyErr_SetString(g_shm_timeout_error, e.what());
+    } catch (const ShmCorrupt& e) {
+      PyErr_SetString(decode_error_type(), e.what());
+    } catch (const ShmOSError& e) {
+      PyObject* args = Py_BuildValue("(is)", e.err, e.what());
+      if (args) PyErr_SetObject(PyExc_OSError, args);
+      Py_XDECREF(args);
+    }
+  });
+  m.attr("SHM_DEFAULT_SLOTS") = kShmDefaultSlots;
+  m.attr("SHM_DEFAULT_SLOT_BYTES") = kShmDefaultSlotBytes;
+
+  using Ch = ShmChannel;
+  py::class_<Ch, std::shared_ptr<Ch>>(m, "ShmChannel",
+                                      "One writer's shared-memory ring to its readers (see RING_API in csrc/shm_ring.h)")
+      .def_static("create", &Ch::create, py::arg("name"), py::arg("ranks"), py::arg("pids"), py::arg("n_slots"),
+                  py::arg("slot_bytes"))
+      .def_static(
+          "attach",
+          [](const std::string& name, int reader, const std::vector<int>& ranks, const std::vector<int>& pids,
+             std::optional<double> timeout_s) {
+            WaitPolicy p = shm_policy(timeout_s);
+            return without_gil([&] { return Ch::attach(name, reader, ranks, pids, p); });
+          },
+          py::arg("name"), py::arg("reader"), py::arg("ranks"), py::arg("pids"), py::arg("timeout_s") = py::none())
+      .def(
+          "wait_attached",
+          [](Ch& c, std::optional<double> timeout_s) {
+            WaitPolicy p = shm_policy(timeout_s);
+            without_gil([&] { c.ring().wait_attached(p); });
+          },
+          py::arg("timeout_s") = py::none())
+      .def("unlink", [](Ch& c) { c.ring().unlink(); })
+      .def(
+          "send",
+          [](Ch& c, py::handle buf, int64_t nbytes, std::optional<double> timeout_s) {
+            const at::Tensor& t = host_bytes(buf, "buf");
+            if (nbytes < 0 || nbytes > t.numel())
+              throw py::value_error("nbytes " + std::to_string(nbytes) + " is outside the " +
+                                    std::to_string(t.numel()) + "-byte buffer");
+            const uint8_t* data = t.data_ptr<uint8_t>();
+            WaitPolicy p = shm_policy(timeout_s);
+            without_gil([&] { c.send(data, uint64_t(nbytes), p); });
+          },
+          py::arg("buf"), py::arg("nbytes"), py::arg("timeout_s") = py::none())
+      .def(
+          "recv",
+          [](Ch& c, std::optional<double> timeout_s) {
+            WaitPolicy p = shm_policy(timeout_s);
+            at::Tensor t = without_gil([&] { return c.recv(p); });
+            return steal(THPVariable_Wrap(t));
+          },
+          py::arg("timeout_s") = py::none())
+      .def("release", &Ch::release)
+      .def("close", &Ch::close)
+      .def_property_readonly("n_slots", [](Ch& c) { return c.ring().n_slots(); })
+      .def_property_readonly("slot_bytes", [](Ch& c) { return c.ring().slot_bytes(); })
+      .def_property_readonly("n_readers", [](Ch& c) { return c.ring().n_readers(); })
+      .def_property_readonly("is_writer", [](Ch& c) { return c.ring().is_writer(); })
+      .def_property_readonly("name", [](Ch& c) { return c.ring().name(); })
+      .def_property_readonly(
+          "wait_stats",
+          [](Ch& c) {
+            const WaitStats& s = c.ring().stats();
+            py::dict d;
+            d["futex_waits"] = s.futex_waits;
+            d["futex_timeouts"] = s.futex_timeouts;
+            d["timeout_wakes"] = s.timeout_wakes;
+            d["futex_wakes"] = s.futex_wakes;
+            return d;
+          },
+          "Process-local counters: FUTEX_WAIT calls, those ended by their timeout slice, timed-out slices after "
+          "which the awaited condition held (a wake only the fallback delivered), FUTEX_WAKE calls.")
+      .def(
+          "_inject",
+          [](Ch& c, py::bytes header, bool publish) {
+            std::string h = header;
+            c.ring().inject(reinterpret_cast<const uint8_t*>(h.data()), h.size(), publish);
+          },
+          py::arg("header"), py::arg("publish"),
+          "Test hook: overwrite the next slot's header with these bytes; publish it as the next slot if asked.");
+}
+
+}  // namespace fastbcast
