@@ -100,6 +100,18 @@ class BroadcastTimeoutError(BroadcastError):
     refuses further use; destroy and recreate the group."""
 
 
+# torch's registry of live process groups: a group destroyed with
+# destroy_process_group leaves it. Checking membership costs a dict lookup
+# where _require_live's public calls cost microseconds on every broadcast.
+_PG_MAP = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
+
+
+def _plain(key: tuple) -> bool:
+    """Whether a (src, src_group_rank, rank) key may index a cache: plain
+    ints or None (a 0-d tensor hashes by identity)."""
+    return all(type(k) is int or k is None for k in key)
+
+
 def _backend(group) -> str:
     return str(dist.get_backend(group)).lower()
 
@@ -232,6 +244,8 @@ class Broadcaster:
         self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
         if self.max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
+        self._pg = route.group if route.group is not None else dist.group.WORLD
+        self._routes: dict = {}                     # (src, src_group_rank, rank) -> Route, resolved once
         self._lock = threading.Lock()
         self._closed = False
         self._requested = requested
@@ -280,9 +294,15 @@ class Broadcaster:
                 closed, or another thread is inside `broadcast`.
             DecodeError: (receivers) the bytes did not decode.
         """
-        _require_live(self.group)
-        route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
-                        src=src, src_group_rank=src_group_rank, rank=rank)
+        if _PG_MAP is None or self._pg not in _PG_MAP:
+            _require_live(self.group)
+        key = (src, src_group_rank, rank)
+        route = self._routes.get(key) if _plain(key) else None
+        if route is None:
+            route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
+                            src=src, src_group_rank=src_group_rank, rank=rank)
+            if _plain(key) and len(self._routes) < 1024:
+                self._routes[key] = route
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this Broadcaster is in use by another thread; use one Broadcaster per thread "
                                "(collectives on one group must not interleave)")
@@ -344,19 +364,26 @@ class Broadcaster:
         self._transport, self.transport = collective_t, "collective"
 
     def _raise_transport(self, error: TransportError, route: Route, what: str):
+        """Turns a transport failure into BroadcastError(Timeout). The ranks
+        are out of step after it, so the group is given up: every
+        Broadcaster on it refuses further calls, and its rings are closed so
+        that peers waiting on them raise too instead of waiting on."""
         role = "source" if route.is_src else f"receiver of global rank {route.src}"
         where = f"global rank {route.rank} ({role}, group {list(route.ranks)})"
         if isinstance(error, ProtocolMismatch):
             raise BroadcastError(str(error)) from error
-        broken = self._state
-        if isinstance(error, TransportTimeout):
-            broken.broken = f"{what} timed out after {self.timeout:g} s on {where}"
+        state = self._state
+        dead = state.dead_ranks(route) if state is not None else []
+        if dead:
+            error = TransportError(f"{error}; dead: " + ", ".join(f"global rank {r} (pid {p})" for r, p in dead))
+        if isinstance(error, TransportTimeout) and not dead:
+            state.give_up(f"{what} timed out after {self.timeout:g} s on {where}")
             raise BroadcastTimeoutError(
                 f"broadcast timed out after {self.timeout:g} s on {where} ({error}): a peer is dead or stalled, "
                 f"or the ranks passed different src (every rank must name global rank {route.src} as the "
-                f"source). The ranks may be out of step; destroy and recreate the group.") from error
-        broken.broken = f"{what} failed on {where}: {error}"
-        raise BroadcastError(f"broadcast failed on {where}: {error}") from error
+                f"source). The ranks may be out of step; destroy and recreate the group.") from error.__cause__
+        state.give_up(f"{what} failed on {where}: {error}")
+        raise BroadcastError(f"broadcast failed on {where}: {error}") from error.__cause__
 
     def _send(self, obj, route: Route, deadline):
         t = self._transport
@@ -405,8 +432,8 @@ class Broadcaster:
             # Everything the source sent has been received: errors from here
             # on leave no rank waiting.
             if seq != self._state.seq:
-                self._state.broken = (f"global rank {route.rank} made its call {self._state.seq} on this group while "
-                                      f"the source (global rank {route.src}) sent its call {seq}")
+                self._state.give_up(f"global rank {route.rank} made its call {self._state.seq} on this group while "
+                                    f"the source (global rank {route.src}) sent its call {seq}")
                 raise BroadcastError(
                     f"calls out of step: {self._state.broken}. Every rank of a group must make the same broadcast calls "
                     f"in the same order (a rank skipped a call or made an extra one).")
@@ -444,6 +471,7 @@ def close_all() -> None:
         for b in _BROADCASTERS.values():
             b.close()
         _BROADCASTERS.clear()
+        _PYOBJ.clear()
 
 
 def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | None = None,
@@ -520,19 +548,31 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
         when `data` is [].
     """
     allow = DROP_IN_ALLOW_PICKLE if allow_pickle is None else allow_pickle
-    if dist_group is None:
-        dist_group = dist.group.WORLD
-    _require_live(dist_group)
-    backend = _backend(dist_group)
+    key = (dist_group, force_cpu_device, allow, _seconds(timeout), max_bytes, transport)
+    b = _PYOBJ.get(key)
+    if b is None or b._closed:
+        b = _PYOBJ[key] = _pyobj_broadcaster(dist_group, force_cpu_device, allow, timeout, max_bytes, transport)
+    if data is not None and len(data) == 0:
+        # SGLang sends size 0 for any empty `data` and receivers build `[]`:
+        # an empty tuple must arrive as `[]` too. The source still returns
+        # its own `data`.
+        empty = []
+        got = b.broadcast(empty, src=src, rank=rank)
+        return data if got is empty else got
+    return b.broadcast(data, src=src, rank=rank)
+
+# The drop-in's Broadcaster per (group, options): the per-step call of SGLang's
+# scheduler looks it up here in one dict access.
+_PYOBJ: dict = {}
+
+
+def _pyobj_broadcaster(dist_group, force_cpu_device, allow, timeout, max_bytes, transport) -> Broadcaster:
+    group = dist.group.WORLD if dist_group is None else dist_group
+    _require_live(group)
+    backend = _backend(group)
     if backend == "nccl" and force_cpu_device:
         raise ValueError("broadcast_pyobj(force_cpu_device=True) needs a group that carries CPU tensors (gloo); "
                          "this group's backend is nccl: pass its CPU group or force_cpu_device=False")
     device = None if backend == "nccl" else torch.device("cpu")
-    b = _cached(dist_group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes,
-                transport=transport)
-    if data is not None and len(data) == 0 and dist.get_rank() == src:
-        # SGLang sends size 0 for any empty `data` and receivers build `[]`:
-        # an empty tuple must arrive as `[]` too.
-        b.broadcast([], src=src, rank=rank)
-        return data
-    return b.broadcast(data, src=src, rank=rank)
+    return _cached(group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes,
+                   transport=transport)

@@ -275,11 +275,21 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v else default
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a killed process
+    stays one until its parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def shm_geometry() -> tuple[int, int]:
     """(slots, slot_bytes) of each ring: FASTBCAST_SHM_SLOTS and
     FASTBCAST_SHM_BYTES (the whole ring), or the C++ defaults."""
-    slots = _env_int("FASTBCAST_SHM_SLOTS", getattr(_C, "SHM_DEFAULT_SLOTS", 8))  # TODO(merge ring): no getattr
-    total = _env_int("FASTBCAST_SHM_BYTES", slots * getattr(_C, "SHM_DEFAULT_SLOT_BYTES", 1 << 20))
+    slots = _env_int("FASTBCAST_SHM_SLOTS", _C.SHM_DEFAULT_SLOTS)
+    total = _env_int("FASTBCAST_SHM_BYTES", slots * _C.SHM_DEFAULT_SLOT_BYTES)
     if slots < 2 or total // slots < 4096:
         raise ValueError(f"FASTBCAST_SHM_SLOTS={slots} / FASTBCAST_SHM_BYTES={total}: need at least 2 slots of "
                          f"at least 4 KiB")
@@ -392,6 +402,20 @@ class GroupState:
             if ch is not None:
                 ch.close()
         self.rings.clear()
+
+    def give_up(self, why: str) -> None:
+        """The ranks are out of step: refuse further calls, and close the
+        rings so that peers waiting on this rank's end raise instead."""
+        if self.broken is None:
+            self.broken = why
+        self.close()
+
+    def dead_ranks(self, route: Route) -> list[tuple[int, int]]:
+        """(global rank, pid) of the group's processes that no longer exist
+        (known once the ranks agreed on the transport; all on this host)."""
+        if not self.pids or self.no_shm:
+            return []
+        return [(rank, pid) for rank, pid in zip(route.ranks, self.pids) if not _alive(pid)]
 
     def ring(self, route: Route, collective_t: "CollectiveTransport", deadline):
         """The ring of route's source, made the first time it sends: the
