@@ -28,10 +28,8 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import pickle
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -40,7 +38,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import distributed
 from distributed import CountBroadcasts, run_distributed, run_distributed_may_die
 
 WORLD = 2
