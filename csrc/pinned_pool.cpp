@@ -1,5 +1,6 @@
 #include "pinned_pool.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -60,9 +61,11 @@ PinMode pin_mode() {
   return PinMode::TORCH_PINNED;
 }
 
+constexpr size_t kHugePage = size_t(2) << 20;
+
 #ifdef FASTBCAST_WITH_CUDA
 at::Tensor alloc_registered(size_t n) {
-  constexpr size_t kHuge = size_t(2) << 20;
+  constexpr size_t kHuge = kHugePage;
   size_t len = (n + kHuge - 1) / kHuge * kHuge;
   void* p = std::aligned_alloc(kHuge, len);
   FB_CHECK(p, "cannot allocate ", len, " bytes of host memory");
@@ -110,6 +113,9 @@ at::Tensor PinnedPool::acquire(size_t min_bytes) {
   if (best) return best->alias();
 
   size_t want = round_up_pow2(min_bytes);
+  // Registered memory is made in whole 2 MiB huge pages: a block is as large
+  // as what it pins, so the pool's count and limit see every byte.
+  if (mode_ == PinMode::REGISTERED) want = std::max(want, kHugePage);
   if (bytes_ + want > limit_) {
     // Free idle blocks until the new one fits.
     std::vector<at::Tensor> keep;

@@ -362,3 +362,16 @@ def test_colliding_hash_keys_are_refused_quickly():
     assert decode(encode(normal)) == normal
     few = {k: 1 for k in colliding[:64]}
     assert decode(encode(few)) == few
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _C.build_info()["with_cuda"],
+                    reason="registered (cudaHostRegister) pool memory needs a CUDA build and a GPU")
+def test_register_mode_counts_what_it_pins():
+    # FASTBCAST_PINNED=register pins whole 2 MiB huge pages: a 64 KiB request
+    # must count 2 MiB against the pool's limit, not 64 KiB.
+    import subprocess
+    code = ("import fastbcast, fastbcast._C as C; b = C.pool_acquire(65536); s = fastbcast.pool_stats(); "
+            "assert s['mode'] == 'registered', s; assert s['bytes'] == 2 << 20 == b.numel(), s; print('ok')")
+    env = dict(os.environ, FASTBCAST_PINNED="register")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
