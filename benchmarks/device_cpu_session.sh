@@ -11,7 +11,8 @@
 # imports, and the pyzmq wheel for the target's Python); this script installs
 # the wheel to /tmp/site and puts both on PYTHONPATH. Without the folder those
 # rows print n/a with the reason. Takes about 4 minutes on 32 cores, after the
-# build. Every log and JSON lands in $OUT.
+# build (each run is capped: 3 x 130 s + 50 s at most). Every log and JSON lands
+# in $OUT. WORLDS, PAYLOADS, METHODS and SECONDS_PER_CELL override the defaults.
 set -uo pipefail
 OUT=${OUT:-cpu-results}
 mkdir -p "$OUT"
@@ -28,18 +29,19 @@ python3 -c 'import fastbcast' 2>/dev/null || \
 python3 -c 'import vllm.distributed.device_communicators.shm_broadcast as m, vllm; print("vllm", vllm.__version__, "MessageQueue imports")' \
   2>&1 | tail -1 | tee "$OUT/vllm.txt"
 
-PAYLOADS=empty,tiny_1req,sched_step_8req,rollout_64x1k
-METHODS=codec,fastbcast,fastbcast-shm,fastbcast-collective,fastbcast_pyobj,pickle,vllm_mq,floor_cpu
-for W in 2 4 8; do
-  timeout 150 python3 -m fastbcast.bench --backend gloo --world-size "$W" --payloads "$PAYLOADS" \
-    --methods "$METHODS" --seconds 0.5 --max-reps 1000 --no-plot --progress off --out "$OUT/w$W" \
-    > "$OUT/bench_w$W.log" 2>&1
+PAYLOADS=${PAYLOADS:-empty,tiny_1req,sched_step_8req,rollout_64x1k}
+METHODS=${METHODS:-codec,fastbcast,fastbcast-shm,fastbcast-collective,fastbcast_pyobj,pickle,vllm_mq,floor_cpu}
+SECONDS_PER_CELL=${SECONDS_PER_CELL:-0.5}
+for W in ${WORLDS:-2 4 8}; do
+  timeout 130 python3 -m fastbcast.bench --backend gloo --world-size "$W" --payloads "$PAYLOADS" \
+    --methods "$METHODS" --seconds "$SECONDS_PER_CELL" --max-reps 1000 --no-plot --progress off \
+    --out "$OUT/w$W" > "$OUT/bench_w$W.log" 2>&1
   echo "world $W: exit $?"
   sed -n '/^# issue 10 targets/,/^# wrote/p' "$OUT/bench_w$W.log"
 done
 # Idle steps as they happen when requests are rare: receivers inside the call
 # for 2 ms before the source sends (long enough to leave any spin phase).
-timeout 60 python3 -m fastbcast.bench --backend gloo --world-size 4 --payloads empty,tiny_1req \
+timeout 50 python3 -m fastbcast.bench --backend gloo --world-size 4 --payloads empty,tiny_1req \
   --methods fastbcast,fastbcast-shm,pickle,vllm_mq --gap-us 2000 --seconds 0.3 --max-reps 300 \
   --no-plot --progress off --out "$OUT/w4-gap2ms" > "$OUT/bench_w4_gap2ms.log" 2>&1
 echo "world 4, gap 2 ms: exit $?"

@@ -60,7 +60,7 @@ class Row:
 
     @property
     def key(self) -> str:
-        return "%s@%s" % (self.method, self.transport)
+        return self.method if self.transport == "local" else "%s@%s" % (self.method, self.transport)
 
 
 def resolve_rows(spec: Optional[str], backend: str) -> List[Row]:
