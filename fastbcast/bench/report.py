@@ -309,8 +309,8 @@ def plot(record: Dict[str, Any], path: str) -> str:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed, so no plot (pip install matplotlib)"
+    except ImportError as e:  # not installed, or numpy (which it needs) is not
+        return "no plot: matplotlib does not import (%s; pip install matplotlib numpy)" % e
     payloads = list(record["payloads"])
     keys = []
     floor_keys = []
