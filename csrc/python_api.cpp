@@ -16,6 +16,10 @@
 namespace py = pybind11;
 
 namespace fastbcast {
+void bind_shm(py::module_& m);  // the shared-memory block at the end of this file
+}
+
+namespace fastbcast {
 namespace {
 
 py::object steal(PyObject* o) {
@@ -89,64 +93,80 @@ py::object decode(py::handle buf, bool allow_pickle, const py::object& trusted) 
 }
 
 // The source side of a broadcast: header + value in one pool block that is
-// at least first_chunk bytes long. Returns (block, used_bytes, cuda_tensors,
-// device_len).
-py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, bool compat,
-                       bool allow_pickle, bool collect_cuda) {
-  if (first_chunk < kHeaderBytes) throw py::value_error("first_chunk must be at least the 32-byte header");
-  if (chunk == 0) throw py::value_error("chunk must be positive");
+// at least min_capacity bytes long. Returns (block, frame_bytes,
+// cuda_tensors, device_len).
+py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+                       bool compat, bool allow_pickle, bool collect_cuda, size_t min_capacity) {
   std::vector<at::Tensor> cuda;
   EncodeOptions opts = encode_options(compat, allow_pickle);
   opts.reserve = kHeaderBytes;
-  opts.min_capacity = first_chunk;
+  opts.min_capacity = min_capacity;
   opts.cuda_tensors = collect_cuda ? &cuda : nullptr;
   Encoded e = encode_or_throw(obj.ptr(), opts);
   FrameHeader h;
-  h.version = version;
   h.flags = cuda.empty() ? 0 : FLAG_CUDA;
   h.payload_len = e.len - kHeaderBytes;
   h.first_chunk = first_chunk;
   h.chunk = chunk;
   h.device_len = e.device_len;
-  write_header(e.block.data_ptr<uint8_t>(), h);
+  h.seq = seq;
+  write_header(e.block.data_ptr<uint8_t>(), h, version);
   py::list tensors;
   for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
   return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len);
 }
 
 // A frame that tells receivers the source failed: the ERROR flag and the
-// message (UTF-8, cut to fit the first chunk) as payload.
-py::object error_frame(const std::string& message, uint32_t first_chunk, uint32_t chunk, uint16_t version) {
-  if (first_chunk < kHeaderBytes) throw py::value_error("first_chunk must be at least the 32-byte header");
-  at::Tensor block = PinnedPool::instance().acquire(first_chunk);
-  size_t n = std::min(message.size(), size_t(first_chunk) - kHeaderBytes);
+// message (UTF-8, cut to max_bytes) as payload, in a buffer of at least
+// min_capacity bytes. When the pool is at its cap (often the very reason the
+// encode failed) the frame is built in ordinary memory: receivers are
+// already waiting for it.
+py::tuple error_frame(const std::string& message, uint32_t first_chunk, uint32_t chunk, uint16_t version,
+                      uint64_t seq, size_t max_bytes, size_t min_capacity) {
+  if (max_bytes < kHeaderBytes) throw py::value_error("an error frame needs room for its header");
+  size_t n = std::min(message.size(), max_bytes - kHeaderBytes);
+  size_t cap = std::max(min_capacity, kHeaderBytes + n);
+  at::Tensor block;
+  try {
+    block = PinnedPool::instance().acquire(cap);
+  } catch (const c10::Error&) {
+    block = at::zeros({int64_t(cap)}, at::kByte);
+  }
   FrameHeader h;
-  h.version = version;
   h.flags = FLAG_ERROR;
   h.payload_len = n;
   h.first_chunk = first_chunk;
   h.chunk = chunk;
-  write_header(block.data_ptr<uint8_t>(), h);
+  h.seq = seq;
+  write_header(block.data_ptr<uint8_t>(), h, version);
   std::memcpy(block.data_ptr<uint8_t>() + kHeaderBytes, message.data(), n);
-  return steal(THPVariable_Wrap(block));
+  return py::make_tuple(steal(THPVariable_Wrap(block)), kHeaderBytes + n);
 }
 
-py::tuple read_header_py(py::handle buf) {
+// (version, flags, frame_len, payload_len, first_chunk, chunk, device_len,
+// seq); for a frame of another version only version, flags, frame_len,
+// first_chunk, chunk and device_len are read (the rest is 0).
+py::tuple read_header_py(py::handle buf, uint16_t version) {
   const at::Tensor& t = host_bytes(buf, "header");
   FrameHeader h;
   std::string err;
-  if (!read_header(t.data_ptr<uint8_t>(), size_t(t.numel()), &h, &err)) {
+  if (!read_header(t.data_ptr<uint8_t>(), size_t(t.numel()), version, &h, &err)) {
     PyErr_SetString(decode_error_type(), err.c_str());
     throw py::error_already_set();
   }
-  return py::make_tuple(h.version, h.flags, h.payload_len, h.first_chunk, h.chunk, h.device_len);
+  return py::make_tuple(h.version, h.flags, h.frame_len, h.payload_len, h.first_chunk, h.chunk, h.device_len, h.seq);
+}
+
+const uint8_t* frame_payload(const at::Tensor& t, uint64_t payload_len) {
+  if (uint64_t(t.numel()) < kHeaderBytes || payload_len > uint64_t(t.numel()) - kHeaderBytes)
+    throw py::value_error("frame buffer shorter than header + payload");
+  return t.data_ptr<uint8_t>() + kHeaderBytes;
 }
 
 py::object decode_frame(py::handle buf, uint64_t payload_len, const py::object& device_buffer, bool allow_pickle,
                         const py::object& trusted) {
   const at::Tensor& t = host_bytes(buf, "frame");
-  if (uint64_t(t.numel()) < kHeaderBytes + payload_len)
-    throw py::value_error("frame buffer shorter than header + payload");
+  const uint8_t* payload = frame_payload(t, payload_len);
   DecodeOptions opts = decode_options(allow_pickle, trusted);
   at::Tensor dev;
   if (!device_buffer.is_none()) {
@@ -154,7 +174,20 @@ py::object decode_frame(py::handle buf, uint64_t payload_len, const py::object& 
     dev = THPVariable_Unpack(device_buffer.ptr());
     opts.device_buffer = &dev;
   }
-  return steal(decode_object(t.data_ptr<uint8_t>() + kHeaderBytes, payload_len, opts, kHeaderBytes));
+  return steal(decode_object(payload, payload_len, opts, kHeaderBytes));
+}
+
+// The UTF-8 message of an error frame.
+py::str frame_message(py::handle buf, uint64_t payload_len) {
+  const at::Tensor& t = host_bytes(buf, "frame");
+  const char* p = reinterpret_cast<const char*>(frame_payload(t, payload_len));
+  return steal(PyUnicode_DecodeUTF8(p, Py_ssize_t(payload_len), "replace"));
+}
+
+py::object pack_device(const py::list& tensors, uint64_t device_len, const py::object& device) {
+  std::vector<at::Tensor> ts;
+  for (auto& o : tensors) ts.push_back(THPVariable_Unpack(o.ptr()));
+  return steal(THPVariable_Wrap(pack_device_buffer(ts, device_len, py::cast<at::Device>(device))));
 }
 
 py::dict pool_stats() {
@@ -214,12 +247,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("compat") = false, py::arg("allow_pickle") = false);
   m.def("decode", &decode, py::arg("buf"), py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
   m.def("encode_frame", &encode_frame, py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
-        py::arg("compat") = false, py::arg("allow_pickle") = false, py::arg("collect_cuda") = false);
+        py::arg("seq") = 0, py::arg("compat") = false, py::arg("allow_pickle") = false,
+        py::arg("collect_cuda") = false, py::arg("min_capacity") = 0);
   m.def("error_frame", &error_frame, py::arg("message"), py::arg("first_chunk"), py::arg("chunk"),
-        py::arg("version"));
-  m.def("read_header", &read_header_py, py::arg("buf"));
+        py::arg("version"), py::arg("seq") = 0, py::arg("max_bytes") = size_t(64) << 10, py::arg("min_capacity") = 0);
+  m.def("read_header", &read_header_py, py::arg("buf"), py::arg("version"));
   m.def("decode_frame", &decode_frame, py::arg("buf"), py::arg("payload_len"), py::arg("device_buffer") = py::none(),
         py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
+  m.def("frame_message", &frame_message, py::arg("buf"), py::arg("payload_len"));
+  m.def("pack_device", &pack_device, py::arg("tensors"), py::arg("device_len"), py::arg("device"));
 
   m.def("register", [](py::handle cls) {
     if (!TypeRegistry::instance().register_class(cls.ptr())) throw py::error_already_set();
@@ -238,7 +274,172 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info);
 
   m.attr("HEADER_BYTES") = kHeaderBytes;
+  m.attr("FIXED_HEADER_BYTES") = kFixedHeaderBytes;
   m.attr("FLAG_ERROR") = int(FLAG_ERROR);
   m.attr("FLAG_CUDA") = int(FLAG_CUDA);
   m.attr("DEVICE_ALIGN") = kDeviceAlign;
+  bind_shm(m);
 }
+
+// ---- shared-memory ring (shm_ring.h, shm_channel.h) ----
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "shm_channel.h"
+
+namespace fastbcast {
+namespace {
+
+PyObject* g_shm_peer_error = nullptr;
+PyObject* g_shm_timeout_error = nullptr;
+
+// Read when a wait first outlasts a slice, not once per process: a short
+// wait never looks, and a test can change it between waits.
+double shm_warn_interval_s() {
+  const char* s = std::getenv("FASTBCAST_SHM_WARN_S");
+  double d = s && *s ? std::atof(s) : 10.0;
+  return d > 0 ? d : 10.0;
+}
+
+// A blocked wait gives the interpreter a look in every slice: a pending
+// signal (Ctrl-C) ends the wait with its exception, and a wait past
+// FASTBCAST_SHM_WARN_S is logged once per interval on logger "fastbcast".
+WaitPolicy shm_policy(const std::optional<double>& timeout_s) {
+  WaitPolicy p;
+  p.timeout_s = timeout_s ? std::max(*timeout_s, 0.0) : -1.0;
+  auto next_warn = std::make_shared<double>(-1.0);
+  p.on_slice = [next_warn](const WaitInfo& w) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw ShmInterrupted();
+    if (*next_warn < 0) *next_warn = shm_warn_interval_s();
+    if (w.waited_s >= *next_warn) {
+      *next_warn = w.waited_s + shm_warn_interval_s();
+      std::string msg = "fastbcast: still " + w.describe() + " after " + std::to_string(int(w.waited_s)) + " s";
+      try {
+        py::module_::import("logging").attr("getLogger")("fastbcast").attr("warning")("%s", msg);
+      } catch (py::error_already_set& e) {
+        e.discard_as_unraisable("fastbcast shm long-wait log");
+      }
+    }
+  };
+  return p;
+}
+
+// Runs f without the GIL; a signal seen during it re-raises its exception.
+template <class F>
+auto without_gil(F f) -> decltype(f()) {
+  try {
+    py::gil_scoped_release nogil;
+    return f();
+  } catch (const ShmInterrupted&) {
+    throw py::error_already_set();
+  }
+}
+
+}  // namespace
+
+void bind_shm(py::module_& m) {
+  g_shm_peer_error = PyErr_NewExceptionWithDoc(
+      "fastbcast.ShmPeerError",
+      "A peer of a shared-memory channel died, closed its end or vanished while this rank waited for it. A "
+      "RuntimeError; the message names the peer's global rank, its role and what was being waited for.",
+      PyExc_RuntimeError, nullptr);
+  g_shm_timeout_error = PyErr_NewExceptionWithDoc(
+      "fastbcast.ShmTimeoutError",
+      "A shared-memory channel wait passed its timeout_s. A TimeoutError; the message names the rank waited for, "
+      "the slot and the direction.",
+      PyExc_TimeoutError, nullptr);
+  if (!g_shm_peer_error || !g_shm_timeout_error) throw py::error_already_set();
+  m.attr("ShmPeerError") = py::reinterpret_steal<py::object>(g_shm_peer_error);
+  m.attr("ShmTimeoutError") = py::reinterpret_steal<py::object>(g_shm_timeout_error);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const ShmPeerDied& e) {
+      PyErr_SetString(g_shm_peer_error, e.what());
+    } catch (const ShmTimedOut& e) {
+      PyErr_SetString(g_shm_timeout_error, e.what());
+    } catch (const ShmCorrupt& e) {
+      PyErr_SetString(decode_error_type(), e.what());
+    } catch (const ShmOSError& e) {
+      PyObject* args = Py_BuildValue("(is)", e.err, e.what());
+      if (args) PyErr_SetObject(PyExc_OSError, args);
+      Py_XDECREF(args);
+    }
+  });
+  m.attr("SHM_DEFAULT_SLOTS") = kShmDefaultSlots;
+  m.attr("SHM_DEFAULT_SLOT_BYTES") = kShmDefaultSlotBytes;
+
+  using Ch = ShmChannel;
+  py::class_<Ch, std::shared_ptr<Ch>>(m, "ShmChannel",
+                                      "One writer's shared-memory ring to its readers (see RING_API in csrc/shm_ring.h)")
+      .def_static("create", &Ch::create, py::arg("name"), py::arg("ranks"), py::arg("pids"), py::arg("n_slots"),
+                  py::arg("slot_bytes"))
+      .def_static(
+          "attach",
+          [](const std::string& name, int reader, const std::vector<int>& ranks, const std::vector<int>& pids,
+             std::optional<double> timeout_s) {
+            WaitPolicy p = shm_policy(timeout_s);
+            return without_gil([&] { return Ch::attach(name, reader, ranks, pids, p); });
+          },
+          py::arg("name"), py::arg("reader"), py::arg("ranks"), py::arg("pids"), py::arg("timeout_s") = py::none())
+      .def(
+          "wait_attached",
+          [](Ch& c, std::optional<double> timeout_s) {
+            WaitPolicy p = shm_policy(timeout_s);
+            without_gil([&] { c.ring().wait_attached(p); });
+          },
+          py::arg("timeout_s") = py::none())
+      .def("unlink", [](Ch& c) { c.ring().unlink(); })
+      .def(
+          "send",
+          [](Ch& c, py::handle buf, int64_t nbytes, std::optional<double> timeout_s) {
+            const at::Tensor& t = host_bytes(buf, "buf");
+            if (nbytes < 0 || nbytes > t.numel())
+              throw py::value_error("nbytes " + std::to_string(nbytes) + " is outside the " +
+                                    std::to_string(t.numel()) + "-byte buffer");
+            const uint8_t* data = t.data_ptr<uint8_t>();
+            WaitPolicy p = shm_policy(timeout_s);
+            without_gil([&] { c.send(data, uint64_t(nbytes), p); });
+          },
+          py::arg("buf"), py::arg("nbytes"), py::arg("timeout_s") = py::none())
+      .def(
+          "recv",
+          [](Ch& c, std::optional<double> timeout_s) {
+            WaitPolicy p = shm_policy(timeout_s);
+            at::Tensor t = without_gil([&] { return c.recv(p); });
+            return steal(THPVariable_Wrap(t));
+          },
+          py::arg("timeout_s") = py::none())
+      .def("release", &Ch::release)
+      .def("close", &Ch::close)
+      .def_property_readonly("n_slots", [](Ch& c) { return c.ring().n_slots(); })
+      .def_property_readonly("slot_bytes", [](Ch& c) { return c.ring().slot_bytes(); })
+      .def_property_readonly("n_readers", [](Ch& c) { return c.ring().n_readers(); })
+      .def_property_readonly("is_writer", [](Ch& c) { return c.ring().is_writer(); })
+      .def_property_readonly("name", [](Ch& c) { return c.ring().name(); })
+      .def_property_readonly(
+          "wait_stats",
+          [](Ch& c) {
+            const WaitStats& s = c.ring().stats();
+            py::dict d;
+            d["futex_waits"] = s.futex_waits;
+            d["futex_timeouts"] = s.futex_timeouts;
+            d["timeout_wakes"] = s.timeout_wakes;
+            d["futex_wakes"] = s.futex_wakes;
+            return d;
+          },
+          "Process-local counters: FUTEX_WAIT calls, those ended by their timeout slice, timed-out slices after "
+          "which the awaited condition held (a wake only the fallback delivered), FUTEX_WAKE calls.")
+      .def(
+          "_inject",
+          [](Ch& c, py::bytes header, bool publish) {
+            std::string h = header;
+            c.ring().inject(reinterpret_cast<const uint8_t*>(h.data()), h.size(), publish);
+          },
+          py::arg("header"), py::arg("publish"),
+          "Test hook: overwrite the next slot's header with these bytes; publish it as the next slot if asked.");
+}
+
+}  // namespace fastbcast

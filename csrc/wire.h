@@ -91,19 +91,25 @@ inline void store_be16(uint8_t* p, uint16_t v) { store_le<uint16_t>(p, __builtin
 inline void store_be32(uint8_t* p, uint32_t v) { store_le<uint32_t>(p, __builtin_bswap32(v)); }
 inline void store_be64(uint8_t* p, uint64_t v) { store_le<uint64_t>(p, __builtin_bswap64(v)); }
 
-// The broadcast frame header (FORMAT.md section 3). The first 8 bytes keep
-// their meaning in every format version.
+// The broadcast frame header (FORMAT.md section 3). Its first 32 bytes (the
+// fixed part) keep their layout in every format version, so a receiver of
+// another version can still find the frame's end and drain it: the stored
+// length counts every byte after the fixed part. Version 2 follows the fixed
+// part with the group's sequence number.
 inline constexpr uint8_t kMagic[4] = {'F', 'B', 'C', 0x01};
-inline constexpr size_t kHeaderBytes = 32;
+inline constexpr size_t kFixedHeaderBytes = 32;
+inline constexpr size_t kHeaderBytes = 40;  // where the value starts
 enum HeaderFlag : uint16_t { FLAG_ERROR = 1, FLAG_CUDA = 2 };
 
 struct FrameHeader {
   uint16_t version = 0;
   uint16_t flags = 0;
-  uint64_t payload_len = 0;
+  uint64_t payload_len = 0;  // bytes of the value (or of the error message) after the whole header
   uint32_t first_chunk = 0;
   uint32_t chunk = 0;
   uint64_t device_len = 0;
+  uint64_t seq = 0;          // the group's call number (version 2)
+  uint64_t frame_len = 0;    // read_header: header + value, as the fixed part states it (any version)
 };
 
 }  // namespace fastbcast

@@ -1,34 +1,31 @@
-"""Broadcasting Python objects over a torch.distributed group.
+"""Broadcasting Python objects over a torch.distributed group: the protocol.
 
-The protocol (FORMAT.md section 3): the source encodes the object behind a
-32-byte header into a pinned pool buffer; the first collective always moves
-`first_chunk` bytes, so a small object needs exactly one collective and no
-size has to be sent ahead. A larger object continues in collectives of
-`chunk` bytes, whose count every receiver derives from the header. CUDA
-tensors inside the object are packed into one device buffer and sent with one
-more collective, device to device.
+The source encodes the object behind a 40-byte header into a pinned pool
+buffer (a frame, FORMAT.md section 3) and hands it to the group's transport;
+every receiver gets the whole frame back from its transport, checks the
+header and decodes. Where the bytes move is `fastbcast.transport`: shared
+memory when every rank of the group sits on one host, the group's own
+collective (gloo, or NCCL through device staging) otherwise. CUDA tensors
+inside the object travel device to device over the group's collective.
 
-NCCL groups stage through a cached device buffer with asynchronous copies on
-the current stream; receivers wait on CUDA events (never `.item()` or a device
-sync). gloo groups use the host buffers directly.
-
-The collectives are driven from Python: each costs one `dist.broadcast` call
-(a few microseconds of dispatch), against encode/decode work that is measured
-in milliseconds for the payloads that matter; see BENCHMARKS.md.
+Every frame carries the group's call number, counted on every rank, so a
+receiver whose calls are out of step with the source's raises instead of
+returning another call's object.
 
 Failure handling (RELIABILITY.md has the whole table and the tests):
 
 * The source that cannot send its object (an encode error, an object over
-  `max_bytes`, an exhausted pool) still sends a first chunk: an error frame
-  that makes every receiver raise BroadcastError with the source's message.
-* `timeout=` bounds a whole broadcast call. Each collective is started with
-  `async_op=True` and waited on with the time left; past the deadline the
-  call raises BroadcastTimeoutError. A dead or stalled peer, or ranks that
+  `max_bytes`, an exhausted pool, Ctrl-C) still sends a frame: an error
+  frame that makes every receiver raise BroadcastError with its message.
+* `timeout=` bounds a whole broadcast call. Past the deadline the call
+  raises BroadcastTimeoutError. A dead or stalled peer, or ranks that
   disagree about `src`, end there instead of waiting for the process group's
-  own timeout (30 minutes by default for gloo, 10 for NCCL).
-* After a collective failed or timed out the group is in an unknown state (a
-  collective may still be pending inside torch.distributed), so the
-  Broadcaster refuses further use with BroadcastError; recreate the group.
+  own timeout (30 minutes by default for gloo, 10 for NCCL). On shared
+  memory a dead peer ends every survivor's call within a second, timeout or
+  not.
+* After a transport failed or timed out the ranks are in an unknown state,
+  so the Broadcaster refuses further use with BroadcastError; recreate the
+  group.
 * A group destroyed with `destroy_process_group` is detected before anything
   is sent: RuntimeError, on each rank that uses it.
 """
@@ -36,7 +33,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import struct
 import threading
 import time
 from typing import Any, Iterable
@@ -47,12 +43,12 @@ import torch.distributed as dist
 from ._loader import _C
 from ._version import FORMAT_VERSION
 from .mesh import Route, resolve
+from .transport import (CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport, TransportError,
+                        TransportTimeout)
 
 __all__ = ["Broadcaster", "BroadcastError", "BroadcastTimeoutError", "broadcast", "broadcast_pyobj",
-           "DEFAULT_FIRST_CHUNK", "DEFAULT_CHUNK", "DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT"]
+           "DEFAULT_FIRST_CHUNKS", "DEFAULT_CHUNK", "DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT", "DEFAULT_TRANSPORT"]
 
-HEADER_BYTES = _C.HEADER_BYTES
-DEVICE_ALIGN = _C.DEVICE_ALIGN
 
 
 def _env_int(name: str, default: int) -> int:
@@ -60,9 +56,13 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v else default
 
 
-#: Bytes of the first collective, for every backend (FASTBCAST_FIRST_CHUNK).
-#: Objects up to first_chunk - 32 bytes encoded need no other collective.
-DEFAULT_FIRST_CHUNK = _env_int("FASTBCAST_FIRST_CHUNK", 64 << 10)
+#: Bytes of the first collective, per backend; FASTBCAST_FIRST_CHUNK sets
+#: every backend's. Objects up to first_chunk - 40 bytes encoded need no
+#: other collective. gloo pays for every byte of it on every call (an idle
+#: SGLang step broadcasts `[]`), NCCL's cost is flat up to far beyond 64 KiB;
+#: BENCHMARKS.md has the measurement.
+DEFAULT_FIRST_CHUNKS = {"gloo": 4 << 10, "nccl": 64 << 10}
+DEFAULT_FIRST_CHUNK = _env_int("FASTBCAST_FIRST_CHUNK", 0) or None
 #: Bytes of each following collective (FASTBCAST_CHUNK).
 DEFAULT_CHUNK = _env_int("FASTBCAST_CHUNK", 64 << 20)
 #: Cap on the bytes one broadcast may carry: the encoded value plus its CUDA
@@ -81,6 +81,10 @@ def _env_seconds(name: str) -> float | None:
 #: unset: none, so only the process group's own timeout applies).
 DEFAULT_TIMEOUT = _env_seconds("FASTBCAST_TIMEOUT")
 
+TRANSPORTS = ("auto", "shm", "collective")
+#: The default `transport=` of every Broadcaster (FASTBCAST_TRANSPORT).
+DEFAULT_TRANSPORT = os.environ.get("FASTBCAST_TRANSPORT", "auto") or "auto"
+
 
 class BroadcastError(RuntimeError):
     """A broadcast failed on another rank or between ranks: the source could
@@ -94,6 +98,18 @@ class BroadcastTimeoutError(BroadcastError):
     stalled, or the ranks disagree about the source. The group may still
     hold the unfinished collective, so the Broadcaster that raised this
     refuses further use; destroy and recreate the group."""
+
+
+# torch's registry of live process groups: a group destroyed with
+# destroy_process_group leaves it. Checking membership costs a dict lookup
+# where _require_live's public calls cost microseconds on every broadcast.
+_PG_MAP = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
+
+
+def _plain(key: tuple) -> bool:
+    """Whether a (src, src_group_rank, rank) key may index a cache: plain
+    ints or None (a 0-d tensor hashes by identity)."""
+    return all(type(k) is int or k is None for k in key)
 
 
 def _backend(group) -> str:
@@ -122,59 +138,78 @@ def _require_live(group) -> None:
             f"torn-down world ({type(e).__name__}: {e}); create a new group and a new Broadcaster") from e
 
 
+def _prefixes(trusted) -> tuple[str, ...] | None:
+    if not trusted:
+        return None
+    if isinstance(trusted, str):
+        return (trusted,)
+    return tuple(trusted) or None
+
+
 class Broadcaster:
     """Broadcasts objects within one process group, reusing its buffers.
 
     Create one per group and keep it for the life of the group: it caches a
-    device staging buffer (NCCL) that grows to the largest object sent and
-    host buffers from fastbcast's pinned pool. `close()` (or leaving a `with`
-    block) waits for copies still in flight and frees the device buffer; the
-    object must not be used afterwards.
+    device staging buffer (NCCL) and host buffers from fastbcast's pinned
+    pool. Creating one is local (no collective); at the group's first
+    broadcast the ranks agree on the transport with one collective, and at a
+    source's first broadcast over shared memory they set its ring up with two
+    more. `close()` (or leaving a `with` block) waits for copies still in
+    flight and frees the buffers; the object must not be used afterwards.
 
     Threads: a Broadcaster is not shared between threads. A second thread
     that calls `broadcast` while another thread is inside it gets a
-    RuntimeError at once (it does not wait): two threads driving collectives
-    on one group would interleave them differently on different ranks. Use
-    one group and one Broadcaster per thread. (The one-line functions share
-    one cached Broadcaster per group, so the same holds for them.)
+    RuntimeError at once (it does not wait): two threads driving one group
+    would interleave their messages differently on different ranks. Use one
+    group and one Broadcaster per thread. (The one-line functions share one
+    cached Broadcaster per group, so the same holds for them.)
 
     Arguments:
         group: the ProcessGroup, or None for the default (world) group.
         mesh, dim: alternatively a DeviceMesh and the name of one of its dims;
             the group is that dim's group for this rank.
-        device: the device that carries the bytes. Default: the current CUDA
-            device for an NCCL group, the CPU for any other backend.
-        first_chunk: bytes of the first collective (default 64 KiB).
+        device: the device that carries collectives. Default: the current
+            CUDA device for an NCCL group, the CPU for any other backend.
+        transport: "auto" (default, or FASTBCAST_TRANSPORT): shared memory
+            when every rank of the group sits on this host and can map a
+            ring in /dev/shm, the group's collective otherwise (a group on
+            one host that cannot map the ring logs one warning saying why).
+            "shm": shared memory, or ValueError at the first broadcast (on
+            every rank). "collective": always the group's collective. Every
+            rank of a group must ask for the same.
+        first_chunk: bytes of the first collective (collective transport;
+            default 4 KiB for gloo, 64 KiB for NCCL, or FASTBCAST_FIRST_CHUNK).
         chunk: bytes of each following collective (default 64 MiB).
         compat, allow_pickle: codec options for the source (see
             `fastbcast.encode`); allow_pickle also lets receivers accept
             pickles.
-        trusted: module prefixes whose classes receivers may rebuild (see
-            `fastbcast.decode`).
+        trusted: module prefixes (a str or an iterable of str) whose classes
+            receivers may rebuild (see `fastbcast.decode`).
         timeout: seconds (or a datetime.timedelta) that one `broadcast` call
-            may take, from its start on this rank to its last collective;
+            may take, from its start on this rank to its last transfer;
             None (default, or FASTBCAST_TIMEOUT) waits as long as the process
             group's own timeout. Past it the call raises
             BroadcastTimeoutError. On the source the encode counts too, so
-            allow for it on receivers. On gloo the wait is
-            `work.wait(timeout)`; on NCCL the same call blocks this CPU
-            thread until the GPU finished the collective (torch documents
-            that a wait with a timeout does), which costs a few microseconds
-            per collective that the default stream-ordered wait does not.
+            allow for it on receivers. On NCCL a wait with a timeout blocks
+            this CPU thread until the GPU finished the collective (torch
+            documents that), a few microseconds per collective.
         max_bytes: the most bytes one broadcast may carry: the encoded value
             plus its CUDA tensors (default 4 GiB, or FASTBCAST_MAX_BYTES).
             The source refuses a larger object with ValueError before it
             sends anything but an error frame, so every receiver raises
             BroadcastError saying why. A receiver also refuses a frame whose
-            header announces more than its own max_bytes: it takes the rest
-            of the frame in chunk-sized pieces (so nothing large is held and
-            the source is not left waiting) and raises BroadcastError.
+            header announces more than its own max_bytes and raises
+            BroadcastError (after receiving the rest, so the source is not
+            left waiting).
+
+    Raises:
+        ValueError: bad arguments.
     """
 
-    def __init__(self, group=None, *, mesh=None, dim=None, device=None, first_chunk: int | None = None,
-                 chunk: int | None = None, compat: bool = False, allow_pickle: bool = False,
-                 trusted: Iterable[str] = (), timeout: float | datetime.timedelta | None = None,
-                 max_bytes: int | None = None):
+    def __init__(self, group=None, *, mesh=None, dim=None, device=None, transport: str | None = None,
+                 first_chunk: int | None = None, chunk: int | None = None, compat: bool = False,
+                 allow_pickle: bool = False, trusted: Iterable[str] | str = (),
+                 timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None):
         _require_live(group)
         route = resolve(mesh=mesh, dim=dim, group=group)
         self._mesh, self._dim = mesh, dim
@@ -188,13 +223,17 @@ class Broadcaster:
         self.device = torch.device(device)
         if self.backend == "nccl" and self.device.type != "cuda":
             raise ValueError(f"an NCCL group carries CUDA buffers; device={self.device} is not a CUDA device")
-        self.first_chunk = int(first_chunk or DEFAULT_FIRST_CHUNK)
+        requested = transport or DEFAULT_TRANSPORT
+        if requested not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {requested!r}")
+        default_f = DEFAULT_FIRST_CHUNKS["nccl" if self.device.type == "cuda" else "gloo"]
+        self.first_chunk = int(first_chunk or DEFAULT_FIRST_CHUNK or default_f)
         self.chunk = int(chunk or DEFAULT_CHUNK)
-        if not HEADER_BYTES <= self.first_chunk < 2**32 or not 0 < self.chunk < 2**32:
-            raise ValueError(f"first_chunk must be in [{HEADER_BYTES}, 2^32) and chunk in (0, 2^32)")
+        if not _C.HEADER_BYTES <= self.first_chunk < 2**32 or not 0 < self.chunk < 2**32:
+            raise ValueError(f"first_chunk must be in [{_C.HEADER_BYTES}, 2^32) and chunk in (0, 2^32)")
         self.compat = compat
         self.allow_pickle = allow_pickle
-        self.trusted = tuple(trusted) or None
+        self.trusted = _prefixes(trusted)
         if timeout is None:
             timeout = DEFAULT_TIMEOUT
         if isinstance(timeout, datetime.timedelta):
@@ -205,13 +244,15 @@ class Broadcaster:
         self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
         if self.max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
-        self._staging: torch.Tensor | None = None   # device bytes (CUDA transport only)
-        self._inflight = None                       # (host block, event) the last H2D copy reads
-        self._recv_hint = self.first_chunk          # size of the last frame received
+        self._pg = route.group if route.group is not None else dist.group.WORLD
+        self._routes: dict = {}                     # (src, src_group_rank, rank) -> Route, resolved once
         self._lock = threading.Lock()
         self._closed = False
-        self._broken: str | None = None             # why the group can no longer be trusted
-        self._deadline: float | None = None         # time.monotonic() deadline of the call in progress
+        self._requested = requested
+        self._state: GroupState | None = None       # shared by every Broadcaster on the group
+        self._transport = None                      # decided at the first broadcast
+        #: The transport in use, "shm" or "collective"; None until the first broadcast.
+        self.transport: str | None = None
 
     # ---- public ---------------------------------------------------------
     def broadcast(self, obj: Any = None, *, src: int | None = None, src_group_rank: int | None = None,
@@ -219,7 +260,8 @@ class Broadcaster:
         """Sends `obj` from the source to every rank of the group.
 
         Every rank of the group calls this with the same `src` (or
-        `src_group_rank`); only the source's `obj` is read.
+        `src_group_rank`), in the same order of calls; only the source's
+        `obj` is read.
 
         Arguments:
             obj: the object, on the source (ignored elsewhere).
@@ -242,44 +284,57 @@ class Broadcaster:
             TypeError: (source) an object the codec cannot represent;
                 receivers then raise BroadcastError with the same message.
             BroadcastError: (receivers) the source failed, the ranks run
-                different fastbcast format versions, or the frame is over
-                this rank's `max_bytes`; (any rank) a collective failed (a
-                peer died), or this Broadcaster is unusable after such a
-                failure.
+                different fastbcast format versions or chunk sizes, the
+                frame is over this rank's `max_bytes`, or this rank's calls
+                are out of step with the source's; (any rank) a peer died or
+                a collective failed, or this Broadcaster is unusable after
+                such a failure.
             BroadcastTimeoutError: the call took longer than `timeout`.
             RuntimeError: the group was destroyed, the Broadcaster was
                 closed, or another thread is inside `broadcast`.
             DecodeError: (receivers) the bytes did not decode.
         """
-        self._check_group_alive()
-        route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
-                        src=src, src_group_rank=src_group_rank, rank=rank)
+        if _PG_MAP is None or self._pg not in _PG_MAP:
+            _require_live(self.group)
+        key = (src, src_group_rank, rank)
+        route = self._routes.get(key) if _plain(key) else None
+        if route is None:
+            route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
+                            src=src, src_group_rank=src_group_rank, rank=rank)
+            if _plain(key) and len(self._routes) < 1024:
+                self._routes[key] = route
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this Broadcaster is in use by another thread; use one Broadcaster per thread "
                                "(collectives on one group must not interleave)")
         try:
             if self._closed:
                 raise RuntimeError("this Broadcaster was closed")
-            if self._broken is not None:
-                raise BroadcastError(
-                    f"this Broadcaster can no longer be used: {self._broken}. The process group may still "
-                    f"hold an unfinished collective, so its ranks are out of step; destroy and recreate the "
-                    f"group (and the Broadcaster).")
             if route.size == 1:
                 return obj
-            self._deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            if route.is_src:
-                return self._send(obj, route)
-            return self._recv(route)
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            if self._transport is None:
+                self._choose_transport(route, deadline)
+            if self._state.broken is not None:
+                raise BroadcastError(
+                    f"this group can no longer be used: {self._state.broken}. The ranks may be out of step; "
+                    f"destroy and recreate the group (and its Broadcasters).")
+            self._state.seq += 1
+            try:
+                if route.is_src:
+                    return self._send(obj, route, deadline)
+                return self._recv(route, deadline)
+            except TransportError as e:
+                self._raise_transport(e, route, "a broadcast")
         finally:
-            self._deadline = None
             self._lock.release()
 
     def close(self) -> None:
-        """Waits for copies in flight and frees the cached device buffer."""
+        """Waits for copies in flight and frees this Broadcaster's buffers.
+        (The group's shared-memory rings stay for its other Broadcasters;
+        they go with the group.)"""
         with self._lock:
-            self._settle()
-            self._staging = None
+            if self._transport is not None:
+                self._transport.close()
             self._closed = True
 
     def __enter__(self):
@@ -288,227 +343,105 @@ class Broadcaster:
     def __exit__(self, *exc):
         self.close()
 
-    # ---- checks ---------------------------------------------------------
-    def _check_group_alive(self):
-        _require_live(self.group)
-
-    # ---- transport ------------------------------------------------------
-    @property
-    def _cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def _settle(self):
-        # The previous source call's H2D copy may still read its host block;
-        # wait for it before the block can go back to the pool.
-        if self._inflight is not None:
-            self._inflight[1].synchronize()
-            self._inflight = None
-
-    def _stage(self, nbytes: int) -> torch.Tensor:
-        if self._staging is None or self._staging.numel() < nbytes:
-            size = 1 << max(nbytes - 1, 1).bit_length()
-            self._staging = torch.empty(size, dtype=torch.uint8, device=self.device)
-        return self._staging
-
-    @staticmethod
-    def _host(nbytes: int) -> torch.Tensor:
-        """A host buffer of at least nbytes: a pool block, or, when the pool's
-        cap is reached, ordinary memory (slower to copy to a GPU, but a rank
-        that cannot join a collective would leave its peers waiting)."""
-        try:
-            return _C.pool_acquire(nbytes)
-        except RuntimeError:
-            return torch.empty(nbytes, dtype=torch.uint8)
-
-    def _bcast(self, buf: torch.Tensor, route: Route, what: str):
-        """One collective, bounded by the call's deadline when there is one.
-        Any failure leaves the ranks out of step: the Broadcaster is marked
-        unusable and the error is raised as BroadcastError(Timeout)."""
-        deadline = self._deadline
-        try:
-            if deadline is None:
-                dist.broadcast(buf, src=route.src, group=route.group)
+    # ---- protocol -------------------------------------------------------
+    def _choose_transport(self, route: Route, deadline) -> None:
+        """At the first broadcast: the group's shared state, and the
+        transport (agreed with the other ranks unless "collective" was asked
+        for; every rank must ask for the same)."""
+        self._state = GroupState.of(route)
+        collective_t = CollectiveTransport(self.device, self.first_chunk, self.chunk)
+        if self._requested != "collective":
+            try:
+                self._state.agree(route, self.device, deadline)
+            except TransportError as e:
+                self._raise_transport(e, route, "agreeing on the transport")
+            if self._requested == "shm" and self._state.no_shm:
+                raise ValueError(f"transport='shm' cannot be used on group {list(route.ranks)}: "
+                                 f"{self._state.no_shm}")
+            if not self._state.no_shm:
+                self._transport, self.transport = ShmTransport(self._state, collective_t), "shm"
                 return
-            left = deadline - time.monotonic()
-            if left > 0:
-                work = dist.broadcast(buf, src=route.src, group=route.group, async_op=True)
-                work.wait(timeout=datetime.timedelta(seconds=left))
-                return
-            error = None
-        except RuntimeError as e:
-            error = e
+        self._transport, self.transport = collective_t, "collective"
+
+    def _raise_transport(self, error: TransportError, route: Route, what: str):
+        """Turns a transport failure into BroadcastError(Timeout). The ranks
+        are out of step after it, so the group is given up: every
+        Broadcaster on it refuses further calls, and its rings are closed so
+        that peers waiting on them raise too instead of waiting on."""
         role = "source" if route.is_src else f"receiver of global rank {route.src}"
-        timed_out = deadline is not None and (error is None or time.monotonic() >= deadline - 1e-3
-                                              or "timed out" in str(error).lower())
-        if timed_out:
-            self._broken = (f"a broadcast timed out after {self.timeout:g} s on global rank {route.rank} ({role}) "
-                            f"during {what}")
+        where = f"global rank {route.rank} ({role}, group {list(route.ranks)})"
+        if isinstance(error, ProtocolMismatch):
+            raise BroadcastError(str(error)) from error
+        state = self._state
+        dead = state.dead_ranks(route) if state is not None else []
+        if dead:
+            error = TransportError(f"{error}; dead: " + ", ".join(f"global rank {r} (pid {p})" for r, p in dead))
+        if isinstance(error, TransportTimeout) and not dead:
+            state.give_up(f"{what} timed out after {self.timeout:g} s on {where}")
             raise BroadcastTimeoutError(
-                f"broadcast timed out after {self.timeout:g} s on global rank {route.rank} ({role}, group "
-                f"{list(route.ranks)}) during {what}: a peer is dead or stalled, or the ranks passed different "
-                f"src (every rank must name global rank {route.src} as the source). The group may still hold "
-                f"this collective; destroy and recreate it.") from error
-        self._broken = f"a collective failed on global rank {route.rank} ({role}) during {what}: {error}"
-        raise BroadcastError(
-            f"broadcast failed on global rank {route.rank} ({role}, group {list(route.ranks)}) during {what}: "
-            f"{type(error).__name__}: {error}") from error
+                f"broadcast timed out after {self.timeout:g} s on {where} ({error}): a peer is dead or stalled, "
+                f"or the ranks passed different src (every rank must name global rank {route.src} as the "
+                f"source). The ranks may be out of step; destroy and recreate the group.") from error.__cause__
+        state.give_up(f"{what} failed on {where}: {error}")
+        raise BroadcastError(f"broadcast failed on {where}: {error}") from error.__cause__
 
-    def _collectives(self, buf: torch.Tensor, total: int, route: Route):
-        """Broadcasts buf[:first_chunk], then buf[first_chunk:total] in chunks."""
-        f, c = self.first_chunk, self.chunk
-        n = 1 + max(0, -(-(total - f) // c))
-        self._bcast(buf[:f], route, f"collective 1 of {n} (the first chunk)")
-        for i, off in enumerate(range(f, total, c)):
-            self._bcast(buf[off:min(off + c, total)], route, f"collective {i + 2} of {n}")
-
-    def _send(self, obj, route: Route):
-        self._settle()
+    def _send(self, obj, route: Route, deadline):
+        t = self._transport
+        t.settle()
         try:
             block, used, cuda_tensors, device_len = _C.encode_frame(
-                obj, self.first_chunk, self.chunk, FORMAT_VERSION, self.compat, self.allow_pickle, self._cuda)
-            size = used - HEADER_BYTES + device_len
+                obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat, self.allow_pickle,
+                self.device.type == "cuda", t.min_capacity)
+            size = used - _C.HEADER_BYTES + device_len
             if size > self.max_bytes:
                 del block, cuda_tensors
                 raise ValueError(
                     f"the object encodes to {size} bytes, over this Broadcaster's max_bytes={self.max_bytes} "
                     f"(Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); nothing was sent")
-        except Exception as e:
-            # Receivers are already waiting on the first chunk: tell them.
+        except BaseException as e:
+            # Receivers are already waiting for a frame: tell them.
             msg = f"source (global rank {route.src}) failed to encode: {type(e).__name__}: {e}"
-            self._send_frame(self._error_frame(msg), self.first_chunk, route)
+            block, used = _C.error_frame(msg, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq,
+                                         max(self.first_chunk, 4096), t.min_capacity)
+            t.send(block, used, route, deadline)
             raise
-        total = max(used, self.first_chunk)
-        self._send_frame(block, total, route, used)
+        t.send(block, used, route, deadline)
         if device_len:
-            self._bcast(self._pack_device(cuda_tensors, device_len), route, "the device buffer")
+            t.send_device(_C.pack_device(cuda_tensors, device_len, self.device), route, deadline)
         return obj
 
-    def _error_frame(self, msg: str) -> torch.Tensor:
-        f = self.first_chunk
+    def _recv(self, route: Route, deadline):
+        t = self._transport
+        frame, (version, flags, _, payload_len, _, _, device_len, seq) = t.recv(route, deadline, self.max_bytes)
         try:
-            return _C.error_frame(msg, f, self.chunk, FORMAT_VERSION)
-        except RuntimeError:
-            # The pool is at its cap (often the very reason the encode
-            # failed): build the frame in ordinary memory, or the receivers
-            # would wait for a first chunk that never comes. The header
-            # layout is FORMAT.md section 3, fixed for every version.
-            data = msg.encode("utf-8", "replace")[:f - HEADER_BYTES]
-            header = struct.pack("<4sHHQIIQ", b"FBC\x01", FORMAT_VERSION, _C.FLAG_ERROR, len(data), f,
-                                 self.chunk, 0)
-            frame = torch.zeros(f, dtype=torch.uint8)
-            frame[:HEADER_BYTES + len(data)] = torch.frombuffer(bytearray(header + data), dtype=torch.uint8)
-            return frame
-
-    def _send_frame(self, block: torch.Tensor, total: int, route: Route, used: int | None = None):
-        if not self._cuda:
-            self._collectives(block, total, route)
-            return
-        used = total if used is None else used
-        dev = self._stage(total)
-        dev[:used].copy_(block[:used], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._inflight = (block, event)
-        self._collectives(dev, total, route)
-
-    def _pack_device(self, tensors, device_len: int) -> torch.Tensor:
-        flat = torch.empty(device_len, dtype=torch.uint8, device=self.device)
-        off = 0
-        for t in tensors:
-            off = (off + DEVICE_ALIGN - 1) // DEVICE_ALIGN * DEVICE_ALIGN
-            n = t.numel() * t.element_size()
-            if n:
-                flat[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
-            off += n
-        return flat
-
-    def _recv(self, route: Route):
-        f = self.first_chunk
-        host = self._host(max(self._recv_hint, f))
-        if self._cuda:
-            dev = self._stage(max(self._recv_hint, f))
-            self._bcast(dev[:f], route, "collective 1 (the first chunk)")
-            self._to_host(dev, host, 0, f)
-        else:
-            self._bcast(host[:f], route, "collective 1 (the first chunk)")
-        try:
-            version, flags, payload_len, first_chunk, chunk, device_len = _C.read_header(host[:HEADER_BYTES])
-        except ValueError as e:  # DecodeError: not a fastbcast frame, so where the source is is unknown
-            self._broken = f"global rank {route.rank} received a corrupt frame header from global rank {route.src}"
-            raise BroadcastError(f"{self._broken}: {e}") from e
-        mismatch = None
-        if (first_chunk, chunk) != (f, self.chunk):
-            mismatch = BroadcastError(
-                f"chunk sizes differ between ranks: the source (global rank {route.src}) uses first_chunk="
-                f"{first_chunk}, chunk={chunk}; this rank (global rank {route.rank}) uses first_chunk={f}, "
-                f"chunk={self.chunk}. Configure every rank alike (FASTBCAST_FIRST_CHUNK / FASTBCAST_CHUNK).")
-            if first_chunk != f:
-                # The first collective itself did not line up: there is no
-                # frame to follow, so nothing more can be received safely.
-                raise mismatch
-            # Otherwise follow the source's chunking to the end of the frame
-            # (so the source is not left sending), then raise.
-        total = max(HEADER_BYTES + payload_len, f)
-        announced = payload_len + (device_len if flags & _C.FLAG_CUDA else 0)
-        if announced > self.max_bytes:
-            self._drain(route, total, chunk, device_len if flags & _C.FLAG_CUDA else 0)
-            raise BroadcastError(
-                f"the source (global rank {route.src}) sent a frame of {announced} bytes, over this rank's "
-                f"(global rank {route.rank}) max_bytes={self.max_bytes} (Broadcaster(max_bytes=) / "
-                f"FASTBCAST_MAX_BYTES); it was received in pieces and dropped. Configure every rank alike.")
-        self._recv_hint = total
-        if total > f:
-            if host.numel() < total:
-                bigger = self._host(total)
-                bigger[:f].copy_(host[:f])
-                host = bigger
-            n = 1 + -(-(total - f) // chunk)
-            if self._cuda:
-                dev = self._stage(total)
-                for i, off in enumerate(range(f, total, chunk)):
-                    self._bcast(dev[off:min(off + chunk, total)], route, f"collective {i + 2} of {n}")
-                self._to_host(dev, host, f, total)
-            else:
-                for i, off in enumerate(range(f, total, chunk)):
-                    self._bcast(host[off:min(off + chunk, total)], route, f"collective {i + 2} of {n}")
-        device_buffer = None
-        if flags & _C.FLAG_CUDA:
-            device_buffer = torch.empty(device_len, dtype=torch.uint8, device=self.device if self._cuda else "cpu")
-            if device_len:  # the source sends the device buffer only when it has bytes
-                self._bcast(device_buffer, route, "the device buffer")
-        # Everything the source sent has been received: errors from here on
-        # leave no rank waiting.
-        if mismatch is not None:
-            raise mismatch
-        if version != FORMAT_VERSION:
-            raise BroadcastError(
-                f"fastbcast format version mismatch: the source (global rank {route.src}) sent version {version}, "
-                f"this rank (global rank {route.rank}) speaks version {FORMAT_VERSION}. Install the same fastbcast "
-                f"on every rank.")
-        if flags & _C.FLAG_ERROR:
-            raise BroadcastError(bytes(host[HEADER_BYTES:HEADER_BYTES + payload_len].numpy()).decode("utf-8", "replace"))
-        return _C.decode_frame(host, payload_len, device_buffer, self.allow_pickle, self.trusted)
-
-    def _drain(self, route: Route, total: int, chunk: int, device_len: int):
-        """Receives the rest of a refused frame into one reused piece of at
-        most `chunk` bytes, so the source finishes and nothing large is kept."""
-        f = self.first_chunk
-        if total > f:
-            piece = min(chunk, total - f)
-            scratch = self._stage(piece) if self._cuda else torch.empty(piece, dtype=torch.uint8)
-            n = 1 + -(-(total - f) // chunk)
-            for i, off in enumerate(range(f, total, chunk)):
-                self._bcast(scratch[:min(chunk, total - off)], route, f"collective {i + 2} of {n} (dropped)")
-        if device_len:
-            scratch = torch.empty(device_len, dtype=torch.uint8, device=self.device if self._cuda else "cpu")
-            self._bcast(scratch, route, "the device buffer (dropped)")
-
-    @staticmethod
-    def _to_host(dev: torch.Tensor, host: torch.Tensor, start: int, stop: int):
-        host[start:stop].copy_(dev[start:stop], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        event.synchronize()
+            device_len = device_len if flags & _C.FLAG_CUDA else 0
+            if version != FORMAT_VERSION:
+                t.recv_device(device_len, route, deadline)   # dropped: the source must not be left sending
+                raise BroadcastError(
+                    f"fastbcast format version mismatch: the source (global rank {route.src}) sent version "
+                    f"{version}, this rank (global rank {route.rank}) speaks version {FORMAT_VERSION}. Install the "
+                    f"same fastbcast on every rank.")
+            announced = payload_len + device_len
+            if frame is None or announced > self.max_bytes:
+                t.recv_device(device_len, route, deadline)
+                raise BroadcastError(
+                    f"the source (global rank {route.src}) sent a frame of {announced} bytes, over this rank's "
+                    f"(global rank {route.rank}) max_bytes={self.max_bytes} (Broadcaster(max_bytes=) / "
+                    f"FASTBCAST_MAX_BYTES); it was received and dropped. Configure every rank alike.")
+            device_buffer = t.recv_device(device_len, route, deadline) if flags & _C.FLAG_CUDA else None
+            # Everything the source sent has been received: errors from here
+            # on leave no rank waiting.
+            if seq != self._state.seq:
+                self._state.give_up(f"global rank {route.rank} made its call {self._state.seq} on this group while "
+                                    f"the source (global rank {route.src}) sent its call {seq}")
+                raise BroadcastError(
+                    f"calls out of step: {self._state.broken}. Every rank of a group must make the same broadcast calls "
+                    f"in the same order (a rank skipped a call or made an extra one).")
+            if flags & _C.FLAG_ERROR:
+                raise BroadcastError(_C.frame_message(frame, payload_len))
+            return _C.decode_frame(frame, payload_len, device_buffer, self.allow_pickle, self.trusted)
+        finally:
+            t.release()
 
 
 # Broadcaster per (group, device, options) for the one-line functions below:
@@ -538,12 +471,14 @@ def close_all() -> None:
         for b in _BROADCASTERS.values():
             b.close()
         _BROADCASTERS.clear()
+        _PYOBJ.clear()
 
 
 def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | None = None,
               src_group_rank: int | None = None, device=None, rank: int | None = None, compat: bool = False,
-              allow_pickle: bool = False, trusted: Iterable[str] = (),
-              timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None) -> Any:
+              allow_pickle: bool = False, trusted: Iterable[str] | str = (),
+              timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None,
+              transport: str | None = None) -> Any:
     """Broadcasts `obj` from one rank to every rank of a group, in one line.
 
     Every rank of the group calls it; every rank returns an equal object.
@@ -560,8 +495,9 @@ def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | No
         rank: optionally this process's GLOBAL rank, checked.
         compat, allow_pickle, trusted: codec options (see `fastbcast.encode`
             and `fastbcast.decode`).
-        timeout, max_bytes: as for `Broadcaster` (seconds the call may take;
-            the most bytes it may carry).
+        timeout, max_bytes, transport: as for `Broadcaster` (seconds the
+            call may take; the most bytes it may carry; "auto", "shm" or
+            "collective").
 
     Returns:
         `obj` on the source, an equal decoded object elsewhere.
@@ -571,8 +507,8 @@ def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | No
         # need not be the group's lowest rank), so resolve it here.
         route = resolve(mesh=mesh, dim=dim, src=src, src_group_rank=src_group_rank, rank=rank)
         group, src, src_group_rank = route.group, route.src, None
-    b = _cached(group, device, compat=compat, allow_pickle=allow_pickle, trusted=tuple(trusted),
-                timeout=_seconds(timeout), max_bytes=max_bytes)
+    b = _cached(group, device, compat=compat, allow_pickle=allow_pickle, trusted=_prefixes(trusted),
+                timeout=_seconds(timeout), max_bytes=max_bytes, transport=transport)
     return b.broadcast(obj, src=src, src_group_rank=src_group_rank, rank=rank)
 
 
@@ -582,7 +518,7 @@ DROP_IN_ALLOW_PICKLE = os.environ.get("FASTBCAST_ALLOW_PICKLE", "1") != "0"
 
 def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_cpu_device: bool = True, *,
                     allow_pickle: bool | None = None, timeout: float | datetime.timedelta | None = None,
-                    max_bytes: int | None = None) -> list:
+                    max_bytes: int | None = None, transport: str | None = None) -> list:
     """Drop-in for SGLang's `broadcast_pyobj`, with the same signature and results.
 
     Arguments:
@@ -601,27 +537,42 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
             it), which keeps every payload that works with SGLang's pickle
             version working; natively representable objects never use pickle.
             Pass False for the secure setting: no pickle on the wire.
-        timeout, max_bytes: as for `Broadcaster` (seconds the call may take,
-            default FASTBCAST_TIMEOUT or none; the most bytes it may carry,
-            default FASTBCAST_MAX_BYTES or 4 GiB).
+        timeout, max_bytes, transport: as for `Broadcaster` (seconds the
+            call may take, default FASTBCAST_TIMEOUT or none; the most bytes
+            it may carry, default FASTBCAST_MAX_BYTES or 4 GiB; "auto"
+            (default: shared memory when the group is on one host), "shm" or
+            "collective", default FASTBCAST_TRANSPORT).
 
     Returns:
         `data` on the source; an equal list on every other rank; [] everywhere
         when `data` is [].
     """
     allow = DROP_IN_ALLOW_PICKLE if allow_pickle is None else allow_pickle
-    if dist_group is None:
-        dist_group = dist.group.WORLD
-    _require_live(dist_group)
-    backend = _backend(dist_group)
+    key = (dist_group, force_cpu_device, allow, _seconds(timeout), max_bytes, transport)
+    b = _PYOBJ.get(key)
+    if b is None or b._closed:
+        b = _PYOBJ[key] = _pyobj_broadcaster(dist_group, force_cpu_device, allow, timeout, max_bytes, transport)
+    if data is not None and len(data) == 0:
+        # SGLang sends size 0 for any empty `data` and receivers build `[]`:
+        # an empty tuple must arrive as `[]` too. The source still returns
+        # its own `data`.
+        empty = []
+        got = b.broadcast(empty, src=src, rank=rank)
+        return data if got is empty else got
+    return b.broadcast(data, src=src, rank=rank)
+
+# The drop-in's Broadcaster per (group, options): the per-step call of SGLang's
+# scheduler looks it up here in one dict access.
+_PYOBJ: dict = {}
+
+
+def _pyobj_broadcaster(dist_group, force_cpu_device, allow, timeout, max_bytes, transport) -> Broadcaster:
+    group = dist.group.WORLD if dist_group is None else dist_group
+    _require_live(group)
+    backend = _backend(group)
     if backend == "nccl" and force_cpu_device:
         raise ValueError("broadcast_pyobj(force_cpu_device=True) needs a group that carries CPU tensors (gloo); "
                          "this group's backend is nccl: pass its CPU group or force_cpu_device=False")
     device = None if backend == "nccl" else torch.device("cpu")
-    b = _cached(dist_group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes)
-    if data is not None and len(data) == 0 and dist.get_rank() == src:
-        # SGLang sends size 0 for any empty `data` and receivers build `[]`:
-        # an empty tuple must arrive as `[]` too.
-        b.broadcast([], src=src, rank=rank)
-        return data
-    return b.broadcast(data, src=src, rank=rank)
+    return _cached(group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes,
+                   transport=transport)

@@ -33,7 +33,7 @@ import traceback
 
 import torch
 
-__all__ = ["run_distributed", "free_port", "gpu_count", "requires_gpus"]
+__all__ = ["run_distributed", "run_distributed_may_die", "free_port", "gpu_count", "requires_gpus"]
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -309,3 +309,44 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
                 f"run_distributed({getattr(fn, '__qualname__', fn)}, world_size={world_size}, "
                 f"backend={backend!r}): ranks {failed} failed\n" + "\n".join(problems))
         return [results[rank][1] for rank in range(world_size)]
+
+
+def run_distributed_may_die(fn, world: int, *args, timeout: float = 120) -> dict:
+    """Like run_distributed, but a rank may die (fault tests): returns {rank:
+    ("ok", value) | ("error", traceback) | ("died", exitcode) | ("hung", None)}."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    payload = pickle.dumps((fn, args, {}))
+    with tempfile.TemporaryDirectory(prefix="fastbcast-kill-") as workdir, _child_env():
+        procs = [ctx.Process(target=_child, daemon=True,
+                             args=(r, world, port, "gloo", timeout, payload, workdir, list(sys.path)))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        # Wait until every rank has written a result or died; a survivor may
+        # then spend a while in destroy_process_group with dead peers.
+        deadline = time.monotonic() + timeout
+        done_at = None
+        while time.monotonic() < deadline and any(p.exitcode is None for p in procs):
+            settled = all(p.exitcode is not None or os.path.exists(os.path.join(workdir, f"rank{r}.result"))
+                          for r, p in enumerate(procs))
+            if settled and done_at is None:
+                done_at = time.monotonic()
+            if done_at is not None and time.monotonic() - done_at > 3:
+                break
+            time.sleep(0.1)
+        out = {}
+        for r, p in enumerate(procs):
+            path = os.path.join(workdir, f"rank{r}.result")
+            if p.exitcode is None:
+                p.kill()
+                p.join(5)
+                if not os.path.exists(path):
+                    out[r] = ("hung", None)
+                    continue
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    out[r] = pickle.load(f)
+            else:
+                out[r] = ("died", p.exitcode)
+        return out

@@ -14,6 +14,11 @@ gets a timeout error after that long, and the ranks meet again at the next
 check's new_group. (That a check finished within that timeout is part of
 what the error checks assert: nothing hung.)
 
+The whole run happens twice, once per transport (`FASTBCAST_TRANSPORT`):
+"collective" (gloo) and "shm" (shared-memory rings; the ranks all sit on this
+host). Checks that count collectives count them only on the collective
+transport; on shared memory the same sizes cross slot boundaries instead.
+
 The large payload runs on 2 ranks in a run of its own.
 """
 from __future__ import annotations
@@ -86,8 +91,17 @@ def _bytes_encoding_to(n_encoded: int) -> bytes:
     raise AssertionError(f"no bytes object encodes to {n_encoded} bytes")
 
 
+def _header_bytes():
+    return _fb()._C.HEADER_BYTES
+
+
+def _counts_collectives(b) -> bool:
+    """Whether b moves its frames with collectives (so they can be counted)."""
+    return b.transport == "collective"
+
+
 def _expected_collectives(encoded_len, first_chunk, chunk):
-    total = 32 + encoded_len
+    total = _header_bytes() + encoded_len
     if total <= first_chunk:
         return 1
     return 1 + math.ceil((total - first_chunk) / chunk)
@@ -291,8 +305,8 @@ def _check_type_zoo(rank, world):
     fb = _fb()
     g = _group(range(world))
     zoo = bt.type_zoo()
-    small = {k: v for k, v in zoo.items() if k not in ("str", "bytes")}   # fits the first chunk
-    assert len(fb.encode(small)) <= _bmod().DEFAULT_FIRST_CHUNK - 32
+    small = {k: v for k, v in zoo.items() if k not in ("str", "bytes")}   # fits a 4 KiB first chunk
+    assert len(fb.encode(small)) <= 4096 - _header_bytes()
     for src in range(world):
         _check_round(lambda o: fb.broadcast(o, group=g, src=src), rank, src, zoo)
         _check_round(lambda o: fb.broadcast(o, group=g, src=src), rank, src, small)
@@ -354,13 +368,16 @@ def _check_empty_list(rank, world):
 @check
 def _check_first_chunk_boundaries(rank, world):
     fb = _fb()
+    h = _header_bytes()
     g = _group(range(world))
-    default_f = _bmod().DEFAULT_FIRST_CHUNK
     default_chunk = _bmod().DEFAULT_CHUNK
-    for f in (4096, default_f):
-        b = fb.Broadcaster(g, first_chunk=f) if f != default_f else fb.Broadcaster(g)
+    default_b = fb.Broadcaster(g)
+    default_f = default_b.first_chunk
+    assert default_f == _bmod().DEFAULT_FIRST_CHUNKS["gloo"]
+    for f in (1024, default_f):
+        b = fb.Broadcaster(g, first_chunk=f) if f != default_f else default_b
         assert b.first_chunk == f
-        for delta in (-33, -32, -31, -33, -31, -32):     # also back and forth on one Broadcaster
+        for delta in (-h - 1, -h, -h + 1, -h - 1, -h + 1, -h):     # also back and forth on one Broadcaster
             n_enc = f + delta
             payload = _bytes_encoding_to(n_enc)
             assert len(fb.encode(payload)) == n_enc
@@ -369,34 +386,35 @@ def _check_first_chunk_boundaries(rank, world):
                     got = b.broadcast(payload if rank == src else None, src=src)
                 assert got == payload and type(got) is bytes, (f, delta, len(got))
                 want = _expected_collectives(n_enc, f, default_chunk)
-                assert want == (1 if delta <= -32 else 2)
-                if c.count is not None:
+                assert want == (1 if delta <= -h else 2)
+                if c.count is not None and _counts_collectives(b):
                     assert c.count == want, f"first_chunk={f}, encoded {n_enc} B: {c.count} collectives, want {want}"
         b.close()
     # The one-line function uses the default first chunk.
-    for delta in (-32, -31):
+    for delta in (-h, -h + 1):
         payload = _bytes_encoding_to(default_f + delta)
         with CountBroadcasts() as c:
             got = fb.broadcast(payload if rank == 1 else None, group=g, src=1)
         assert got == payload
-        if c.count is not None:
-            assert c.count == (1 if delta == -32 else 2), (delta, c.count)
+        if c.count is not None and _counts_collectives(default_b):
+            assert c.count == (1 if delta == -h else 2), (delta, c.count)
 
 
 @check
 def _check_multi_chunk(rank, world):
     fb = _fb()
     g = _group(range(world))
+    HB = _header_bytes()
     cases = [
         # (first_chunk, chunk, encoded length)
         (4096, 1000, 10_003),                 # 10 kB: the last chunk is partial
-        (4096, 1024, 4096 + 6 * 1024 - 32),   # chunks divide the rest exactly
-        (4096, 1024, 4096 + 6 * 1024 - 31),   # one byte into one more chunk
-        (4096, 1024, 4096 + 6 * 1024 - 33),   # one byte short of the exact fit
-        (4096, 1024, 4096 - 31),              # just over the first chunk: one 1-byte chunk
-        (64, 13, 5000),                       # many tiny chunks
-        (32, 1000, 2),                        # first_chunk = the header alone: b"" in one 2-byte chunk
-        (32, 1000, 5000),
+        (4096, 1024, 4096 + 6 * 1024 - HB),       # chunks divide the rest exactly
+        (4096, 1024, 4096 + 6 * 1024 - HB + 1),   # one byte into one more chunk
+        (4096, 1024, 4096 + 6 * 1024 - HB - 1),   # one byte short of the exact fit
+        (4096, 1024, 4096 - HB + 1),              # just over the first chunk: one 1-byte chunk
+        (64, 13, 5000),                           # many tiny chunks
+        (HB, 1000, 2),                            # first_chunk = the header alone: b"" in one 2-byte chunk
+        (HB, 1000, 5000),
     ]
     for f, c, n_enc in cases:
         payload = _bytes_encoding_to(n_enc)
@@ -406,7 +424,7 @@ def _check_multi_chunk(rank, world):
                 with CountBroadcasts() as cc:
                     got = b.broadcast(payload if rank == src else None, src=src)
                 assert got == payload, (f, c, n_enc, src)
-                if cc.count is not None:
+                if cc.count is not None and _counts_collectives(b):
                     assert cc.count == want_n, (f, c, n_enc, cc.count, want_n)
     # A structured object over chunks, both directions on one Broadcaster.
     with fb.Broadcaster(g, first_chunk=4096, chunk=1000) as b:
@@ -573,7 +591,7 @@ def _check_error_unsupported_type(rank, world):
                     assert "['bad'][1][1]" in str(e) and "Opaque" in str(e), str(e)
                 else:
                     e = _raises(fb.BroadcastError, b.broadcast, None, src=src)
-                    if b.first_chunk - 32 >= 400:     # the whole message fits the error frame
+                    if b.first_chunk - _header_bytes() >= 400:     # the whole message fits the error frame
                         assert local_msg in str(e), f"receiver's error {str(e)!r} lacks {local_msg!r}"
                     assert str(e), "empty BroadcastError"
                 assert time.monotonic() - started < CHECK_TIMEOUT_S / 2
@@ -668,7 +686,7 @@ def _check_chunk_size_mismatch(rank, world):
     g = _group(range(world), timeout=10)   # a hang here costs 10 s, not CHECK_TIMEOUT_S
     payload = _bytes_encoding_to(10_003)
     chunk = 2000 if rank == 0 else 1000
-    with fb.Broadcaster(g, first_chunk=4096, chunk=chunk) as b:
+    with fb.Broadcaster(g, first_chunk=4096, chunk=chunk, transport="collective") as b:
         started = time.monotonic()
         if rank == 0:
             try:
@@ -682,7 +700,7 @@ def _check_chunk_size_mismatch(rank, world):
             e = _raises(fb.BroadcastError, b.broadcast, None, src=0)
             assert "chunk" in str(e), str(e)
         assert time.monotonic() - started < 5
-    with fb.Broadcaster(g, first_chunk=4096, chunk=1000) as b:
+    with fb.Broadcaster(g, first_chunk=4096, chunk=1000, transport="collective") as b:
         try:
             _check_round(lambda o: b.broadcast(o, src=0), rank, 0, payload)
         except fb.DecodeError as e:
@@ -691,9 +709,11 @@ def _check_chunk_size_mismatch(rank, world):
                 f"what was left of the rejected frame as a new frame ({e})") from e
 
 
-def _run_checks(rank, world_size, outdir, names):
-    """Runs the named checks in order; writes '<name>.rank<r>' files with
-    'ok <seconds>' or the traceback."""
+def _run_checks(rank, world_size, outdir, names, transport):
+    """Runs the named checks in order with `transport` as every
+    Broadcaster's default; writes '<name>.rank<r>' files with 'ok <seconds>'
+    or the traceback."""
+    _bmod().DEFAULT_TRANSPORT = transport
     bt.register_all()
     for name in names:
         started = time.monotonic()
@@ -715,13 +735,13 @@ def _run_checks(rank, world_size, outdir, names):
 # The tests
 # --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def four_rank_run(tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("bcast4"))
+@pytest.fixture(scope="module", params=["collective", "shm"])
+def four_rank_run(tmp_path_factory, request):
+    outdir = str(tmp_path_factory.mktemp(f"bcast4-{request.param}"))
     error = None
     started = time.monotonic()
     try:
-        run_distributed(_run_checks, WORLD, outdir, list(CHECKS), timeout=RUN_TIMEOUT_S)
+        run_distributed(_run_checks, WORLD, outdir, list(CHECKS), request.param, timeout=RUN_TIMEOUT_S)
     except AssertionError as e:
         error = str(e)
     return outdir, error, time.monotonic() - started

@@ -1,0 +1,54 @@
+// One message of any length through a ShmRing: the writer streams it slot by
+// slot, each reader takes it slot by slot. Every slot says which message it
+// belongs to (msg_seq), where in it (index), the whole length (msg_len) and
+// its own byte count (nbytes); a reader checks all four against what it
+// expects, so a skipped, repeated or garbled slot is a ShmCorrupt
+// (fastbcast.DecodeError), never a read past the slot.
+//
+// A message that fits one slot is returned as a view of the slot (zero copy),
+// held until release() or the next recv(); a longer one is copied into a
+// PinnedPool block, each slot released as soon as it is copied.
+//
+// A send or recv that fails between two slots of one message leaves the
+// stream out of step: that end refuses further use (close it, and make a new
+// channel). A timeout before the first slot moved changes nothing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "shm_ring.h"
+
+namespace fastbcast {
+
+class ShmChannel {
+ public:
+  static std::shared_ptr<ShmChannel> create(const std::string& name, const std::vector<int>& ranks,
+                                            const std::vector<int>& pids, uint32_t n_slots, uint64_t slot_bytes);
+  static std::shared_ptr<ShmChannel> attach(const std::string& name, int reader, const std::vector<int>& ranks,
+                                            const std::vector<int>& pids, const WaitPolicy& policy);
+
+  // Writer: returns once the last slot is published.
+  void send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& policy);
+  // Reader: the next whole message (uint8, 1-D).
+  at::Tensor recv(const WaitPolicy& policy);
+  void release();
+  void close();
+
+  ShmRing& ring() { return *ring_; }
+
+ private:
+  explicit ShmChannel(std::unique_ptr<ShmRing> r) : ring_(std::move(r)) {}
+  void check_usable(bool writer) const;
+  [[noreturn]] void corrupt(const std::string& what);
+
+  std::unique_ptr<ShmRing> ring_;
+  uint64_t msg_seq_ = 0;  // writer: messages sent; reader: messages received
+  bool holding_ = false;  // reader: a one-slot message's slot is still held
+  std::string broken_;    // why this end can no longer be used
+};
+
+}  // namespace fastbcast

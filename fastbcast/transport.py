@@ -1,0 +1,538 @@
+"""Where a broadcast's bytes move: the two transports under the protocol.
+
+The protocol (`fastbcast.broadcast.Broadcaster`) builds a frame (FORMAT.md
+section 3) and hands it to a transport; receivers get the whole frame back
+from theirs. A transport moves bytes and nothing else: it never looks inside
+the value, and what a header means is asked of the C++ core (`_C`).
+
+* `CollectiveTransport`: the group's own broadcast collective. gloo moves the
+  host buffer; NCCL stages it through a cached device buffer with
+  asynchronous copies (receivers wait on CUDA events, never `.item()`). The
+  first collective always moves `first_chunk` bytes, so a frame that fits
+  needs exactly one; a longer one continues in collectives of `chunk` bytes
+  whose count every receiver derives from the header.
+* `ShmTransport`: a ring of slots in POSIX shared memory per source
+  (`_C.ShmChannel`, csrc/shm_ring.h), for groups whose ranks all sit on one
+  host. The ring is set up the first time a source sends, with two small
+  collectives on the group; after that a broadcast is a few stores and
+  loads in shared memory. The rings belong to the group (`GroupState`),
+  shared by every Broadcaster on it.
+
+CUDA tensors inside an object always travel device to device over the
+group's collective (`send_device` / `recv_device`), whatever carried the host
+bytes.
+
+Both transports raise `TransportError` (a peer died, a collective failed) and
+`TransportTimeout` (the call's deadline passed); the protocol turns them into
+`BroadcastError` / `BroadcastTimeoutError` with the group's ranks in the
+message.
+"""
+from __future__ import annotations
+
+import datetime
+import errno as errno_mod
+import hashlib
+import logging
+import mmap
+import os
+import secrets
+import socket
+import time
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from ._loader import _C
+from ._version import FORMAT_VERSION
+from .mesh import Route
+
+logger = logging.getLogger("fastbcast")
+
+__all__ = ["CollectiveTransport", "ShmTransport", "GroupState", "TransportError", "TransportTimeout"]
+
+
+# torch 2.13 renamed all_gather_into_tensor; 2.11 (the GPU machines) has only the old name.
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class TransportError(RuntimeError):
+    """Bytes could not be moved: a peer died or a collective failed."""
+
+
+class TransportTimeout(TransportError):
+    """The call's deadline passed while waiting for a peer."""
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (a time.monotonic() value); None: no deadline."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TransportTimeout("the call's timeout passed")
+    return left
+
+
+def collective(op, tensor: torch.Tensor, route: Route, deadline: float | None, what: str, **kwargs):
+    """Runs one collective (`dist.broadcast`, `dist.all_gather_into_tensor`,
+    ...) on the route's group, bounded by `deadline` when there is one."""
+    try:
+        if deadline is None:
+            op(tensor, group=route.group, **kwargs)
+            return
+        work = op(tensor, group=route.group, async_op=True, **kwargs)
+        work.wait(timeout=datetime.timedelta(seconds=_left(deadline)))
+    except TransportError:
+        raise
+    except RuntimeError as e:
+        if deadline is not None and (time.monotonic() >= deadline - 1e-3 or "timed out" in str(e).lower()):
+            raise TransportTimeout(f"{what}: {e}") from e
+        raise TransportError(f"{what}: {type(e).__name__}: {e}") from e
+
+
+def read_header(buf: torch.Tensor, route: Route) -> tuple:
+    """The header of a received frame (`_C.read_header`). Bytes that are not
+    a frame at all leave nothing to tell where the source is in its
+    protocol: a TransportError, so the group is given up."""
+    try:
+        return _C.read_header(buf, FORMAT_VERSION)
+    except ValueError as e:
+        raise TransportError(f"global rank {route.rank} received a corrupt frame header from global rank "
+                             f"{route.src}: {e}") from e
+
+
+def _host(nbytes: int) -> torch.Tensor:
+    """A host buffer of at least nbytes: a pool block or, when the pool's cap
+    is reached, ordinary memory (a rank that cannot join a collective would
+    leave its peers waiting)."""
+    try:
+        return _C.pool_acquire(nbytes)
+    except RuntimeError:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+#: Receive buffers up to this size are kept for the next call.
+KEEP_RECV_BUFFER = 16 << 20
+
+
+class CollectiveTransport:
+    """Frames over the group's broadcast collective.
+
+    Arguments:
+        device: the device the collectives move (CPU for gloo, the current
+            CUDA device for NCCL).
+        first_chunk: bytes of the first collective; every frame's first.
+        chunk: bytes of each following collective.
+    """
+
+    name = "collective"
+
+    def __init__(self, device: torch.device, first_chunk: int, chunk: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.first_chunk = first_chunk
+        self.chunk = chunk
+        self.min_capacity = first_chunk     # the source's block is read first_chunk bytes deep
+        self._staging: torch.Tensor | None = None   # device bytes (NCCL only)
+        self._inflight = None                       # (host block, event) of the last H2D copy
+        self._recv_buf: torch.Tensor | None = None  # receivers reuse one host buffer
+
+    # -- helpers ---------------------------------------------------------
+    def _stage(self, nbytes: int) -> torch.Tensor:
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8, device=self.device)
+        return self._staging
+
+    def _chunks(self, buf: torch.Tensor, total: int, route: Route, deadline, chunk: int | None = None):
+        """Moves buf[first_chunk:total] in collectives of `chunk` bytes."""
+        c = chunk or self.chunk
+        n = 1 + -(-(total - self.first_chunk) // c)
+        for i, off in enumerate(range(self.first_chunk, total, c)):
+            collective(dist.broadcast, buf[off:min(off + c, total)], route, deadline,
+                       f"collective {i + 2} of {n}", src=route.src)
+
+    def settle(self) -> None:
+        # The previous source call's H2D copy may still read its host block;
+        # wait for it before the block can go back to the pool.
+        if self._inflight is not None:
+            self._inflight[1].synchronize()
+            self._inflight = None
+
+    # -- frames ----------------------------------------------------------
+    def send(self, block: torch.Tensor, nbytes: int, route: Route, deadline) -> None:
+        """Source: block[:nbytes] is the frame; block is at least first_chunk long."""
+        total = max(nbytes, self.first_chunk)
+        buf = block
+        if self.cuda:
+            buf = self._stage(total)
+            buf[:nbytes].copy_(block[:nbytes], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._inflight = (block, event)
+        n = 1 + -(-(total - self.first_chunk) // self.chunk)
+        collective(dist.broadcast, buf[:self.first_chunk], route, deadline, f"collective 1 of {n} (the first chunk)",
+                   src=route.src)
+        self._chunks(buf, total, route, deadline)
+
+    def recv(self, route: Route, deadline, max_bytes: int):
+        """Receiver: the whole frame. Returns (buf, header): buf is None when
+        the frame was over max_bytes (its bytes were received in chunk-sized
+        pieces and dropped, so the source finished)."""
+        f = self.first_chunk
+        host = self._recv_buf if self._recv_buf is not None else _host(f)
+        if self.cuda:
+            dev = self._stage(max(f, host.numel()))
+            collective(dist.broadcast, dev[:f], route, deadline, "collective 1 (the first chunk)", src=route.src)
+            _to_host(dev, host, 0, f)
+        else:
+            collective(dist.broadcast, host[:f], route, deadline, "collective 1 (the first chunk)", src=route.src)
+        header = read_header(host, route)
+        version, flags, total, _, first_chunk, chunk, device_len, _ = header
+        if (first_chunk, chunk) != (f, self.chunk):
+            msg = (f"chunk sizes differ between ranks: the source (global rank {route.src}) uses first_chunk="
+                   f"{first_chunk}, chunk={chunk}; this rank (global rank {route.rank}) uses first_chunk={f}, "
+                   f"chunk={self.chunk}. Configure every rank alike (FASTBCAST_FIRST_CHUNK / FASTBCAST_CHUNK).")
+            if first_chunk == f:
+                # Follow the source's chunking to the frame's end, so the
+                # source is not left sending, then raise.
+                self._drain(route, deadline, total, chunk)
+                if flags & _C.FLAG_CUDA:
+                    self.recv_device(device_len, route, deadline)
+            raise ProtocolMismatch(msg)
+        total = max(total, f)
+        announced = total - _C.HEADER_BYTES + (device_len if flags & _C.FLAG_CUDA else 0)
+        if version == FORMAT_VERSION and announced > max_bytes:
+            self._drain(route, deadline, total, self.chunk)
+            return None, header
+        if host.numel() < total:
+            bigger = _host(total)
+            bigger[:f].copy_(host[:f])
+            host = bigger
+        self._recv_buf = host
+        if total > f:
+            if self.cuda:
+                dev = self._stage(total)
+                self._chunks(dev, total, route, deadline)
+                _to_host(dev, host, f, total)
+            else:
+                self._chunks(host, total, route, deadline)
+        return host, header
+
+    def _drain(self, route: Route, deadline, total: int, chunk: int) -> None:
+        """Receives the rest of a refused frame into one reused piece of at
+        most `chunk` bytes, so the source finishes and nothing large is kept."""
+        if total > self.first_chunk:
+            piece = min(chunk, total - self.first_chunk)
+            scratch = self._stage(piece) if self.cuda else torch.empty(piece, dtype=torch.uint8)
+            n = 1 + -(-(total - self.first_chunk) // chunk)
+            for i, off in enumerate(range(self.first_chunk, total, chunk)):
+                collective(dist.broadcast, scratch[:min(chunk, total - off)], route, deadline,
+                           f"collective {i + 2} of {n} (dropped)", src=route.src)
+
+    def release(self) -> None:
+        """Receiver: done with the frame returned by recv. Its buffer is kept
+        for the next call unless it is large: a Broadcaster lives as long as
+        its group, and one large frame must not pin its size for good."""
+        if self._recv_buf is not None and self._recv_buf.numel() > KEEP_RECV_BUFFER:
+            self._recv_buf = None
+
+    # -- CUDA tensors ----------------------------------------------------
+    def send_device(self, buf: torch.Tensor, route: Route, deadline) -> None:
+        collective(dist.broadcast, buf, route, deadline, "the device buffer", src=route.src)
+
+    def recv_device(self, nbytes: int, route: Route, deadline) -> torch.Tensor:
+        """Receiver: the frame's device buffer (bytes the source sent with send_device)."""
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if nbytes:  # the source sends the device buffer only when it has bytes
+            collective(dist.broadcast, buf, route, deadline, "the device buffer", src=route.src)
+        return buf
+
+    def close(self) -> None:
+        self.settle()
+        self._staging = None
+        self._recv_buf = None
+
+
+class ProtocolMismatch(TransportError):
+    """The ranks are configured differently (chunk sizes); raised after the
+    frame was received, so no rank is left waiting."""
+
+
+def _to_host(dev: torch.Tensor, host: torch.Tensor, start: int, stop: int) -> None:
+    host[start:stop].copy_(dev[start:stop], non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    event.synchronize()
+
+
+# ---------------------------------------------------------------------------
+# Shared memory
+# ---------------------------------------------------------------------------
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v else default
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a killed process
+    stays one until its parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def shm_geometry() -> tuple[int, int]:
+    """(slots, slot_bytes) of each ring: FASTBCAST_SHM_SLOTS and
+    FASTBCAST_SHM_BYTES (the whole ring), or the C++ defaults."""
+    slots = _env_int("FASTBCAST_SHM_SLOTS", _C.SHM_DEFAULT_SLOTS)
+    total = _env_int("FASTBCAST_SHM_BYTES", slots * _C.SHM_DEFAULT_SLOT_BYTES)
+    if slots < 2 or total // slots < 4096:
+        raise ValueError(f"FASTBCAST_SHM_SLOTS={slots} / FASTBCAST_SHM_BYTES={total}: need at least 2 slots of "
+                         f"at least 4 KiB")
+    return slots, total // slots
+
+
+def host_key() -> int:
+    """Processes that can share a POSIX shared-memory segment get equal keys:
+    same kernel boot, same IPC namespace and same /dev/shm mount."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            parts.append("-")
+    for path in ("/proc/self/ns/ipc", "/dev/shm"):
+        try:
+            st = os.stat(path)
+            parts.append(f"{st.st_dev}:{st.st_ino}")
+        except OSError:
+            parts.append("-")
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def shm_probe(nbytes: int) -> int:
+    """0 if this process can create, reserve and map a segment of `nbytes` in
+    /dev/shm; otherwise the errno that stopped it."""
+    path = f"/dev/shm/fastbcast-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as e:
+        return e.errno or errno_mod.EIO
+    try:
+        os.unlink(path)
+        os.posix_fallocate(fd, 0, nbytes)
+        mmap.mmap(fd, nbytes).close()
+        return 0
+    except OSError as e:
+        return e.errno or errno_mod.EIO
+    finally:
+        os.close(fd)
+
+
+class GroupState:
+    """What every Broadcaster on one process group shares, on this rank.
+
+    The one-line functions keep one Broadcaster per set of options, and
+    ranks may pass different options (the source allow_pickle, receivers
+    trusted=...), so what must pair up across ranks lives here, per group:
+    the call number, whether the group is still in step, the transport the
+    ranks agreed on, and the shared-memory rings.
+
+    Found (or made, empty) by `GroupState.of`; `agree` settles the
+    transport with one collective at the group's first broadcast that may
+    use shared memory.
+    """
+
+    _all: "weakref.WeakKeyDictionary" = None   # process group -> GroupState
+
+    def __init__(self):
+        self.seq = 0
+        self.broken: str | None = None
+        self.agreed = False
+        self.no_shm: str | None = None          # why shared memory cannot be used (after agree)
+        self.pids: list[int] = []
+        self.token = 0
+        self.rings: dict[int, object] = {}     # source group rank -> ShmChannel, or None: use the collective
+
+    @classmethod
+    def of(cls, route: Route) -> "GroupState":
+        """The group's state on this rank (made empty the first time)."""
+        if cls._all is None:
+            cls._all = weakref.WeakKeyDictionary()
+        key = route.group if route.group is not None else dist.group.WORLD
+        state = cls._all.get(key)
+        if state is None:
+            state = cls._all[key] = cls()
+            weakref.finalize(key, state.close)
+        return state
+
+    def agree(self, route: Route, device: torch.device, deadline) -> None:
+        """Settles, once per group, whether shared memory can carry the
+        group's bytes: one all-gather of every rank's host key, pid and
+        whether it can map a ring. Every rank calls it at the same call (the
+        first broadcast on the group that may use shared memory)."""
+        if self.agreed:
+            return
+        slots, slot_bytes = shm_geometry()
+        mine = torch.tensor([host_key(), os.getpid(), shm_probe(slots * slot_bytes), secrets.randbits(62)],
+                            dtype=torch.int64, device=device)
+        every = torch.empty(route.size * 4, dtype=torch.int64, device=device)
+        collective(all_gather, every, route, deadline, "agreeing on the transport", input_tensor=mine)
+        rows = every.view(route.size, 4).tolist()
+        self.pids = [r[1] for r in rows]
+        self.token = rows[0][3]
+        failed = [(route.ranks[i], r[2]) for i, r in enumerate(rows) if r[2]]
+        if len({r[0] for r in rows}) != 1:
+            self.no_shm = "the group spans more than one host (or IPC namespace, or /dev/shm mount)"
+        elif failed:
+            self.no_shm = "; ".join(f"global rank {rk} cannot map a {slots * slot_bytes}-byte segment in /dev/shm "
+                                    f"({os.strerror(e)})" for rk, e in failed)
+            logger.warning("fastbcast: group %s uses the collective transport instead of shared memory: %s",
+                           list(route.ranks), self.no_shm)
+        self.agreed = True
+
+    def close(self) -> None:
+        for ch in self.rings.values():
+            if ch is not None:
+                ch.close()
+        self.rings.clear()
+
+    def give_up(self, why: str) -> None:
+        """The ranks are out of step: refuse further calls, and close the
+        rings so that peers waiting on this rank's end raise instead."""
+        if self.broken is None:
+            self.broken = why
+        self.close()
+
+    def dead_ranks(self, route: Route) -> list[tuple[int, int]]:
+        """(global rank, pid) of the group's processes that no longer exist
+        (known once the ranks agreed on the transport; all on this host)."""
+        if not self.pids or self.no_shm:
+            return []
+        return [(rank, pid) for rank, pid in zip(route.ranks, self.pids) if not _alive(pid)]
+
+    def ring(self, route: Route, collective_t: "CollectiveTransport", deadline):
+        """The ring of route's source, made the first time it sends: the
+        source says whether it made the segment, then every rank says
+        whether it attached (two small collectives, on every rank at the same
+        call). Only then does the source unlink the name, so nothing is left
+        in /dev/shm whatever happens to any process afterwards. None: the
+        ring could not be made, and that source uses the collective."""
+        ch = self.rings.get(route.src_group_rank, False)
+        if ch is not False:
+            return ch
+        s = route.src_group_rank
+        order = [s] + [i for i in range(route.size) if i != s]   # writer first, then the readers
+        ranks = [route.ranks[i] for i in order]
+        pids = [self.pids[i] for i in order]
+        name = f"fastbcast-{os.getuid()}-{self.token:x}-{s}"
+        slots, slot_bytes = shm_geometry()
+        dev = collective_t.device
+        ch, err = None, 0
+        if route.is_src:
+            try:
+                ch = _C.ShmChannel.create(name, ranks, pids, slots, slot_bytes)
+            except OSError as e:
+                err = e.errno or errno_mod.EIO
+        made = torch.tensor([err], dtype=torch.int64, device=dev)
+        collective(dist.broadcast, made, route, deadline, "setting up the shared-memory ring", src=route.src)
+        err = int(made.item())
+        if not err and not route.is_src:
+            try:
+                ch = _shm_call(_C.ShmChannel.attach, name, order.index(route.group_rank) - 1, ranks, pids,
+                               _left(deadline))
+            except (OSError, ValueError) as e:
+                err = getattr(e, "errno", None) or errno_mod.EIO
+        every = torch.empty(route.size, dtype=torch.int64, device=dev)
+        collective(all_gather, every, route, deadline, "attaching the shared-memory ring",
+                   input_tensor=torch.tensor([err], dtype=torch.int64, device=dev))
+        codes = every.tolist()
+        if ch is not None and route.is_src:
+            if not any(codes):
+                _shm_call(ch.wait_attached, _left(deadline))
+            ch.unlink()
+        if any(codes):
+            bad = ", ".join(f"global rank {route.ranks[i]}: {os.strerror(c)}" for i, c in enumerate(codes) if c)
+            logger.warning("fastbcast: source global rank %d of group %s uses the collective transport: the "
+                           "shared-memory ring could not be set up (%s)", route.src, list(route.ranks), bad)
+            if ch is not None:
+                ch.close()
+            ch = None
+        self.rings[s] = ch
+        return ch
+
+
+class ShmTransport:
+    """Frames through the group's shared-memory rings, one per source.
+
+    Arguments:
+        state: the group's GroupState (owns the rings).
+        collective: this Broadcaster's CollectiveTransport: it carries CUDA
+            tensors, and every frame of a source whose ring could not be
+            made.
+    """
+
+    name = "shm"
+    min_capacity = 0
+
+    def __init__(self, state: GroupState, collective: CollectiveTransport):
+        self.state = state
+        self.collective = collective
+        self._held = None
+
+    def send(self, block: torch.Tensor, nbytes: int, route: Route, deadline) -> None:
+        ch = self.state.ring(route, self.collective, deadline)
+        if ch is None:
+            self.collective.send(_padded(block, nbytes, self.collective.first_chunk), nbytes, route, deadline)
+            return
+        _shm_call(ch.send, block, nbytes, _left(deadline))
+
+    def recv(self, route: Route, deadline, max_bytes: int):
+        ch = self.state.ring(route, self.collective, deadline)
+        if ch is None:
+            return self.collective.recv(route, deadline, max_bytes)
+        buf = _shm_call(ch.recv, _left(deadline))
+        self._held = ch
+        return buf, read_header(buf, route)
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held, ch = None, self._held
+            ch.release()
+
+    def send_device(self, buf, route, deadline) -> None:
+        self.collective.send_device(buf, route, deadline)
+
+    def recv_device(self, nbytes, route, deadline):
+        return self.collective.recv_device(nbytes, route, deadline)
+
+    def settle(self) -> None:
+        self.collective.settle()
+
+    def close(self) -> None:
+        self.release()
+        self.collective.close()
+
+
+def _padded(block: torch.Tensor, nbytes: int, first_chunk: int) -> torch.Tensor:
+    """The collective path reads first_chunk bytes of the source's block."""
+    if block.numel() >= first_chunk:
+        return block
+    bigger = _host(first_chunk)
+    bigger[:nbytes].copy_(block[:nbytes])
+    return bigger
+
+
+def _shm_call(fn, *args):
+    try:
+        return fn(*args)
+    except _C.ShmTimeoutError as e:
+        raise TransportTimeout(str(e)) from e
+    except _C.ShmPeerError as e:
+        raise TransportError(str(e)) from e
