@@ -11,12 +11,16 @@
 # imports, and the pyzmq wheel for the target's Python); this script installs
 # the wheel to /tmp/site and puts both on PYTHONPATH. Without the folder those
 # rows print n/a with the reason. Takes about 4 minutes on 32 cores, after the
-# build (each run is capped: 3 x 130 s + 50 s at most). Every log and JSON lands
+# build (each run is capped: 3 x 110 s + 40 s at most). Every log and JSON lands
 # in $OUT. WORLDS, PAYLOADS, METHODS and SECONDS_PER_CELL override the defaults.
+#
+# On the GPU machine through the device tool (kind nvidia-h200-x2: 32 cores),
+# with .bench-carry named in carry:
+#   pip install --no-build-isolation --no-deps -e . && OUT=$OUT bash benchmarks/device_cpu_session.sh
 set -uo pipefail
 OUT=${OUT:-cpu-results}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} VLLM_TARGET_DEVICE=cpu
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_TARGET_DEVICE=cpu
 CARRY=${CARRY:-.bench-carry}
 if [ -d "$CARRY/whl" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -33,7 +37,7 @@ PAYLOADS=${PAYLOADS:-empty,tiny_1req,sched_step_8req,rollout_64x1k}
 METHODS=${METHODS:-codec,fastbcast,fastbcast-shm,fastbcast-collective,fastbcast_pyobj,pickle,vllm_mq,floor_cpu}
 SECONDS_PER_CELL=${SECONDS_PER_CELL:-0.5}
 for W in ${WORLDS:-2 4 8}; do
-  timeout 130 python3 -m fastbcast.bench --backend gloo --world-size "$W" --payloads "$PAYLOADS" \
+  timeout 110 python3 -m fastbcast.bench --backend gloo --world-size "$W" --payloads "$PAYLOADS" \
     --methods "$METHODS" --seconds "$SECONDS_PER_CELL" --max-reps 1000 --no-plot --progress off \
     --out "$OUT/w$W" > "$OUT/bench_w$W.log" 2>&1
   echo "world $W: exit $?"
@@ -41,7 +45,7 @@ for W in ${WORLDS:-2 4 8}; do
 done
 # Idle steps as they happen when requests are rare: receivers inside the call
 # for 2 ms before the source sends (long enough to leave any spin phase).
-timeout 50 python3 -m fastbcast.bench --backend gloo --world-size 4 --payloads empty,tiny_1req \
+timeout 40 python3 -m fastbcast.bench --backend gloo --world-size 4 --payloads empty,tiny_1req \
   --methods fastbcast,fastbcast-shm,pickle,vllm_mq --gap-us 2000 --seconds 0.3 --max-reps 300 \
   --no-plot --progress off --out "$OUT/w4-gap2ms" > "$OUT/bench_w4_gap2ms.log" 2>&1
 echo "world 4, gap 2 ms: exit $?"
