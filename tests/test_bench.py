@@ -103,3 +103,18 @@ def test_targets_apply_per_payload():
     assert checks["p50 us"] == (pytest.approx(8.0), True)
     assert checks["vs pickle"] == (pytest.approx(25.0), True)
     assert t["met"]
+
+
+def test_transport_rows_follow_the_broadcaster_signature():
+    import types
+
+    from fastbcast.bench.methods import transport_support
+
+    def with_transport(group=None, *, transport=None):
+        pass
+
+    def without(group=None, *, device=None):
+        pass
+
+    assert transport_support(types.SimpleNamespace(Broadcaster=with_transport)) is None
+    assert "no transport=" in transport_support(types.SimpleNamespace(Broadcaster=without))
