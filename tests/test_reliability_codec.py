@@ -265,8 +265,9 @@ def test_decode_and_discard_1000_payloads_leaks_nothing():
 
 
 def test_decode_through_the_frame_path_leaks_nothing():
-    frame = torch.zeros(32 + len(WIRE), dtype=torch.uint8)
-    frame[32:] = torch.frombuffer(bytearray(WIRE), dtype=torch.uint8)
+    h = _C.HEADER_BYTES
+    frame = torch.zeros(h + len(WIRE), dtype=torch.uint8)
+    frame[h:] = torch.frombuffer(bytearray(WIRE), dtype=torch.uint8)
     _Leak(lambda: _C.decode_frame(frame, len(WIRE), None, False, TRUSTED), watched=_cached_objects()).check()
 
 
