@@ -85,7 +85,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=[torch_range(torch.__version__)],
-    extras_require={"numpy": ["numpy"], "pydantic": ["pydantic>=2"], "bench": ["msgspec", "ormsgpack", "msgpack", "matplotlib", "tqdm"]},
+    extras_require={"numpy": ["numpy"], "pydantic": ["pydantic>=2"], "bench": ["numpy", "msgspec", "ormsgpack", "msgpack", "matplotlib", "tqdm"]},
     package_data={"fastbcast": ["py.typed"]},
     zip_safe=False,
 )

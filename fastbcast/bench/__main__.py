@@ -2,15 +2,19 @@
 
 Spawns --world-size local processes (or joins a torchrun launch), broadcasts
 each payload from one rank with each method, and prints one nccl-tests-style
-table per payload from rank 0: bytes, method, transport, median and min time,
-algbw and busbw (GB/s, on the size of fastbcast's encoding; busbw = algbw for a
-broadcast), and the speedup against the pickle design over the same transport.
-A summary line per payload follows each table and is repeated at the end.
+table per payload from rank 0: bytes, method, transport, p50, p90 and min
+time, algbw and busbw (GB/s, on the size of fastbcast's encoding; busbw =
+algbw for a broadcast), the speedup against the pickle design over the same
+transport, and the time as a multiple of fastbcast's encode + decode of the
+same payload (the codec row, measured in the same run). A summary line and
+the target checks of the shared-memory issue follow each table; both are
+repeated at the end, the targets as one table.
 
-Time of one sample: from a common barrier until the slowest rank holds the
-decoded object (each rank times barrier -> done, then all_reduce MAX). Each
-cell first checks, on every rank, that the received object equals the source
-object, so a broken method cannot report a time.
+Time of one sample: from the source's start until the slowest rank holds the
+decoded object, read on the host's one CLOCK_MONOTONIC by every rank, with
+receivers already waiting (see "timing" below). Each cell first checks, on
+every rank, that the received object equals the source object, so a broken
+method cannot report a time.
 
 Writes OUT/<timestamp>.json (machine, torch version, backend, world size,
 every sample) and OUT/<timestamp>.png (median time per payload and method on
@@ -43,7 +47,19 @@ methods (--methods, comma-separated; 'name@gloo' / 'name@nccl' picks one transpo
 payloads (--payloads, comma-separated; cuda_tensors exists only with CUDA):
 %s
 
-cells and timing:
+timing (--timing):
+  stamps (default when every rank is on this host): before each sample every
+  receiver marks, in a small shared file, that it is entering the call; the
+  source waits for all marks (plus --gap-us), reads the clock and calls. Each
+  rank reads the clock again when it holds the object and drops it; one
+  all_reduce after the call exchanges the stamps. Sample = max over ranks of
+  the end stamp - the source's start stamp. No collective and no barrier skew
+  inside the timed region, so microsecond payloads are measured as they are.
+  barrier: gloo barrier, each rank times its call, MAX over ranks. Used when
+  the ranks span hosts (no shared clock); its barrier exit skew (tens of us)
+  is inside every sample.
+
+cells:
   A cell is one payload x method. Each cell: one call whose result every rank
   checks against its own copy of the payload (a mismatch prints WRONG and no
   time), --warmup - 1 more untimed calls (none when the first call took more
@@ -54,20 +70,26 @@ cells and timing:
 output:
   Rank 0 prints the table of each payload as it completes, then the summary
   lines again. Columns: payload, bytes (fastbcast's encoding of the payload;
-  pickle's size if fastbcast cannot encode), method, via (transport), reps
-  (timed samples), median ms and min ms (barrier -> slowest rank holds the
-  decoded object), algbw GB/s = bytes / median (10^9 B/s), busbw GB/s (= algbw
-  for a broadcast), vs pickle (pickle design's median over the same transport /
-  this median), check. It writes OUT/<timestamp>.json (machine: hostname,
+  pickle's size if fastbcast cannot encode), method, via (transport; local
+  for the codec row), reps (timed samples), p50 / p90 / min us (source start
+  -> slowest rank holds the decoded object), algbw GB/s = bytes / p50 (10^9
+  B/s), busbw GB/s (= algbw for a broadcast), vs pickle (pickle design's p50
+  over the same transport / this p50), x codec (this p50 / the codec row's
+  p50), check. Then "# target" lines: each target of issue 10 that applies to
+  the payload, for each fastbcast row, with its value, limit and ok/MISSED. It writes OUT/<timestamp>.json (machine: hostname,
   CPUs, GPU name and count, torch version; backend, world size, options, and
   every sample of every cell) and OUT/<timestamp>.png (needs matplotlib). The
   progress bar needs tqdm; without matplotlib or tqdm the run goes on with a
-  one-line note.
+  one-line note, and so does numpy (the pickle design then reads its bytes
+  through the tensor's storage; msgspec is skipped). vllm_mq needs vLLM
+  (requirements-bench-vllm.txt); without it its rows print n/a with the reason.
 
 examples:
   python -m fastbcast.bench                        # default suite, this machine
   python -m fastbcast.bench --quick                # under a minute
   python -m fastbcast.bench --payloads rollout_256x4k --methods fastbcast,pickle
+  python -m fastbcast.bench --world-size 2 --payloads empty,tiny_1req \
+      --methods codec,fastbcast-shm,fastbcast-collective,pickle,vllm_mq
   torchrun --nproc-per-node 4 -m fastbcast.bench   # ranks from torchrun
 """ % (_METHOD_HELP, _PAYLOAD_HELP)
 
@@ -105,6 +127,12 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar on stderr (tqdm): auto shows it when stderr is a "
                         "terminal (default auto)")
+    p.add_argument("--timing", choices=("auto", "stamps", "barrier"), default="auto",
+                   help="the clock of a sample (see timing below; default auto: stamps when "
+                        "every rank is on this host, else barrier)")
+    p.add_argument("--gap-us", type=float, default=0.0,
+                   help="with stamps, how long the source waits after every receiver is "
+                        "inside the call (default 0)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds a collective may wait before it fails; the whole run is "
                         "stopped after 4x this (default 900)")
@@ -178,6 +206,10 @@ def build_config(args: argparse.Namespace, argv: List[str]):
             rows = [r for r in rows if r.method != method]
     if not rows:
         raise SystemExit("error: no method to run")
+    from .baselines import numpy_missing
+    note = numpy_missing()
+    if note:
+        sys.stderr.write("note: %s\n" % note)
 
     q = args.quick
     pick = lambda v, full, quick: v if v is not None else (quick if q else full)  # noqa: E731
@@ -186,7 +218,7 @@ def build_config(args: argparse.Namespace, argv: List[str]):
         seconds=pick(args.seconds, 1.0, 0.1), warmup=max(1, pick(args.warmup, 3, 1)),
         min_reps=max(1, pick(args.min_reps, 3, 2)), max_reps=max(1, pick(args.max_reps, 1000, 100)),
         out=args.out, quick=q, plot=not args.no_plot, progress=args.progress,
-        timeout_s=args.timeout, argv=argv)
+        timeout_s=args.timeout, argv=argv, timing=args.timing, gap_us=max(0.0, args.gap_us))
 
 
 def _spawn(cfg) -> int:

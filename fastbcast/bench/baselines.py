@@ -6,12 +6,17 @@ source sent. ``rank`` and ``src`` are global ranks. ``device`` is where the
 bytes travel: ``torch.device("cpu")`` for gloo, the rank's CUDA device for NCCL.
 
 - ``pickle_broadcast_pyobj``: the design fastbcast replaces (SGLang's
-  ``broadcast_pyobj``, as described in DESIGN.md): pickle, a size broadcast, a
-  byte broadcast, a blocking ``.item()`` on receivers, a pageable ``.cpu()``.
+  ``broadcast_pyobj``): pickle, a size broadcast, a byte broadcast, a blocking
+  ``.item()`` on receivers, a pageable ``.cpu()``, the bytes through numpy.
 - ``object_list_broadcast``: ``torch.distributed.broadcast_object_list``.
 - ``msgspec_broadcast``: msgspec MessagePack with two broadcasts (size, then
   bytes) over reused buffers, pinned with non-blocking copies on CUDA: the best
   one can do in pure Python.
+- ``VllmMessageQueue``: vLLM's shared-memory ``MessageQueue``
+  (``vllm.distributed.device_communicators.shm_broadcast``), created the way
+  vLLM creates it for a TP group: ``create_from_process_group(cpu_group,
+  1 << 22, 6)``, a ring of 6 chunks of 4 MiB, over a gloo group. Optional:
+  ``vllm_unavailable()`` says why it cannot run.
 - ``floor_device`` / ``floor_pinned`` / ``floor_cpu``: the transport alone. They
   take a byte count instead of an object and move that many bytes in buffers
   allocated on first use and reused afterwards (``release_buffers()`` frees
@@ -27,6 +32,7 @@ import torch.distributed as dist
 
 __all__ = [
     "pickle_broadcast_pyobj", "object_list_broadcast", "msgspec_broadcast",
+    "VllmMessageQueue", "vllm_unavailable", "numpy_missing",
     "floor_device", "floor_pinned", "floor_cpu", "floor_check", "release_buffers",
 ]
 
@@ -60,7 +66,32 @@ def pickle_broadcast_pyobj(obj: Any, rank: int, group=None, src: int = 0, device
         return []
     payload = torch.empty(n, dtype=torch.uint8, device=device)
     dist.broadcast(payload, src=src, group=group)
-    return pickle.loads(payload.cpu().numpy().tobytes())
+    return pickle.loads(_host_bytes(payload.cpu()))
+
+
+def numpy_missing() -> Optional[str]:
+    """None when numpy works with torch; else a one-line note saying what changes without it."""
+    global _NUMPY_NOTE
+    if _NUMPY_NOTE is None:
+        try:
+            torch.zeros(1, dtype=torch.uint8).numpy()
+            _NUMPY_NOTE = ""
+        except Exception as e:  # torch raises RuntimeError("Numpy is not available")
+            _NUMPY_NOTE = ("numpy is unavailable (%s): the pickle design reads its bytes through "
+                           "the tensor's storage instead of numpy, and msgspec is skipped "
+                           "(pip install numpy)" % str(e).strip())
+    return _NUMPY_NOTE or None
+
+
+_NUMPY_NOTE: Optional[str] = None
+
+
+def _host_bytes(t: torch.Tensor) -> bytes:
+    # SGLang's receivers go through numpy; without numpy the storage gives
+    # the same bytes (a fresh tensor owns exactly its storage).
+    if numpy_missing():
+        return bytes(t.untyped_storage())
+    return t.numpy().tobytes()
 
 
 # ----------------------------------------------------------- broadcast_object_list
@@ -163,6 +194,59 @@ def msgspec_broadcast(obj: Any, rank: int, group=None, src: int = 0, device=None
         host = st.host_buffer(n)
         dist.broadcast(host, src=src, group=group)
     return st.decoder(msgspec_type).decode(memoryview(host.numpy()))
+
+
+# ------------------------------------------------------------- vLLM MessageQueue
+
+_VLLM_MODULE = "vllm.distributed.device_communicators.shm_broadcast"
+
+
+def vllm_unavailable() -> Optional[str]:
+    """None if vLLM's MessageQueue imports here; else why not, in one line.
+
+    vLLM picks a platform when the module is imported; the benchmark moves
+    host bytes only, so the CPU platform is selected (VLLM_TARGET_DEVICE=cpu)
+    unless the caller set that variable, which also keeps vLLM's CUDA
+    extensions from loading on a GPU machine.
+    """
+    import importlib
+    import os
+
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    try:
+        importlib.import_module(_VLLM_MODULE)
+    except Exception as e:
+        return "%s does not import (%s: %s); see requirements-bench-vllm.txt" % (
+            _VLLM_MODULE, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return None
+
+
+class VllmMessageQueue:
+    """vLLM's shared-memory MessageQueue over ``group``, one writer: ``src``.
+
+    Created on the first call (a collective of the whole group), the way
+    vLLM's GroupCoordinator creates its ``mq_broadcaster``: a ring of 6 chunks
+    of 4 MiB; larger objects go over its zmq socket, as in vLLM. Every call is
+    ``MessageQueue.broadcast_object``.
+    """
+
+    def __init__(self, group, src: int):
+        self.group = group
+        self.src = src
+        self.mq = None
+
+    def __call__(self, obj: Any) -> Any:
+        if self.mq is None:
+            mod = __import__(_VLLM_MODULE, fromlist=["MessageQueue"])
+            writer = dist.get_process_group_ranks(self.group).index(self.src)
+            self.mq = mod.MessageQueue.create_from_process_group(
+                self.group, 1 << 22, 6, writer_rank=writer)
+        return self.mq.broadcast_object(obj)
+
+    def close(self) -> None:
+        mq, self.mq = self.mq, None
+        if mq is not None:
+            mq.shutdown()
 
 
 # ------------------------------------------------------------------------- floors

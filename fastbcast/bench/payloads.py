@@ -18,6 +18,8 @@ exactly (``pickle.dumps(payload)``, default protocol)::
 
 Variants:
 
+  empty                    ``[]``: what SGLang's scheduler broadcasts on an
+                           idle step (most steps of a lightly loaded server).
   rollout_64x1k_tensor     the rollout_64x1k requests with every token list
                            (input/prompt/response ids, attention, position and
                            loss masks) as a CPU tensor: token ids and position
@@ -254,6 +256,7 @@ REFERENCE_PICKLED_SIZES = {
 }
 
 PAYLOADS: Dict[str, Callable[[], object]] = {
+    "empty": lambda: [],
     "tiny_1req": lambda: rollout_requests(1, 16, 16),
     "sched_step_8req": lambda: rollout_requests(8, 128, 0),
     "sched_structs": lambda: sched_structs(),
@@ -279,6 +282,7 @@ if _cuda_available():
 MSGSPEC_TYPES = {"sched_structs": List[SchedRequest]}
 
 PAYLOAD_NOTES = {
+    "empty": "[] (an idle scheduler step)",
     "tiny_1req": "1 request, 16+16 tokens, plain types",
     "sched_step_8req": "8 requests, 128-token prompts, plain types",
     "sched_structs": "32 dataclass requests with an enum field",

@@ -11,9 +11,17 @@ from .common import machine_info
 from .methods import FLOORS, METHODS
 from .payloads import PAYLOAD_NOTES
 
-_ROW = "   %-22s %12s  %-16s %-4s %5s %11s %11s %11s %11s %10s  %s"
-_COLS = "#" + _ROW[1:] % ("payload", "bytes", "method", "via", "reps", "median ms", "min ms",
-                          "algbw GB/s", "busbw GB/s", "vs pickle", "check")
+_ROW = "   %-22s %12s  %-20s %-5s %5s %10s %10s %10s %10s %10s %9s %8s  %s"
+_COLS = "#" + _ROW[1:] % ("payload", "bytes", "method", "via", "reps", "p50 us", "p90 us",
+                          "min us", "algbw GB/s", "busbw GB/s", "vs pickle", "x codec", "check")
+
+#: Issue 10's targets: the most p50 may take (us), or the most it may take
+#: as a multiple of the same payload's codec time (encode + decode).
+TARGET_US = {"empty": 10.0, "tiny_1req": 25.0}
+TARGET_X_CODEC = {"sched_step_8req": 1.3, "rollout_64x1k": 1.2}
+TARGET_TAIL = 2.0  # p90 <= 2 x p50
+TARGET_VS_PICKLE = 10.0  # at world 2, on empty and tiny_1req
+TARGET_ROWS = ("fastbcast", "fastbcast-shm", "fastbcast-collective")
 
 
 def progress(total: int, mode: str = "auto"):
@@ -41,7 +49,7 @@ def emit(text: str, bar=None) -> None:
     sys.stdout.flush()
 
 
-def new_record(cfg, ctx) -> Dict[str, Any]:
+def new_record(cfg, ctx, timing: str) -> Dict[str, Any]:
     now = datetime.datetime.now()
     return {
         "tool": "python -m fastbcast.bench",
@@ -54,12 +62,27 @@ def new_record(cfg, ctx) -> Dict[str, Any]:
         "config": {"seconds": cfg.seconds, "warmup": cfg.warmup, "min_reps": cfg.min_reps,
                    "max_reps": cfg.max_reps, "quick": cfg.quick, "argv": cfg.argv,
                    "rows": [r.key for r in cfg.rows], "payloads": cfg.payloads},
-        "timing": "barrier on a gloo group -> each rank runs the method (and synchronizes "
-                  "CUDA) -> max over ranks via all_reduce(MAX); median and min over samples",
+        "timing": timing,
+        "timing_note": _TIMING[timing],
+        "gap_us": cfg.gap_us,
         "bytes": "size of fastbcast's encoding of the payload (pickle's size when fastbcast "
                  "is unavailable: see bytes_source); algbw = bytes / time, busbw = algbw",
         "payloads": {},
     }
+
+
+_TIMING = {
+    "stamps": "source's CLOCK_MONOTONIC stamp at the start of its call -> max over ranks of "
+              "the stamp when the rank holds the object; receivers already inside the call "
+              "when the source starts; no collective in the timed region",
+    "barrier": "gloo barrier -> each rank times its call (and CUDA sync) -> max over ranks "
+               "via all_reduce(MAX); includes the barrier's exit skew",
+}
+
+
+def _us(ms: float) -> str:
+    us = ms * 1e3
+    return "%.2f" % us if us < 10 else "%.1f" % us if us < 1e4 else "%.0f" % us
 
 
 def run_header(cfg, ctx, record) -> str:
@@ -71,12 +94,14 @@ def run_header(cfg, ctx, record) -> str:
         "#  backend %s | host %s | %s CPUs (%s) | GPUs: %s | torch %s | fastbcast %s"
         % (cfg.backend, m["hostname"], m["cpu_count"], m.get("cpu_model") or "?", gpu,
            m["torch"], m.get("fastbcast") or "unavailable"),
-        "#  time: from a common barrier until the slowest rank holds the decoded object "
-        "(max over ranks); median and min of 'reps' samples, after warm-up",
+        "#  time (%s clock): from the source's start until the slowest rank holds the decoded "
+        "object; p50, p90 and min of 'reps' samples, after warm-up" % record["timing"],
+        "#    %s%s" % (record["timing_note"], "; gap %.0f us" % cfg.gap_us if cfg.gap_us else ""),
         "#  bytes: size of fastbcast's encoding of the payload; algbw = bytes / median time; "
         "busbw = algbw for a broadcast",
-        "#  vs pickle: the pickle design's median over the same transport / this median "
-        "(>1 is faster)",
+        "#  vs pickle: the pickle design's p50 over the same transport / this p50 (>1 is faster); "
+        "x codec: this p50 / the codec row's p50 (fastbcast encode + decode of the payload, "
+        "on the source alone, in this run)",
         "#  methods:",
     ]
     for row in cfg.rows:
@@ -91,7 +116,14 @@ def _pickle_ref(cells: List[dict], transport: str) -> Optional[float]:
     return None
 
 
-def payload_table(name: str, sizes: Dict[str, Any], cells: List[dict]) -> str:
+def _codec_ref(cells: List[dict]) -> Optional[float]:
+    for c in cells:
+        if c["method"] == "codec" and c["status"] == "ok":
+            return c["median_ms"]
+    return None
+
+
+def payload_table(name: str, sizes: Dict[str, Any], cells: List[dict], world: int = 0) -> str:
     nbytes = sizes["bytes"]
     note = PAYLOAD_NOTES.get(name, "")
     head = "#\n# %s: %s; %s bytes encoded by %s, %s pickled" % (
@@ -100,48 +132,142 @@ def payload_table(name: str, sizes: Dict[str, Any], cells: List[dict]) -> str:
     if sizes.get("bytes_note"):
         head += "\n#  (fastbcast unavailable: %s)" % sizes["bytes_note"]
     lines = [head, _COLS]
+    codec = _codec_ref(cells)
     for c in cells:
         if c["status"] != "ok":
             lines.append(_ROW % (
-                name, nbytes, c["method"], c["transport"], "-", "n/a", "n/a", "n/a", "n/a",
-                "-", "%s (%s)" % (c["status"], c.get("reason", ""))))
+                name, nbytes, c["method"], c["transport"], "-", "n/a", "n/a", "n/a", "n/a", "n/a",
+                "-", "-", "%s (%s)" % (c["status"], c.get("reason", ""))))
             continue
         med = c["median_ms"]
         algbw = nbytes / (med * 1e-3) / 1e9
         ref = _pickle_ref(cells, c["transport"])
-        speed = ("%.2fx" % (ref / med)) if ref else "-"
         c["algbw_GBps"] = algbw
         c["speedup_vs_pickle"] = (ref / med) if ref else None
+        c["x_codec"] = (med / codec) if codec and c["method"] != "codec" else None
+        check = "ok"
+        if c["method"] == "codec":
+            check = "ok (encode %s + decode %s us)" % (_us(c["encode_ms"]), _us(c["decode_ms"]))
         lines.append(_ROW % (
-            name, nbytes, c["method"], c["transport"], len(c["samples_ms"]), "%.3f" % med,
-            "%.3f" % c["min_ms"], "%.3f" % algbw, "%.3f" % algbw, speed, "ok"))
+            name, nbytes, c["method"], c["transport"], len(c["samples_ms"]), _us(med),
+            _us(c["p90_ms"]), _us(c["min_ms"]), "%.3f" % algbw, "%.3f" % algbw,
+            ("%.2fx" % (ref / med)) if ref else "-",
+            ("%.2f" % c["x_codec"]) if c["x_codec"] else "-", check))
     lines.append(summary_line(name, cells))
+    lines.extend(target_lines(name, cells, world))
     return "\n".join(lines)
+
+
+def targets(name: str, cells: List[dict], world: int) -> List[Dict[str, Any]]:
+    """Issue 10's targets, checked for each fastbcast row of one payload.
+
+    Each entry: the row's key, its p50/p90 (ms), and ``checks``: a list of
+    (label, value, limit, met) with every target that applies to the payload
+    and has its reference in this run.
+    """
+    ok = {c["key"]: c for c in cells if c["status"] == "ok"}
+    codec = _codec_ref(cells)
+    out = []
+    for c in cells:
+        if c["method"] not in TARGET_ROWS or c["status"] != "ok":
+            continue
+        p50, p90 = c["median_ms"], c["p90_ms"]
+        checks = []
+        if name in TARGET_US:
+            checks.append(("p50 us", p50 * 1e3, TARGET_US[name], p50 * 1e3 <= TARGET_US[name]))
+        if name in TARGET_X_CODEC and codec:
+            x = p50 / codec
+            checks.append(("p50 / codec", x, TARGET_X_CODEC[name], x <= TARGET_X_CODEC[name]))
+        checks.append(("p90 / p50", p90 / p50, TARGET_TAIL, p90 <= TARGET_TAIL * p50))
+        mq = ok.get("vllm_mq@" + c["transport"])
+        if mq:
+            x = mq["median_ms"] / p50
+            checks.append(("vs vllm_mq", x, 1.0, x > 1.0))
+        ref = _pickle_ref(cells, c["transport"])
+        if ref and world == 2 and name in TARGET_US:
+            x = ref / p50
+            checks.append(("vs pickle", x, TARGET_VS_PICKLE, x >= TARGET_VS_PICKLE))
+        out.append({"key": c["key"], "p50_ms": p50, "p90_ms": p90, "codec_ms": codec,
+                    "vs_pickle": (ref / p50) if ref else None,
+                    "vs_vllm_mq": (mq["median_ms"] / p50) if mq else None,
+                    "checks": checks, "met": all(m for _, _, _, m in checks)})
+    return out
+
+
+def _check_text(label: str, value: float, limit: float, met: bool) -> str:
+    if label == "p50 us":
+        text = "p50 %s us <= %g us" % (_us(value / 1e3), limit)
+    elif label.startswith("vs "):
+        text = "%s %.2fx >= %gx" % (label, value, limit) if limit > 1 else \
+            "%.2fx %s %s" % (value if value >= 1 else 1 / value,
+                             "faster than" if value > 1 else "slower than", label[3:])
+    else:
+        text = "%s %.2f <= %g" % (label, value, limit)
+    return "%s %s" % (text, "ok" if met else "MISSED")
+
+
+def target_lines(name: str, cells: List[dict], world: int) -> List[str]:
+    lines = []
+    for t in targets(name, cells, world):
+        lines.append("# target %s %s: %s -> %s" % (
+            name, t["key"], "; ".join(_check_text(*ch) for ch in t["checks"]),
+            "met" if t["met"] else "MISSED"))
+    return lines
+
+
+_TROW = "#  %-16s %-24s %9s %9s %7s %9s %7s %9s %9s  %s"
+
+
+def targets_table(record: Dict[str, Any]) -> List[str]:
+    """All payloads' target checks in one table (the end of the run)."""
+    world = record["world_size"]
+    lines = ["#", "# issue 10 targets (world %d; empty <= %g us, tiny_1req <= %g us, "
+             "sched_step_8req <= %gx codec, rollout_64x1k <= %gx codec, p90 <= %gx p50, "
+             "faster than vllm_mq; at world 2 on the 2-core dev machine >= %gx pickle on "
+             "empty and tiny_1req)" % (world, TARGET_US["empty"], TARGET_US["tiny_1req"],
+                                       TARGET_X_CODEC["sched_step_8req"],
+                                       TARGET_X_CODEC["rollout_64x1k"], TARGET_TAIL,
+                                       TARGET_VS_PICKLE),
+             _TROW % ("payload", "row", "p50 us", "p90 us", "p90/p50", "codec us", "x codec",
+                      "vs pickle", "vs mq", "verdict")]
+    for name, p in record["payloads"].items():
+        for t in targets(name, p["cells"], world):
+            missed = [ch[0] for ch in t["checks"] if not ch[3]]
+            lines.append(_TROW % (
+                name, t["key"], _us(t["p50_ms"]), _us(t["p90_ms"]), "%.2f" % (t["p90_ms"] / t["p50_ms"]),
+                _us(t["codec_ms"]) if t["codec_ms"] else "-",
+                ("%.2f" % (t["p50_ms"] / t["codec_ms"])) if t["codec_ms"] else "-",
+                ("%.2fx" % t["vs_pickle"]) if t["vs_pickle"] else "-",
+                ("%.2fx" % t["vs_vllm_mq"]) if t["vs_vllm_mq"] else "-",
+                "met" if not missed else "MISSED: " + ", ".join(missed)))
+            p.setdefault("targets", []).append(
+                {**t, "checks": [dict(zip(("what", "value", "limit", "met"), ch)) for ch in t["checks"]]})
+    return lines if len(lines) > 3 else []
 
 
 def _rel(t: float, other: float, what: str) -> str:
     """'3.2x faster than X (9.6 ms)' or '1.4x slower than X (2.1 ms)' for time t."""
     ratio = other / t if t <= other else t / other
-    return "%s %s than %s (%.3f ms)" % (("%.2fx" if ratio < 10 else "%.1fx") % ratio,
-                                        "faster" if t <= other else "slower", what, other)
+    return "%s %s than %s (%s us)" % (("%.2fx" if ratio < 10 else "%.1fx") % ratio,
+                                      "faster" if t <= other else "slower", what, _us(other))
 
 
 def summary_line(name: str, cells: List[dict]) -> str:
     """fastbcast against pickle, the best other baseline and the floor, per transport."""
     ok = [c for c in cells if c["status"] == "ok"]
-    fast = [c for c in ok if c["method"] == "fastbcast"] or \
+    fast = [c for c in ok if c["method"] in TARGET_ROWS] or \
         [c for c in ok if c["method"] == "fastbcast_pyobj"]
     if not fast:
-        base = [c for c in ok if c["method"] not in FLOORS]
+        base = [c for c in ok if c["method"] not in FLOORS and c["method"] != "codec"]
         if not base:
             return "# summary %s: no method produced a timing" % name
         best = min(base, key=lambda c: c["median_ms"])
-        return "# summary %s: fastbcast not measured; fastest baseline %s %.3f ms" % (
-            name, best["key"], best["median_ms"])
+        return "# summary %s: fastbcast not measured; fastest baseline %s %s us" % (
+            name, best["key"], _us(best["median_ms"]))
     parts = []
     for f in sorted(fast, key=lambda c: c["transport"] != "nccl"):
         t = f["median_ms"]
-        bits = ["%s %.3f ms" % (f["key"], t)]
+        bits = ["%s %s us" % (f["key"], _us(t))]
         ref = _pickle_ref(cells, f["transport"])
         if ref:
             bits.append(_rel(t, ref, "pickle@" + f["transport"]))
@@ -153,8 +279,8 @@ def summary_line(name: str, cells: List[dict]) -> str:
         floors = [c for c in ok if c["method"] in FLOORS and c["transport"] == f["transport"]]
         if floors:
             fl = max(floors, key=lambda c: c["median_ms"])  # the host-to-host floor
-            bits.append("%.2fx the %s floor (%.3f ms)" % (t / fl["median_ms"], fl["key"],
-                                                          fl["median_ms"]))
+            bits.append("%.2fx the %s floor (%s us)" % (t / fl["median_ms"], fl["key"],
+                                                        _us(fl["median_ms"])))
         parts.append(", ".join(bits))
     return "# summary %s: %s" % (name, "; ".join(parts))
 
@@ -167,6 +293,7 @@ def finish(cfg, record: Dict[str, Any]) -> None:
                                                             record["wall_s"])]
     for name, p in record["payloads"].items():
         lines.append(summary_line(name, p["cells"]))
+    lines.extend(targets_table(record))
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     lines.append("# wrote %s.json" % stem)
@@ -182,14 +309,14 @@ def plot(record: Dict[str, Any], path: str) -> str:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed, so no plot (pip install matplotlib)"
+    except ImportError as e:  # not installed, or numpy (which it needs) is not
+        return "no plot: matplotlib does not import (%s; pip install matplotlib numpy)" % e
     payloads = list(record["payloads"])
     keys = []
     floor_keys = []
     for p in payloads:
         for c in record["payloads"][p]["cells"]:
-            bucket = floor_keys if c["method"] in FLOORS else keys
+            bucket = floor_keys if c["method"] in FLOORS or c["method"] == "codec" else keys
             if c["key"] not in bucket:
                 bucket.append(c["key"])
     if not payloads or not (keys or floor_keys):
@@ -220,7 +347,7 @@ def plot(record: Dict[str, Any], path: str) -> str:
     ax.set_xticks(range(len(payloads)))
     ax.set_xticklabels(["%s\n%s" % (p, _short(record["payloads"][p]["bytes"])) for p in payloads],
                        fontsize=8)
-    ax.set_ylabel("median time, barrier to slowest rank done (ms, log)")
+    ax.set_ylabel("median time, source start to slowest rank done (ms, log)")
     m = record["machine"]
     where = ("%d x %s" % (m["gpu_count"], m["gpu_name"])) if m.get("gpu_count") and \
         record["backend"] == "nccl" else "%s CPUs" % m["cpu_count"]

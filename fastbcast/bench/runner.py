@@ -3,11 +3,28 @@
 Every rank builds every payload itself (the factories are deterministic), so
 each receiver can check what it got against its own copy.
 
-Timing of one sample: all ranks leave a barrier on the gloo group, start a
-clock, run the method, and (on CUDA) synchronize the device; each rank's
-elapsed time is all-reduced with MAX over the gloo group, so a sample is the
-time from the common barrier until the slowest rank holds the decoded object.
-Freeing the received object happens after the clock stops.
+What a sample measures: the time from the moment the source starts the call,
+object in hand, until the slowest rank holds the decoded object (on CUDA,
+after a device synchronize). Two clocks can do that:
+
+``stamps`` (the default when every rank runs on this host): no collective
+inside the timed region. CLOCK_MONOTONIC (``time.perf_counter_ns`` on Linux)
+is one clock for every process of a host, so each rank reads it when it
+starts and when it finishes, and sample = max over ranks of finish - the
+source's start. Before each sample every receiver writes the sample's number
+into its own cache line of a small shared file, then enters the call; the
+source waits until all have written it (plus ``--gap-us``), then starts. So
+receivers are already waiting when the source begins, as in a step loop
+where every rank reaches the broadcast together, and no rank's lateness or
+a barrier's exit skew is counted. ``--gap-us`` makes receivers wait longer
+(e.g. long enough to fall asleep) before the source starts. After the call
+each rank drops its result, and one all_reduce (outside the timed region)
+exchanges the stamps.
+
+``barrier`` (ranks on several hosts, or ``--timing barrier``): all ranks
+leave a gloo barrier, each times its own call, and a MAX all_reduce gives the
+sample. A barrier's exit skew (tens of microseconds on gloo) is inside such a
+sample, so it is only good for payloads that take milliseconds.
 
 A cell (payload x method) runs: a support probe (agreed by all ranks), one
 checked call (received == source on every rank, else the cell is WRONG and has
@@ -15,16 +32,23 @@ no timings), up to ``warmup - 1`` more untimed calls, then samples until their
 sum reaches ``seconds`` with at least ``min_reps`` samples, or ``max_reps``
 samples. The stop rule reads only all-reduced numbers, so every rank takes the
 same decision without extra messages.
+
+The ``codec`` cell is run by the source alone: ``fastbcast.encode`` then
+``fastbcast.decode`` of the bytes, timed separately, samples = their sum;
+other ranks wait in a barrier. Its numbers travel to rank 0 for the table.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import gc
+import mmap
 import os
 import pickle
+import secrets
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Dict, List, Optional
@@ -55,6 +79,8 @@ class Config:
     progress: str
     timeout_s: float
     argv: List[str]
+    timing: str = "auto"  # "auto", "stamps" or "barrier"
+    gap_us: float = 0.0
 
 
 def payload_bytes(obj: Any) -> Dict[str, Any]:
@@ -73,19 +99,25 @@ def payload_bytes(obj: Any) -> Dict[str, Any]:
 
 
 class _Timer:
+    """The barrier clock (see the module docstring); also the cells' agreement helper."""
+
+    name = "barrier"
+
     def __init__(self, ctx: Context, cuda: bool):
         self.ctx = ctx
         self.cuda = cuda
         self.buf = torch.zeros(1, dtype=torch.float64)
 
-    def once(self, call):
-        """One barrier-to-done call; returns (result, max seconds over ranks)."""
+    def once(self, call, keep: bool = False):
+        """One call; returns (result if keep else None, seconds)."""
         dist.barrier(group=self.ctx.cpu_group)
         t0 = time.perf_counter()
         result = call()
         if self.cuda:
             torch.cuda.synchronize()
         self.buf[0] = time.perf_counter() - t0
+        if not keep:
+            result = None
         dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, group=self.ctx.cpu_group)
         return result, float(self.buf[0])
 
@@ -96,11 +128,229 @@ class _Timer:
         return bool(self.buf[0] > 0.5)
 
 
-def run_cell(cfg: Config, ctx: Context, row: Row, name: str, obj: Any, nbytes: int,
+_LINE = 64  # one cache line per rank in the shared file
+
+
+class _StampTimer(_Timer):
+    """The stamps clock (see the module docstring)."""
+
+    name = "stamps"
+
+    def __init__(self, ctx: Context, cuda: bool, board: "_Board", gap_us: float, timeout_s: float):
+        super().__init__(ctx, cuda)
+        self.board = board
+        self.gap_ns = int(gap_us * 1000)
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.stamps = torch.zeros(2 * ctx.world_size, dtype=torch.int64)
+
+    def once(self, call, keep: bool = False):
+        ctx, board = self.ctx, self.board
+        board.seq += 1
+        seq = board.seq
+        clock = time.perf_counter_ns
+        if ctx.rank == ctx.src:
+            board.wait_all(seq, ctx.src, self.timeout_ns)
+            if self.gap_ns:
+                until = clock() + self.gap_ns
+                if self.gap_ns > 500_000:  # sleep through most of a long gap, spin the rest
+                    time.sleep((self.gap_ns - 200_000) / 1e9)
+                while clock() < until:
+                    pass
+        else:
+            board.post(ctx.rank, seq)
+        t_in = clock()
+        result = call()
+        if self.cuda:
+            torch.cuda.synchronize()
+        t_out = clock()
+        if not keep:
+            result = None
+        st = self.stamps
+        st.zero_()
+        st[2 * ctx.rank] = t_in
+        st[2 * ctx.rank + 1] = t_out
+        dist.all_reduce(st, op=dist.ReduceOp.SUM, group=ctx.cpu_group)
+        start = int(st[2 * ctx.src])
+        return result, (int(st[1::2].max()) - start) / 1e9
+
+
+class _Board:
+    """A small file shared by the ranks of one host: each rank's latest sample
+    number, in its own cache line. Created by rank 0 (O_EXCL, mode 0600) in
+    /dev/shm when it exists, unlinked once every rank mapped it."""
+
+    def __init__(self, mm: mmap.mmap, world: int):
+        self.mm = mm
+        self.view = memoryview(mm).cast("q")  # int64 slots
+        self.stride = _LINE // 8
+        self.world = world
+        self.seq = 0
+
+    def post(self, rank: int, seq: int) -> None:
+        self.view[(rank + 1) * self.stride] = seq
+
+    def wait_all(self, seq: int, src: int, timeout_ns: int) -> None:
+        view, stride = self.view, self.stride
+        others = [(r + 1) * stride for r in range(self.world) if r != src]
+        deadline = time.perf_counter_ns() + timeout_ns
+        for i in others:
+            while view[i] < seq:
+                # On a machine with fewer cores than ranks a pure spin would
+                # starve the very receivers it waits for.
+                os.sched_yield()
+                if time.perf_counter_ns() > deadline:
+                    raise TimeoutError("a receiver did not reach sample %d" % seq)
+
+    @staticmethod
+    def open(ctx: Context) -> Optional["_Board"]:
+        """A board every rank mapped, or None (on every rank) if some rank could not:
+        ranks on other hosts, or no shared /dev/shm or temp dir between them."""
+        size = _LINE * (ctx.world_size + 1)
+        token = secrets.randbits(62)
+        path = None
+        if ctx.rank == 0:
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            path = os.path.join(folder, "fastbcast-bench-%d-%x" % (os.getpid(), token))
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.ftruncate(fd, size)
+                os.pwrite(fd, token.to_bytes(8, "little") + _boot_id().encode()[:48], 0)
+                os.close(fd)
+            except OSError:
+                path = None
+        box = [(path, token, _boot_id())]
+        dist.broadcast_object_list(box, src=0, group=ctx.cpu_group)
+        path, token, boot = box[0]
+        mm = None
+        if path is not None:
+            try:
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    mm = mmap.mmap(fd, size)
+                finally:
+                    os.close(fd)
+                # The same file (token), and the same boot (one CLOCK_MONOTONIC).
+                if int.from_bytes(mm[:8], "little") != token or boot != _boot_id():
+                    mm.close()
+                    mm = None
+            except OSError:
+                mm = None
+        ok = torch.tensor([1 if mm is not None else 0], dtype=torch.int64)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.cpu_group)
+        if ctx.rank == 0 and path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if not int(ok[0]):
+            if mm is not None:
+                mm.close()
+            return None
+        return _Board(mm, ctx.world_size)
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _quantile(samples: List[float], q: float) -> float:
+    """The q-quantile (0..1) of samples, linear between order statistics."""
+    xs = sorted(samples)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _summarize(cell: Dict[str, Any], samples: List[float]) -> None:
+    cell["samples_ms"] = samples
+    cell["median_ms"] = statistics.median(samples)
+    cell["p90_ms"] = _quantile(samples, 0.9)
+    cell["min_ms"] = min(samples)
+
+
+def _repeat(cfg: Config, sample) -> List[float]:
+    """Samples (ms) from ``sample()`` (seconds) until the budget is used."""
+    samples: List[float] = []
+    total = 0.0
+    while True:
+        t = sample()
+        samples.append(t * 1e3)
+        total += t
+        if len(samples) >= cfg.max_reps or (total >= cfg.seconds and len(samples) >= cfg.min_reps):
+            return samples
+
+
+def run_codec_cell(cfg: Config, ctx: Context, timer: _Timer, name: str, obj: Any,
+                   has_cuda: bool) -> Dict[str, Any]:
+    """fastbcast.encode + decode of the payload, timed on the source alone."""
+    cell: Dict[str, Any] = {"payload": name, "method": "codec", "transport": "local",
+                            "key": "codec", "status": "ok", "samples_ms": []}
+    fb, why = fastbcast_api("encode", "decode")
+    if fb is not None and has_cuda:
+        why = "the codec row measures host objects; this payload holds CUDA tensors"
+    if not timer.agree(why is None):
+        cell.update(status="n/a", reason=why or "not supported on another rank")
+        return cell
+    out: Dict[str, Any] = {}
+    if ctx.rank == ctx.src:
+        out = _time_codec(cfg, fb, obj)
+    dist.barrier(group=ctx.cpu_group)
+    box = [out]
+    dist.broadcast_object_list(box, src=ctx.src, group=ctx.cpu_group)
+    out = box[0]
+    if out.get("error"):
+        cell.update(status="WRONG", reason=out["error"])
+        return cell
+    _summarize(cell, out["total"])
+    cell["encode_ms"] = statistics.median(out["encode"])
+    cell["decode_ms"] = statistics.median(out["decode"])
+    cell["encode_samples_ms"] = out["encode"]
+    cell["decode_samples_ms"] = out["decode"]
+    return cell
+
+
+def _time_codec(cfg: Config, fb: Any, obj: Any) -> Dict[str, Any]:
+    from .common import same
+
+    clock = time.perf_counter_ns
+    try:
+        if not same(obj, fb.decode(fb.encode(obj))):
+            return {"error": "fastbcast.decode(fastbcast.encode(obj)) differs from obj"}
+    except Exception as e:
+        return {"error": "%s: %s" % (type(e).__name__, e)}
+    enc: List[float] = []
+    dec: List[float] = []
+    warm = cfg.warmup - 1
+
+    def sample():
+        t0 = clock()
+        buf = fb.encode(obj)
+        t1 = clock()
+        got = fb.decode(buf)
+        t2 = clock()
+        del got, buf  # dropping the result is outside the clock, as in the broadcast cells
+        enc.append((t1 - t0) / 1e6)
+        dec.append((t2 - t1) / 1e6)
+        return (t2 - t0) / 1e9
+
+    for _ in range(warm):
+        sample()
+    del enc[:], dec[:]
+    total = _repeat(cfg, sample)
+    return {"encode": enc, "decode": dec, "total": total}
+
+
+def run_cell(cfg: Config, ctx: Context, timer: _Timer, row: Row, name: str, obj: Any, nbytes: int,
              has_cuda: bool) -> Dict[str, Any]:
+    if row.method == "codec":
+        return run_codec_cell(cfg, ctx, timer, name, obj, has_cuda)
     cell: Dict[str, Any] = {"payload": name, "method": row.method, "transport": row.transport,
                             "key": row.key, "status": "ok", "samples_ms": []}
-    timer = _Timer(ctx, cuda=ctx.backend == "nccl")
     reason = ""
     try:
         call, check = make_call(row, ctx, name, obj, nbytes, has_cuda)
@@ -112,7 +362,7 @@ def run_cell(cfg: Config, ctx: Context, row: Row, name: str, obj: Any, nbytes: i
         cell["reason"] = reason or "not supported on another rank"
         return cell
 
-    result, first = timer.once(call)
+    result, first = timer.once(call, keep=True)
     ok = check(result)
     result = None
     cell["first_ms"] = first * 1e3
@@ -124,20 +374,8 @@ def run_cell(cfg: Config, ctx: Context, row: Row, name: str, obj: Any, nbytes: i
 
     # Slow cells (first call over a quarter of the budget) skip further warm-up.
     for _ in range(cfg.warmup - 1 if first < cfg.seconds / 4 else 0):
-        result, _t = timer.once(call)
-        result = None
-    samples: List[float] = []
-    total = 0.0
-    while True:
-        result, t = timer.once(call)
-        result = None
-        samples.append(t * 1e3)
-        total += t
-        if len(samples) >= cfg.max_reps or (total >= cfg.seconds and len(samples) >= cfg.min_reps):
-            break
-    cell["samples_ms"] = samples
-    cell["median_ms"] = statistics.median(samples)
-    cell["min_ms"] = min(samples)
+        timer.once(call)
+    _summarize(cell, _repeat(cfg, lambda: timer.once(call)[1]))
     return cell
 
 
@@ -180,6 +418,20 @@ def worker(rank: int, local_rank: int, cfg: Config, store_port: Optional[int]) -
         os._exit(1)  # don't let the peers wait on a collective we will never join
 
 
+def _make_timer(cfg: Config, ctx: Context) -> _Timer:
+    cuda = ctx.backend == "nccl"
+    board = _Board.open(ctx) if cfg.timing != "barrier" else None
+    if board is None:
+        if cfg.timing == "stamps":
+            raise RuntimeError("--timing stamps needs every rank on one host with a shared "
+                               "/dev/shm (or temp dir); use --timing barrier")
+        if cfg.timing == "auto" and ctx.rank == 0:
+            sys.stderr.write("note: ranks do not share a host clock and folder; timing with "
+                             "the barrier clock (coarser: see --help)\n")
+        return _Timer(ctx, cuda)
+    return _StampTimer(ctx, cuda, board, cfg.gap_us, cfg.timeout_s)
+
+
 def _run(cfg: Config, ctx: Context) -> None:
     from . import report
 
@@ -187,8 +439,9 @@ def _run(cfg: Config, ctx: Context) -> None:
     fb, _ = fastbcast_api()
     if fb is not None:
         register_structs(fb)
+    timer = _make_timer(cfg, ctx)
     bar = report.progress(len(cfg.payloads) * len(cfg.rows), cfg.progress) if lead else None
-    record = report.new_record(cfg, ctx) if lead else None
+    record = report.new_record(cfg, ctx, timer.name) if lead else None
     if lead:
         report.emit(report.run_header(cfg, ctx, record), bar)
     started = time.perf_counter()
@@ -202,7 +455,7 @@ def _run(cfg: Config, ctx: Context) -> None:
         for row in cfg.rows:
             if bar is not None:
                 bar.set_description("%s %s" % (name, row.key))
-            cell = run_cell(cfg, ctx, row, name, obj, sizes["bytes"], has_cuda)
+            cell = run_cell(cfg, ctx, timer, row, name, obj, sizes["bytes"], has_cuda)
             cell.update(sizes)
             cells.append(cell)
             gc.collect()
@@ -215,7 +468,9 @@ def _run(cfg: Config, ctx: Context) -> None:
             torch.cuda.empty_cache()
         if lead:
             record["payloads"][name] = {**sizes, "cells": cells}
-            report.emit(report.payload_table(name, sizes, cells), bar)
+            report.emit(report.payload_table(name, sizes, cells, ctx.world_size), bar)
+    ctx.close_kept()
+    dist.barrier(group=ctx.cpu_group)
     if lead:
         if bar is not None:
             bar.close()
