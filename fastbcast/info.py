@@ -11,7 +11,7 @@ def collect() -> dict:
     from . import _build_info, codec
     from ._loader import _C
     from ._version import FORMAT_VERSION, __version__
-    from .broadcast import DEFAULT_CHUNK, DEFAULT_FIRST_CHUNK, DROP_IN_ALLOW_PICKLE
+    from .broadcast import DEFAULT_CHUNK, DEFAULT_FIRST_CHUNK, DEFAULT_FIRST_CHUNKS, DEFAULT_TRANSPORT, DROP_IN_ALLOW_PICKLE
 
     cuda = torch.cuda.is_available()
     nccl = None
@@ -34,7 +34,8 @@ def collect() -> dict:
         "cuda_devices": torch.cuda.device_count() if cuda else 0,
         "nccl": nccl,
         "gloo": torch.distributed.is_gloo_available(),
-        "first_chunk": DEFAULT_FIRST_CHUNK,
+        "first_chunk": DEFAULT_FIRST_CHUNK or DEFAULT_FIRST_CHUNKS,
+        "transport": DEFAULT_TRANSPORT,
         "chunk": DEFAULT_CHUNK,
         "drop_in_allow_pickle": DROP_IN_ALLOW_PICKLE,
         "pool": codec.pool_stats(),
