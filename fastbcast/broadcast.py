@@ -581,8 +581,8 @@ DROP_IN_ALLOW_PICKLE = os.environ.get("FASTBCAST_ALLOW_PICKLE", "1") != "0"
 
 
 def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_cpu_device: bool = True, *,
-                    allow_pickle: bool | None = None, timeout: float | datetime.timedelta | None = None,
-                    max_bytes: int | None = None) -> list:
+                    allow_pickle: bool | None = None, trusted: Iterable[str] = (),
+                    timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None) -> list:
     """Drop-in for SGLang's `broadcast_pyobj`, with the same signature and results.
 
     Arguments:
@@ -601,6 +601,8 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
             it), which keeps every payload that works with SGLang's pickle
             version working; natively representable objects never use pickle.
             Pass False for the secure setting: no pickle on the wire.
+        trusted: module prefixes whose classes receivers may rebuild, in
+            addition to those given to `fastbcast.trust` (see `fastbcast.decode`).
         timeout, max_bytes: as for `Broadcaster` (seconds the call may take,
             default FASTBCAST_TIMEOUT or none; the most bytes it may carry,
             default FASTBCAST_MAX_BYTES or 4 GiB).
@@ -618,7 +620,8 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
         raise ValueError("broadcast_pyobj(force_cpu_device=True) needs a group that carries CPU tensors (gloo); "
                          "this group's backend is nccl: pass its CPU group or force_cpu_device=False")
     device = None if backend == "nccl" else torch.device("cpu")
-    b = _cached(dist_group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes)
+    b = _cached(dist_group, device, allow_pickle=allow, trusted=tuple(trusted), timeout=_seconds(timeout),
+                max_bytes=max_bytes)
     if data is not None and len(data) == 0 and dist.get_rank() == src:
         # SGLang sends size 0 for any empty `data` and receivers build `[]`:
         # an empty tuple must arrive as `[]` too.
