@@ -4,7 +4,8 @@
 SGLang's pipeline-parallel scheduler moves the request list and each stage's
 outputs to the next stage with ``point_to_point_pyobj`` over the world's gloo
 group: a pickle, its size as one int64 message, then its bytes. This module
-keeps that shape (a size message, then the bytes; size 0 for an empty list)
+keeps that shape (a size message, then the bytes; size 0 for an empty list;
+a negative size announces the source's error message)
 and replaces pickle with fastbcast's codec. Both ends must use it.
 
 The transport is picked per call by :func:`_transport`. Today that is the
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import codec
-from .broadcast import _require_live
+from .broadcast import BroadcastError, _require_live
 
 __all__ = ["point_to_point_pyobj", "P2PWork"]
 
@@ -94,8 +95,9 @@ def point_to_point_pyobj(data: list, rank: int, group=None, src: int = 0, dst: i
     Raises:
         ValueError: ``rank`` is not this process's global rank, or src == dst.
         TypeError: (on ``src``) an object the codec cannot represent while
-            pickle is off; nothing is sent and ``dst`` keeps waiting, as with
-            SGLang's when pickle raises.
+            pickle is off; ``dst`` then raises BroadcastError with its message
+            (SGLang's would leave ``dst`` waiting).
+        fastbcast.BroadcastError: (on ``dst``) the source could not encode.
         fastbcast.DecodeError: (on ``dst``) the bytes cannot be decoded (a
             pickle while pickle is off, an untrusted class).
     """
@@ -115,7 +117,14 @@ def point_to_point_pyobj(data: list, rank: int, group=None, src: int = 0, dst: i
     if rank == src:
         if len(data) == 0:
             return transport.send([torch.zeros(1, dtype=torch.long)], dst, group, async_send)
-        payload = codec.encode(data, allow_pickle=allow)
+        try:
+            payload = codec.encode(data, allow_pickle=allow)
+        except Exception as e:
+            # The receiver is already waiting for a size: a negative one says
+            # "an error message of that many bytes follows" so it raises too.
+            msg = torch.frombuffer(bytearray(f"{type(e).__name__}: {e}".encode()), dtype=torch.uint8)
+            transport.send([torch.tensor([-msg.numel()], dtype=torch.long), msg], dst, group, False)
+            raise
         size = torch.tensor([payload.numel()], dtype=torch.long)
         return transport.send([size, payload], dst, group, async_send)
     if rank == dst:
@@ -124,9 +133,10 @@ def point_to_point_pyobj(data: list, rank: int, group=None, src: int = 0, dst: i
         n = int(size.item())
         if n == 0:
             return []
-        if n < 0:
-            raise ValueError(f"point_to_point_pyobj: rank {src} announced {n} bytes")
-        buf = torch.empty(n, dtype=torch.uint8)
+        buf = torch.empty(abs(n), dtype=torch.uint8)
         transport.recv(buf, src, group)
+        if n < 0:
+            raise BroadcastError(f"point_to_point_pyobj: rank {src} could not send its object: "
+                                 f"{bytes(buf.numpy()).decode(errors='replace')}")
         return codec.decode(buf, allow_pickle=allow, trusted=tuple(trusted))
     return []
