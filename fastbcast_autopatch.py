@@ -29,18 +29,19 @@ TRIGGERS = {
 }
 
 _finder = None
+_installed = None   # the value install() last acted on
 
 
-def requested(value=None):
+def requested(value=None, report=True):
     """The integrations the variable asks for, in TRIGGERS order; unknown names
-    are written to stderr."""
+    are written to stderr (with report)."""
     value = os.environ.get(VARIABLE, "") if value is None else value
     names = {v.strip().lower() for v in value.split(",") if v.strip()}
     if names & {"1", "all", "true", "yes"}:
         return list(TRIGGERS)
     names -= {"0", "false", "no", "none"}
     unknown = sorted(names - set(TRIGGERS))
-    if unknown:
+    if unknown and report:
         sys.stderr.write(f"fastbcast: {VARIABLE}={value!r}: unknown integration(s) {', '.join(unknown)} "
                          f"ignored (known: {', '.join(TRIGGERS)})\n")
     return [n for n in TRIGGERS if n in names]
@@ -116,7 +117,13 @@ def install(value=None):
     An integration whose trigger module is already imported is patched now;
     the others when their module is first imported. Returns the names asked for.
     """
-    global _finder
+    global _finder, _installed
+    value = os.environ.get(VARIABLE, "") if value is None else value
+    if value == _installed:
+        # The .pth can be read twice in one start-up (a venv's lib64 -> lib link
+        # makes the same site-packages appear under two names).
+        return requested(value, report=False)
+    _installed = value
     names = requested(value)
     pending = {}
     for name in names:
