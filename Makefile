@@ -10,7 +10,7 @@ DEPS   := $(VENV)/.deps-installed
 SO      = $(wildcard fastbcast/_C*.so)
 export MAX_JOBS ?= 2
 
-.PHONY: all build run test test-integrations bench-codec wheel sanitize fuzz clean
+.PHONY: all build run test test-integrations test-releases bench-codec wheel sanitize fuzz clean
 
 all: build
 
@@ -18,12 +18,12 @@ $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# The integration extras (sglang and verl with the import-time dependencies
-# they need on a CPU machine, about 2 GB) are installed too, so the
-# integration tests run against the real packages; sglang and verl themselves
-# go in with --no-deps because their declared dependencies pull CUDA kernels
-# and another torch. FASTBCAST_NO_INTEGRATIONS=1 skips them (those tests then
-# skip, saying why).
+# The integration extras (sglang 0.5.23 with the import-time dependencies it
+# and verl need on a CPU machine, about 2.7 GB, triton and ray the largest) are
+# installed too, so the integration tests run against the real packages;
+# sglang goes in with --no-deps because its declared dependencies pull CUDA
+# kernels and another torch. FASTBCAST_NO_INTEGRATIONS=1 skips them (those
+# tests then skip, saying why), and the release pairs below.
 $(DEPS): $(PY) requirements-dev.txt requirements-integrations.txt requirements-integrations-nodeps.txt constraints.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
@@ -38,14 +38,36 @@ build: $(DEPS)
 run: build
 	$(PY) -m fastbcast.bench $(ARGS)
 
+# The release pairs users run, each in its own venv layered on .venv: it sees
+# .venv's packages (torch, triton, ray, ...) after its own, so only the
+# packages that differ are installed there, with --no-deps (about 170 MB and
+# 15 s each from a cold pip cache). .venv-sglang0512: sglang 0.5.12 (verl
+# 0.9.1's pin). .venv-verl061: verl 0.6.1 with sglang 0.5.5.
+RELEASES := sglang0512 verl061
+RELEASE_TESTS_sglang0512 := tests/test_integration_sglang_release.py
+RELEASE_TESTS_verl061 := tests/test_integration_verl.py
+$(VENV)-%/.deps-installed: requirements-integrations-%.txt $(DEPS)
+	rm -rf $(VENV)-$*
+	$(PYTHON) -m venv --system-site-packages $(VENV)-$*
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(VENV)-$*/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_fastbcast_base.pth"
+	$(VENV)-$*/bin/python -m pip install -q --no-deps -r requirements-integrations-$*.txt
+	touch $@
+
+test-releases: build $(foreach r,$(RELEASES),$(VENV)-$(r)/.deps-installed)
+	$(foreach r,$(RELEASES),$(VENV)-$(r)/bin/python -m pytest $(RELEASE_TESTS_$(r)) -q -p no:cacheprovider $(ARGS) &&) true
+
 # pytest exits 5 when it collects nothing: that is a failure here, as is any
 # other non-zero code, so the exit status is passed through unchanged.
 test: build
 	$(PY) -m pytest tests -q $(ARGS)
+	if [ "$${FASTBCAST_NO_INTEGRATIONS:-0}" != 1 ]; then $(MAKE) --no-print-directory test-releases ARGS="$(ARGS)"; fi
 
 test-integrations: build
-	$(PY) -m pytest tests/test_patching.py tests/test_integration_sglang.py tests/test_integration_verl.py \
+	$(PY) -m pytest tests/test_patching.py tests/test_integration_sglang.py tests/test_integration_sglang_sites.py \
+	  tests/test_integration_sglang_release.py tests/test_autopatch.py tests/test_p2p.py \
 	  tests/test_integrations_nodeps.py tests/test_integration_nccl.py -q $(ARGS)
+	$(MAKE) --no-print-directory test-releases ARGS="$(ARGS)"
 
 bench-codec: build
 	$(PY) benchmarks/bench_codec.py $(ARGS)
@@ -77,4 +99,4 @@ fuzz: $(DEPS)
 	bash tests/fuzz/run_fuzz.sh $(FUZZ_SECONDS)
 
 clean:
-	rm -rf build dist *.egg-info fastbcast/_C*.so fastbcast/_build_info.py
+	rm -rf build dist *.egg-info fastbcast/_C*.so fastbcast/_build_info.py $(VENV)-*

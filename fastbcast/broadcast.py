@@ -517,8 +517,9 @@ DROP_IN_ALLOW_PICKLE = os.environ.get("FASTBCAST_ALLOW_PICKLE", "1") != "0"
 
 
 def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_cpu_device: bool = True, *,
-                    allow_pickle: bool | None = None, timeout: float | datetime.timedelta | None = None,
-                    max_bytes: int | None = None, transport: str | None = None) -> list:
+                    allow_pickle: bool | None = None, trusted: Iterable[str] | str = (),
+                    timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None,
+                    transport: str | None = None) -> list:
     """Drop-in for SGLang's `broadcast_pyobj`, with the same signature and results.
 
     Arguments:
@@ -537,6 +538,8 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
             it), which keeps every payload that works with SGLang's pickle
             version working; natively representable objects never use pickle.
             Pass False for the secure setting: no pickle on the wire.
+        trusted: module prefixes whose classes receivers may rebuild, in
+            addition to those given to `fastbcast.trust` (see `fastbcast.decode`).
         timeout, max_bytes, transport: as for `Broadcaster` (seconds the
             call may take, default FASTBCAST_TIMEOUT or none; the most bytes
             it may carry, default FASTBCAST_MAX_BYTES or 4 GiB; "auto"
@@ -548,10 +551,12 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
         when `data` is [].
     """
     allow = DROP_IN_ALLOW_PICKLE if allow_pickle is None else allow_pickle
-    key = (dist_group, force_cpu_device, allow, _seconds(timeout), max_bytes, transport)
+    trusted = _prefixes(trusted)
+    key = (dist_group, force_cpu_device, allow, trusted, _seconds(timeout), max_bytes, transport)
     b = _PYOBJ.get(key)
     if b is None or b._closed:
-        b = _PYOBJ[key] = _pyobj_broadcaster(dist_group, force_cpu_device, allow, timeout, max_bytes, transport)
+        b = _PYOBJ[key] = _pyobj_broadcaster(dist_group, force_cpu_device, allow, trusted, timeout, max_bytes,
+                                             transport)
     if data is not None and len(data) == 0:
         # SGLang sends size 0 for any empty `data` and receivers build `[]`:
         # an empty tuple must arrive as `[]` too. The source still returns
@@ -566,7 +571,7 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
 _PYOBJ: dict = {}
 
 
-def _pyobj_broadcaster(dist_group, force_cpu_device, allow, timeout, max_bytes, transport) -> Broadcaster:
+def _pyobj_broadcaster(dist_group, force_cpu_device, allow, trusted, timeout, max_bytes, transport) -> Broadcaster:
     group = dist.group.WORLD if dist_group is None else dist_group
     _require_live(group)
     backend = _backend(group)
@@ -574,5 +579,5 @@ def _pyobj_broadcaster(dist_group, force_cpu_device, allow, timeout, max_bytes, 
         raise ValueError("broadcast_pyobj(force_cpu_device=True) needs a group that carries CPU tensors (gloo); "
                          "this group's backend is nccl: pass its CPU group or force_cpu_device=False")
     device = None if backend == "nccl" else torch.device("cpu")
-    return _cached(group, device, allow_pickle=allow, timeout=_seconds(timeout), max_bytes=max_bytes,
-                   transport=transport)
+    return _cached(group, device, allow_pickle=allow, trusted=trusted, timeout=_seconds(timeout),
+                   max_bytes=max_bytes, transport=transport)

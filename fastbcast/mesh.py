@@ -10,7 +10,7 @@ one a rank lives in:
   size - 1``, what ``torch.distributed.get_rank(group)`` returns. A mesh
   dimension's local rank (``mesh.get_local_rank("tp")``) is a group rank.
 
-Mixing the two is the "rank trap" this project exists for (see DESIGN.md):
+Mixing the two is the "rank trap" this project exists for:
 verl passed a TP-local rank where SGLang's ``broadcast_pyobj`` expected a
 global one, so in every TP group but the first no rank believed it was the
 source and every receiver silently got ``[]``. :func:`resolve` derives both

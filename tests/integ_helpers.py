@@ -9,9 +9,9 @@ this module too, and the tests skip cleanly when the packages are missing.
   torchvision (the only one on PyPI) failing to load next to a CPU torch;
   call it before importing sglang or verl in every process, spawned ranks
   included.
-* :func:`import_verl_rollout_utils` imports verl's vendored
-  ``broadcast_pyobj`` module without running the rollout package's
-  ``__init__`` (which needs sglang names that moved after verl 0.5.0).
+* :func:`stub_cuda_kernels` stands in for ``sgl_kernel`` (SGLang's CUDA
+  kernels, which cannot load on a CPU machine) where a release's scheduler or
+  engine imports it: sglang 0.5.5 and 0.5.12.
 * :func:`make_sglang_requests` / :func:`make_verl_requests` build realistic
   payloads from the real classes; :func:`plain_rollout_batch` builds dicts
   shaped like rollout requests, for machines without verl.
@@ -86,25 +86,58 @@ def ensure_torchvision_importable() -> None:
     import torchvision  # noqa: F401,F811
 
 
-def import_verl_rollout_utils():
-    """Import ``verl.workers.rollout.sglang_rollout.utils`` (the vendored broadcast_pyobj).
+class _AnyKernel:
+    """Any attribute, call or base class: what importing code asks of a kernel module."""
 
-    Its package ``__init__`` imports ``sglang_rollout.py``, which needs sglang
-    names that moved after verl 0.5.0. The package module is therefore put in
-    sys.modules without running its ``__init__``; ``utils`` itself imports
-    normally (so an import hook sees it like any other import).
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __mro_entries__(self, bases):
+        return (object,)
+
+
+class _KernelStubFinder:
+    """Finds ``sgl_kernel`` and its submodules as empty modules whose every name is an _AnyKernel."""
+
+    PREFIX = "sgl_kernel"
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.machinery
+
+        if fullname == self.PREFIX or fullname.startswith(self.PREFIX + "."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        import types
+
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        module.__getattr__ = lambda name: _AnyKernel().__getattr__(name)
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def stub_cuda_kernels() -> bool:
+    """Let ``sgl_kernel`` imports succeed on a CPU machine when the real one is absent.
+
+    sglang 0.5.5's engine and 0.5.12's scheduler import it at module level
+    (``from sgl_kernel.kvcacheio import ...``); nothing these tests run calls
+    a kernel. Returns whether the stand-in was installed. Call it before
+    importing those modules, in every process.
     """
-    name = "verl.workers.rollout.sglang_rollout"
-    if name + ".utils" in sys.modules:
-        return sys.modules[name + ".utils"]
-    ensure_torchvision_importable()
-    if name not in sys.modules:
-        parent = importlib.import_module("verl.workers.rollout")
-        d = os.path.join(os.path.dirname(parent.__file__), "sglang_rollout")
-        spec = importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"),
-                                                      submodule_search_locations=[d])
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-    return importlib.import_module(name + ".utils")
+    if importlib.util.find_spec("sgl_kernel") is not None or any(
+            isinstance(f, _KernelStubFinder) for f in sys.meta_path):
+        return False
+    sys.meta_path.append(_KernelStubFinder())
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -370,18 +403,22 @@ def verl_mesh_checks(rank: int, world_size: int, dp: int, tp: int, device_type: 
                      force_cpu_device: bool) -> dict:
     """The verl rollout broadcast checks with real AsyncRolloutRequest objects, on one rank.
 
-    Imports verl's schemas and its vendored broadcast_pyobj (not the rollout
-    module itself, which needs the SGLang engine). Mesh as verl builds it.
+    Imports verl's real ``SGLangRollout`` module (and with it SGLang's engine)
+    and calls the binding its three call sites use, with their arguments.
+    Mesh as verl builds it.
     """
     ensure_torchvision_importable()
+    stub_cuda_kernels()
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    import verl.workers.rollout.sglang_rollout.sglang_rollout as rollout
+    import verl.workers.rollout.sglang_rollout.utils as utils
     from verl.workers.rollout.schemas import FinishReasonTypeEnum
 
     import fastbcast
     import fastbcast.integrations.verl as fb_verl
-    utils = import_verl_rollout_utils()
-    verl_original = utils.broadcast_pyobj
+    verl_original = rollout.broadcast_pyobj
+    assert verl_original is utils.broadcast_pyobj and hasattr(rollout, "SGLangRollout")
 
     mesh = init_device_mesh(device_type, (dp, tp, 1), mesh_dim_names=("dp", "tp", "pp"))
     me = dist.get_rank()
@@ -435,23 +472,23 @@ def verl_mesh_checks(rank: int, world_size: int, dp: int, tp: int, device_type: 
 
     # The integration: the vendored function rebound, called exactly as verl's three sites call it.
     fb_verl.patch(allow_pickle=False)
-    res["patched"] = utils.broadcast_pyobj is fb_verl.broadcast_pyobj
+    res["patched"] = rollout.broadcast_pyobj is fb_verl.broadcast_pyobj is utils.broadcast_pyobj
     res["patched_modules"] = fb_verl.patched_modules()
-    res["patched_ip_port"] = _outcome(lambda: utils.broadcast_pyobj(
+    res["patched_ip_port"] = _outcome(lambda: rollout.broadcast_pyobj(
         ["10.0.0.%d" % dp_rank, 40000 + dp_rank], rank=me, dist_group=mesh.get_group("tp"), src=src,
         force_cpu_device=False) == ["10.0.0.%d" % dp_rank, 40000 + dp_rank])
-    res["patched_output"] = _outcome(lambda: same(utils.broadcast_pyobj(
+    res["patched_output"] = _outcome(lambda: same(rollout.broadcast_pyobj(
         data=[output if is_src else None], rank=me, dist_group=group, src=src, force_cpu_device=False),
         [output]))
-    res["patched_reqs"] = _outcome(lambda: check_reqs(utils.broadcast_pyobj(
+    res["patched_reqs"] = _outcome(lambda: check_reqs(rollout.broadcast_pyobj(
         data=[tensor_reqs if is_src else None], rank=me, dist_group=group, src=src, force_cpu_device=False),
         tensor_reqs))
-    res["patched_trap"] = _outcome(lambda: check_reqs(utils.broadcast_pyobj(
+    res["patched_trap"] = _outcome(lambda: check_reqs(rollout.broadcast_pyobj(
         data=[tensor_reqs if is_src else None], rank=tp_rank, dist_group=group, src=src,
         force_cpu_device=False), tensor_reqs))
     dist.barrier()
     fb_verl.unpatch()
-    res["unpatched"] = utils.broadcast_pyobj is verl_original
+    res["unpatched"] = rollout.broadcast_pyobj is verl_original is utils.broadcast_pyobj
     dist.barrier()
     return res
 
@@ -479,4 +516,5 @@ def assert_verl_mesh_checks(results: list, dp: int, tp: int) -> None:
                     "patched_output", "patched_reqs"):
             assert res[key] == ("ok", True), (r, key, res[key])
         assert res["patched"] and res["unpatched"], (r, res["patched"], res["unpatched"])
-        assert "verl.workers.rollout.sglang_rollout.utils" in res["patched_modules"]
+        assert {"verl.workers.rollout.sglang_rollout.utils",
+                "verl.workers.rollout.sglang_rollout.sglang_rollout"} <= set(res["patched_modules"])

@@ -118,7 +118,7 @@ def _check_round(send, rank, src, obj, want=None):
 
 
 def _pickle_broadcast_pyobj(data, rank, dist_group=None, src=0, force_cpu_device=True):
-    """The pickle design fastbcast replaces (DESIGN.md), written out here as the
+    """The pickle design fastbcast replaces (SGLang's broadcast_pyobj), written out here as the
     reference: pickle, send the size, then the bytes; receivers read the
     size with .item(), receive, unpickle. `rank` and `src` are global ranks."""
     device = torch.device("cpu") if force_cpu_device else torch.device("cuda", torch.cuda.current_device())

@@ -1,4 +1,4 @@
-"""Tests of fastbcast.integrations.Patcher on fake packages (no sglang/verl needed).
+"""Tests of the patch engine (Patcher, Integration) on fake packages (no sglang/verl needed).
 
 Every test writes a fresh package with a unique name into a temporary
 directory on sys.path, so tests never share modules:
@@ -11,6 +11,7 @@ directory on sys.path, so tests never share modules:
     <pkg>/unrelated.py       its own, different function named f
     <pkg>/lazy.py            a module-level __getattr__ that must never run
     <pkg>/later*.py          imported only after patch()
+    <pkg>/utils2.py          defines h (a second function, for Integration)
     <pkg>/broken_later.py    raises while being imported
     <pkg>_other/holder.py    from <pkg>.utils import f    (outside the prefixes)
 """
@@ -24,8 +25,7 @@ import uuid
 
 import pytest
 
-from fastbcast.integrations import Patcher
-from fastbcast.integrations import _patch
+from fastbcast.integrations import Integration, Patcher
 
 
 def _write(root, pkg, rel, text):
@@ -53,14 +53,16 @@ def pkg(tmp_path, monkeypatch):
         def __getattr__(name):
             raise RuntimeError("a scan must not trigger module __getattr__ (asked for %s)" % name)
         """)
-    # Gets the original from a module the patcher does not cover, so only the
-    # import hook can rebind it.
+    # Gets the original from a module the patcher does not cover (the one
+    # case a scan cannot see; see _patch's docstring).
     _write(tmp_path, name, f"{name}/later.py", "from {pkg}_other.holder import f\n")
     # Copies the (already rebound) name from the patched defining module.
     _write(tmp_path, name, f"{name}/later2.py", "from {pkg}.utils import f\n")
     _write(tmp_path, name, f"{name}/later3.py", "from {pkg}_other.holder import f\n")
     _write(tmp_path, name, f"{name}/broken_later.py",
            "from {pkg}_other.holder import f\nraise RuntimeError('broken on purpose')\n")
+    _write(tmp_path, name, f"{name}/utils2.py", "def h():\n    return 'h'\n")
+    _write(tmp_path, name, f"{name}/uses_h.py", "from {pkg}.utils2 import h\n")
     _write(tmp_path, name, f"{name}_other/__init__.py", "")
     _write(tmp_path, name, f"{name}_other/holder.py", "from {pkg}.utils import f\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -163,13 +165,11 @@ def test_patch_twice_and_unpatch_twice_are_harmless(loaded, patcher, pkg, caplog
         second = patcher.patch()
     assert first == second
     assert loaded["a"].f is replacement
-    assert sum(isinstance(f, _patch._ImportHook) for f in sys.meta_path) == 1
     infos = [r for r in caplog.records if r.levelno == logging.INFO and "patched" in r.getMessage()]
     assert len(infos) == 1
     patcher.unpatch()
     patcher.unpatch()
     assert loaded["a"].f is original and loaded["utils"].f is original
-    assert not any(isinstance(f, _patch._ImportHook) for f in sys.meta_path)
     # and it can be applied again afterwards
     patcher.patch()
     assert loaded["a"].f is replacement
@@ -186,25 +186,18 @@ def test_patch_logs_module_names_once_at_info(loaded, patcher, pkg, caplog):
     assert f"{pkg}.utils.f" in message
 
 
-def test_import_hook_rebinds_modules_imported_later(loaded, patcher, pkg, caplog):
+def test_modules_imported_later_hold_the_replacement_and_are_restored(loaded, patcher, pkg):
     original = loaded["utils"].f
+    meta_path = list(sys.meta_path)
     patcher.patch()
-    with caplog.at_level(logging.DEBUG, logger="fastbcast"):
-        later = importlib.import_module(f"{pkg}.later")      # got the original from outside
-        later2 = importlib.import_module(f"{pkg}.later2")    # copied the rebound name
-    assert later.f is replacement
+    assert sys.meta_path == meta_path                          # no import hook
+    later2 = importlib.import_module(f"{pkg}.later2")          # copied the rebound name
+    later = importlib.import_module(f"{pkg}.later")            # copied it from an uncovered module
     assert later2.f is replacement
-    assert f"{pkg}.later" in patcher.patched_modules()
+    assert later.f is original                                 # the documented limit of a scan
     assert f"{pkg}.later2" in patcher.patched_modules()
-    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-    assert any(f"{pkg}.later " in m or m.endswith(f"{pkg}.later (f)") for m in debug), debug
-    # the module keeps its real loader, not the hook's wrapper
-    assert type(later.__loader__).__name__ == "SourceFileLoader"
-    assert later.__spec__.loader is later.__loader__
     patcher.unpatch()
-    assert later.f is original
     assert later2.f is original  # it would have copied the original had we not patched
-    # after unpatch the hook is gone: a new module keeps the original
     later3 = importlib.import_module(f"{pkg}.later3")
     assert later3.f is original
 
@@ -262,7 +255,6 @@ def test_missing_package_raises_clear_importerror():
     message = str(info.value)
     assert "no-such-dist" in message and "pip install no-such-dist" in message
     assert not p.is_patched
-    assert not any(isinstance(f, _patch._ImportHook) for f in sys.meta_path)
 
 
 def test_missing_dependency_of_the_package_is_named(pkg, tmp_path):
@@ -300,31 +292,56 @@ def test_two_patchers_on_one_target_conflict(loaded, patcher, pkg):
     assert loaded["a"].f is replacement
 
 
-def test_two_patchers_on_different_names_share_the_hook(pkg, tmp_path):
-    _write(tmp_path, pkg, f"{pkg}/utils2.py", "def h():\n    return 'h'\n")
-    _write(tmp_path, pkg, f"{pkg}/uses_both.py",
-           "from {pkg}_other.holder import f\nfrom {pkg}.utils2 import h as hh\n")
-    importlib.import_module(f"{pkg}_other.holder")
-    p1 = _make(pkg)
+def _h_repl():
+    return "h-repl"
 
-    def h_repl():
-        return "h-repl"
 
-    p2 = Patcher(f"{pkg}.utils2", "h", h_repl, (pkg,))
-    p1.patch()
-    p2.patch()
+def _integration(pkg, **kw):
+    return Integration("fake-dist", {(f"{pkg}.utils", "f"): replacement, (f"{pkg}.utils2", "h"): _h_repl},
+                       (pkg,), trusted=(f"{pkg}.schemas",), **kw)
+
+
+def test_integration_patches_all_functions_and_withdraws_trust(loaded, pkg):
+    integ = _integration(pkg)
+    assert integ.options() == {"allow_pickle": None, "trusted": ()}
+    uses_h = importlib.import_module(f"{pkg}.uses_h")
     try:
-        assert sum(isinstance(f, _patch._ImportHook) for f in sys.meta_path) == 1
-        mod = importlib.import_module(f"{pkg}.uses_both")
-        assert mod.f is replacement and mod.hh is h_repl
-        p1.unpatch()
-        assert any(isinstance(f, _patch._ImportHook) for f in sys.meta_path)  # p2 still needs it
-        assert mod.f is sys.modules[f"{pkg}_other.holder"].f and mod.hh is h_repl
+        names = integ.patch(allow_pickle=False)
+        assert loaded["a"].f is replacement and uses_h.h is _h_repl
+        assert f"{pkg}.uses_h" in names and f"{pkg}.a" in names
+        assert integ.options() == {"allow_pickle": False, "trusted": (f"{pkg}.schemas",)}
+        integ.patch()                     # again: only the policy changes
+        assert integ.options()["allow_pickle"] is None and integ.is_patched()
     finally:
-        p1.unpatch()
-        p2.unpatch()
-    assert not any(isinstance(f, _patch._ImportHook) for f in sys.meta_path)
-    assert mod.hh() == "h"
+        restored = integ.unpatch()
+    assert f"{pkg}.uses_h" in restored and uses_h.h() == "h" and loaded["a"].f(1, 0) == ("original", 1)
+    assert integ.options() == {"allow_pickle": None, "trusted": ()}   # trust withdrawn
+    assert not integ.is_patched() and integ.original("h") is sys.modules[f"{pkg}.utils2"].h
+
+
+def test_integration_is_all_or_nothing(loaded, pkg, tmp_path):
+    integ = Integration("fake-dist", {(f"{pkg}.utils", "f"): replacement, (f"{pkg}.utils2", "nope"): _h_repl},
+                        (pkg,))
+    with pytest.raises(ImportError, match="nope"):
+        integ.patch()
+    assert loaded["a"].f is sys.modules[f"{pkg}.utils"].f is not replacement   # the first was undone
+    assert not integ.is_patched()
+
+
+def test_integration_skips_an_optional_function_an_old_release_lacks(loaded, pkg):
+    key = (f"{pkg}.utils2", "nope")
+    integ = Integration("fake-dist", {(f"{pkg}.utils", "f"): replacement, key: _h_repl}, (pkg,), optional=[key])
+    try:
+        integ.patch()
+        assert loaded["a"].f is replacement
+    finally:
+        integ.unpatch()
+    # an optional function whose module is missing is still an error
+    integ = Integration("fake-dist", {(f"{pkg}.utils", "f"): replacement, (f"{pkg}.gone", "x"): _h_repl},
+                        (pkg,), optional=[(f"{pkg}.gone", "x")])
+    with pytest.raises(ImportError):
+        integ.patch()
+    assert loaded["a"].f is not replacement
 
 
 def test_empty_prefixes_cover_every_module(loaded, pkg):

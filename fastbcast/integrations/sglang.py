@@ -1,68 +1,59 @@
-"""SGLang integration: the scheduler's per-step request broadcast goes through fastbcast.
+"""SGLang integration: the scheduler's per-step object transfers go through fastbcast.
 
-Enable it once per process, before or after SGLang is imported (every TP rank
-runs it; in SGLang each scheduler is its own process)::
+Three ways to turn it on, each once per process (in SGLang every scheduler is
+its own process, so the first two are the ones that reach them):
 
-    import fastbcast.integrations.sglang as fb_sglang
-    fb_sglang.patch()                      # or patch(allow_pickle=False): no pickle on the wire
+* ``FASTBCAST_PATCH=sglang`` in the environment: the startup hook installed
+  with fastbcast patches any Python process when it first imports SGLang
+  (spawned schedulers, ``--use-ray`` actors, ``python -m sglang.launch_server``).
+* SGLang's plugin hook: fastbcast registers ``fastbcast`` in the
+  ``sglang.srt.plugins`` entry-point group, which ``run_scheduler_process``
+  loads (filter with ``SGLANG_PLUGINS``). It calls :func:`plugin`.
+* In code::
 
-What :func:`patch` does:
+      import fastbcast.integrations.sglang as fb_sglang
+      fb_sglang.patch()                  # or patch(allow_pickle=False): no pickle on the wire
 
-* Rebinds ``sglang.srt.utils.common.broadcast_pyobj`` to :func:`broadcast_pyobj`
-  (a wrapper of :func:`fastbcast.broadcast_pyobj` with SGLang's exact
-  signature) in every module under ``sglang.srt`` that bound it by name
-  (``sglang.srt.utils``, ``sglang.srt.distributed``,
-  ``...distributed.communication_op``, ``...managers.tp_worker``,
-  ``...managers.scheduler_components.request_receiver``,
-  ``...scheduler_components.dynamic_chunk_sizer``,
-  ``...mem_cache.hybrid_cache.hybrid_cache_controller`` in sglang 0.5.23),
-  found by identity, so modules are not hard-coded and a different function
-  that happens to share the name (``sglang.multimodal_gen``'s) is left
-  alone. Modules imported later are rebound as they load. It also covers
-  ``verl.workers.rollout``: verl <= 0.4 imported SGLang's function there.
-* Trusts the classes under ``sglang.srt`` for decoding
-  (``fastbcast.trust("sglang.srt")``): ``TokenizedGenerateReqInput``,
-  ``SamplingParams`` and the other msgspec Structs are rebuilt field by
-  field, enums by value, ``array('q')`` token ids travel as raw items. The
-  scheduler's request lists therefore need no pickle.
-* Logs one INFO line on the ``fastbcast`` logger naming the modules it
-  rebound.
+What :func:`patch` replaces, in ``sglang.srt.utils.common`` and every module
+under ``sglang.srt`` (and ``verl.workers.rollout``, whose verl <= 0.4 imported
+SGLang's function) that bound them, found by identity:
+
+* ``broadcast_pyobj`` -> :func:`broadcast_pyobj`: the scheduler's per-step
+  request broadcast over the TP CPU group, and through it
+  ``attn_cp_tp_broadcast_pyobj`` (DP attention: along attention CP, then
+  attention TP) and the control broadcast, which call it by name.
+* ``point_to_point_pyobj`` -> :func:`point_to_point_pyobj`: pipeline
+  parallelism's stage-to-stage transfers over the world CPU group.
+
+While patched, receivers may rebuild the classes under ``sglang.srt``
+(``TokenizedGenerateReqInput``, ``SamplingParams``, the msgspec Structs,
+enums): the request lists need no pickle. :func:`unpatch` withdraws that.
 
 The pickle policy: objects the codec cannot represent natively travel as
-pickles by default, exactly as with SGLang's own function, so every payload
-that worked keeps working (natively representable ones never use pickle).
-``patch(allow_pickle=False)``, or ``FASTBCAST_ALLOW_PICKLE=0`` in the
-environment, is the strict setting: no pickle on the wire, an unsupported
-object is a TypeError on the source (BroadcastError on the receivers) naming
-its path.
+pickles by default, exactly as with SGLang's own functions, so every payload
+that worked keeps working. ``patch(allow_pickle=False)`` or
+``FASTBCAST_ALLOW_PICKLE=0`` is strict: no pickle on the wire.
 
 Nothing here imports SGLang until :func:`patch` runs; without SGLang,
 :func:`patch` raises an ImportError naming the pip package.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
-from .. import codec
 from ..broadcast import broadcast_pyobj as _fastbcast_broadcast_pyobj
-from ._patch import Patcher, check_pickle_policy
+from ..p2p import point_to_point_pyobj as _fastbcast_point_to_point_pyobj
+from ._patch import Integration
 
-__all__ = ["patch", "unpatch", "is_patched", "patched_modules", "original", "broadcast_pyobj",
-           "DEFINING_MODULE", "MODULE_PREFIXES", "TRUSTED_PREFIXES"]
+__all__ = ["patch", "unpatch", "is_patched", "patched_modules", "original", "plugin", "broadcast_pyobj",
+           "point_to_point_pyobj", "DEFINING_MODULE", "MODULE_PREFIXES", "TRUSTED_PREFIXES"]
 
-logger = logging.getLogger("fastbcast")
-
-#: Where SGLang defines the function this integration replaces.
+#: Where SGLang defines the functions this integration replaces.
 DEFINING_MODULE = "sglang.srt.utils.common"
-#: Modules whose bindings of SGLang's function are rebound (and their submodules).
+#: Modules whose bindings of SGLang's functions are rebound (and their submodules).
 MODULE_PREFIXES = ("sglang.srt", "verl.workers.rollout")
-#: Module prefixes whose classes receivers may rebuild once patched.
+#: Module prefixes whose classes receivers may rebuild while patched.
 TRUSTED_PREFIXES = ("sglang.srt",)
-
-# The pickle policy of the replacement: None = the drop-in's default
-# (fastbcast.broadcast.DROP_IN_ALLOW_PICKLE, i.e. FASTBCAST_ALLOW_PICKLE).
-_allow_pickle: bool | None = None
 
 
 def broadcast_pyobj(data: Any, rank: int, dist_group=None, src: int = 0, force_cpu_device: bool = True):
@@ -70,7 +61,7 @@ def broadcast_pyobj(data: Any, rank: int, dist_group=None, src: int = 0, force_c
 
     Arguments (as SGLang's):
         data: the list to send, read on the source only (SGLang's receivers
-            pass None or anything else).
+            pass None).
         rank: this process's GLOBAL rank. A group-local rank raises
             ValueError instead of silently returning [].
         dist_group: the process group (SGLang passes its gloo ``cpu_group``).
@@ -83,62 +74,69 @@ def broadcast_pyobj(data: Any, rank: int, dist_group=None, src: int = 0, force_c
         ``data`` on the source, an equal list elsewhere; [] everywhere when
         ``data`` is [].
     """
-    return _fastbcast_broadcast_pyobj(data, rank, dist_group, src, force_cpu_device, allow_pickle=_allow_pickle)
+    return _fastbcast_broadcast_pyobj(data, rank, dist_group, src, force_cpu_device, **INTEGRATION.options())
 
 
-_patcher = Patcher(DEFINING_MODULE, "broadcast_pyobj", broadcast_pyobj, MODULE_PREFIXES, pip_name="sglang")
+def point_to_point_pyobj(data: Any, rank: int, group=None, src: int = 0, dst: int = 1, async_send: bool = False):
+    """What SGLang's ``point_to_point_pyobj`` becomes: :func:`fastbcast.point_to_point_pyobj`
+    with SGLang's signature (GLOBAL ranks, the world's CPU group).
+
+    Returns:
+        On ``src``: the ``P2PWork`` list to wait on when ``async_send``, else
+        []. On ``dst``: a list equal to ``data``. Elsewhere: [].
+    """
+    return _fastbcast_point_to_point_pyobj(data, rank, group, src, dst, async_send, **INTEGRATION.options())
+
+
+INTEGRATION = Integration(
+    "sglang",
+    {(DEFINING_MODULE, "broadcast_pyobj"): broadcast_pyobj,
+     (DEFINING_MODULE, "point_to_point_pyobj"): point_to_point_pyobj},
+    MODULE_PREFIXES, TRUSTED_PREFIXES,
+    optional=[(DEFINING_MODULE, "point_to_point_pyobj")])
 
 
 def patch(allow_pickle: bool | None = None) -> tuple[str, ...]:
-    """Make SGLang's ``broadcast_pyobj`` fastbcast's, everywhere SGLang bound it.
+    """Make SGLang's ``broadcast_pyobj`` and ``point_to_point_pyobj`` fastbcast's,
+    everywhere SGLang bound them.
 
     Arguments:
         allow_pickle: None (default): the drop-in's default, pickle allowed
             for objects the codec cannot represent (FASTBCAST_ALLOW_PICKLE=0
-            makes it strict). False: strict, no pickle on the wire. True:
-            pickle allowed. Every rank should use the same setting (a strict
-            receiver refuses a pickle from a lenient source).
+            makes it strict). False: strict. True: pickle allowed. Every rank
+            should use the same setting.
 
     Returns:
-        The names of the modules rebound so far.
+        The names of the modules that hold a replacement now.
 
     Calling it again while patched changes nothing but the pickle policy.
     Raises ImportError (naming the pip package) when SGLang is missing;
     nothing is changed then.
     """
-    global _allow_pickle
-    check_pickle_policy(allow_pickle)
-    names = _patcher.patch()
-    if allow_pickle != _allow_pickle:
-        logger.debug("SGLang broadcast_pyobj: allow_pickle=%s (was %s)", allow_pickle, _allow_pickle)
-    _allow_pickle = allow_pickle
-    codec.trust(*TRUSTED_PREFIXES)
-    return names
+    return INTEGRATION.patch(allow_pickle)
+
+
+def plugin() -> None:
+    """SGLang's plugin entry point (group ``sglang.srt.plugins``): :func:`patch` with the default policy."""
+    patch()
 
 
 def unpatch() -> tuple[str, ...]:
-    """Give every binding :func:`patch` changed SGLang's function back.
-
-    Returns the names of the modules restored. The trusted prefix stays
-    trusted (fastbcast has no way to withdraw trust); it only matters for
-    fastbcast's own decoding.
-    """
-    global _allow_pickle
-    names = _patcher.unpatch()
-    _allow_pickle = None
-    return names
+    """Give every binding :func:`patch` changed SGLang's function back and withdraw
+    the trust it granted. Returns the names of the modules restored."""
+    return INTEGRATION.unpatch()
 
 
 def is_patched() -> bool:
     """Whether :func:`patch` is in effect."""
-    return _patcher.is_patched
+    return INTEGRATION.is_patched()
 
 
 def patched_modules() -> tuple[str, ...]:
-    """The modules that hold fastbcast's function through :func:`patch` right now."""
-    return _patcher.patched_modules()
+    """The modules that hold one of fastbcast's functions through :func:`patch` right now."""
+    return INTEGRATION.patched_modules()
 
 
-def original() -> Callable | None:
-    """SGLang's own ``broadcast_pyobj`` (None before the first :func:`patch`)."""
-    return _patcher.original
+def original(name: str = "broadcast_pyobj") -> Callable | None:
+    """SGLang's own function `name` (None before the first :func:`patch`)."""
+    return INTEGRATION.original(name)

@@ -7,10 +7,16 @@ first rank of each TP slice to the rest of it, ``[ip, port]``, the engine's
 objects with ``broadcast_pyobj``. From verl 0.5 that is a copy vendored in
 ``verl.workers.rollout.sglang_rollout.utils``.
 
-Enable it once per process (every rank of the rollout)::
+Enable it in every rollout process: ``FASTBCAST_PATCH=verl`` in the
+environment (on Ray, in the job's ``runtime_env={"env_vars": ...}``) patches a
+process when it first imports the vendored module; or in code::
 
     import fastbcast.integrations.verl as fb_verl
     fb_verl.patch()                        # or patch(allow_pickle=False): no pickle on the wire
+
+verl 0.7 and later no longer call ``broadcast_pyobj``: rollout runs on SGLang
+servers, so ``FASTBCAST_PATCH=sglang`` (fastbcast.integrations.sglang) is the
+one that applies there.
 
 What :func:`patch` does:
 
@@ -21,11 +27,11 @@ What :func:`patch` does:
   identity). A call with a TP-local ``rank=`` (the rank trap) now raises a
   ValueError on the ranks where it is wrong instead of handing every rank of
   TP groups 1.. an empty list.
-* Trusts verl's rollout schema classes (``verl.workers.rollout.schemas``,
+* While patched, trusts verl's rollout schema classes (``verl.workers.rollout.schemas``,
   ``verl.tools.schemas``: ``AsyncRolloutRequest``, ``Message``, the state,
   finish-reason and sanity-check enums, the OpenAI tool-call models), so
   batches of requests travel without pickle, with list token ids
-  (verl <= 0.4) or tensors (later).
+  (verl <= 0.4) or tensors (later). :func:`unpatch` withdraws that.
 * Logs one INFO line on the ``fastbcast`` logger naming the modules rebound.
 
 verl <= 0.4 imported SGLang's own ``broadcast_pyobj`` in its rollout module;
@@ -44,18 +50,15 @@ package when verl is missing.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Iterable
 
-from .. import codec
 from ..broadcast import broadcast as _fastbcast_broadcast
 from ..broadcast import broadcast_pyobj as _fastbcast_broadcast_pyobj
-from ._patch import Patcher, check_pickle_policy
+from . import _patch
+from ._patch import Integration
 
 __all__ = ["patch", "unpatch", "is_patched", "patched_modules", "original", "broadcast_pyobj",
            "broadcast_rollout", "DEFINING_MODULE", "MODULE_PREFIXES", "SCHEMA_MODULES"]
-
-logger = logging.getLogger("fastbcast")
 
 #: Where verl (>= 0.5) defines its vendored copy of SGLang's broadcast_pyobj.
 DEFINING_MODULE = "verl.workers.rollout.sglang_rollout.utils"
@@ -63,9 +66,6 @@ DEFINING_MODULE = "verl.workers.rollout.sglang_rollout.utils"
 MODULE_PREFIXES = ("verl.workers.rollout",)
 #: verl's modules of rollout payload classes, trusted for decoding.
 SCHEMA_MODULES = ("verl.workers.rollout.schemas", "verl.tools.schemas")
-
-# None = the drop-in's default (FASTBCAST_ALLOW_PICKLE, pickle allowed unless 0).
-_allow_pickle: bool | None = None
 
 
 def broadcast_pyobj(data: Any, rank: int, dist_group=None, src: int = 0, force_cpu_device: bool = False):
@@ -84,7 +84,7 @@ def broadcast_pyobj(data: Any, rank: int, dist_group=None, src: int = 0, force_c
         ``data`` on the source, an equal list elsewhere; [] everywhere when
         ``data`` is [].
     """
-    return _fastbcast_broadcast_pyobj(data, rank, dist_group, src, force_cpu_device, allow_pickle=_allow_pickle)
+    return _fastbcast_broadcast_pyobj(data, rank, dist_group, src, force_cpu_device, **INTEGRATION.options())
 
 
 def broadcast_rollout(obj: Any, device_mesh, dim: str = "tp", **kw) -> Any:
@@ -118,7 +118,8 @@ def broadcast_rollout(obj: Any, device_mesh, dim: str = "tp", **kw) -> Any:
     return _fastbcast_broadcast(obj, mesh=device_mesh, dim=dim, trusted=trusted, **kw)
 
 
-_patcher = Patcher(DEFINING_MODULE, "broadcast_pyobj", broadcast_pyobj, MODULE_PREFIXES, pip_name="verl")
+INTEGRATION = Integration("verl", {(DEFINING_MODULE, "broadcast_pyobj"): broadcast_pyobj},
+                          MODULE_PREFIXES, SCHEMA_MODULES)
 
 
 def patch(allow_pickle: bool | None = None) -> tuple[str, ...]:
@@ -138,47 +139,34 @@ def patch(allow_pickle: bool | None = None) -> tuple[str, ...]:
     no vendored copy (verl < 0.5: use fastbcast.integrations.sglang.patch());
     nothing is changed then.
     """
-    global _allow_pickle
-    check_pickle_policy(allow_pickle)
     try:
-        names = _patcher.patch()
+        return INTEGRATION.patch(allow_pickle)
     except ImportError as e:
         # A verl without the vendored module (the package itself missing is
         # e.name == "verl", and the Patcher's message already says so).
-        if e.name and e.name != "verl" and (DEFINING_MODULE == e.name or DEFINING_MODULE.startswith(e.name + ".")):
+        if e.name and e.name != "verl" and _patch._under(DEFINING_MODULE, e.name):
             raise ImportError(
                 f"{e} (verl before 0.5 has no vendored broadcast_pyobj: its rollout imports SGLang's, "
                 "which fastbcast.integrations.sglang.patch() replaces)", name=e.name) from e
         raise
-    if allow_pickle != _allow_pickle:
-        logger.debug("verl broadcast_pyobj: allow_pickle=%s (was %s)", allow_pickle, _allow_pickle)
-    _allow_pickle = allow_pickle
-    codec.trust(*SCHEMA_MODULES)
-    return names
 
 
 def unpatch() -> tuple[str, ...]:
-    """Give every binding :func:`patch` changed verl's function back.
-
-    Returns the names of the modules restored. The schema modules stay
-    trusted (fastbcast has no way to withdraw trust).
-    """
-    global _allow_pickle
-    names = _patcher.unpatch()
-    _allow_pickle = None
-    return names
+    """Give every binding :func:`patch` changed verl's function back and withdraw
+    the trust it granted. Returns the names of the modules restored."""
+    return INTEGRATION.unpatch()
 
 
 def is_patched() -> bool:
     """Whether :func:`patch` is in effect."""
-    return _patcher.is_patched
+    return INTEGRATION.is_patched()
 
 
 def patched_modules() -> tuple[str, ...]:
     """The modules that hold fastbcast's function through :func:`patch` right now."""
-    return _patcher.patched_modules()
+    return INTEGRATION.patched_modules()
 
 
 def original() -> Callable | None:
     """verl's vendored ``broadcast_pyobj`` (None before the first :func:`patch`)."""
-    return _patcher.original
+    return INTEGRATION.original("broadcast_pyobj")
