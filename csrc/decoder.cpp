@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 #include <deque>
+#include <memory>
 #include <unordered_map>
 
 #include "exception.h"
@@ -87,10 +88,7 @@ class Decoder {
       : start_(data), p_(data), end_(data + len), opts_(opts), base_(base) {}
   ~Decoder() {
     for (PyObject* o : memo_) Py_XDECREF(o);
-    for (auto& e : table_) {
-      Py_DECREF(e.cls);
-      for (PyObject* n : e.names) Py_DECREF(n);
-    }
+    for (auto& e : table_) Py_DECREF(e.cls);
   }
 
   PyObject* run() {
@@ -549,11 +547,10 @@ class Decoder {
 
   // ---- class instances, shared references --------------------------------
   struct Entry {
-    PyObject* cls;                     // strong
+    PyObject* cls;                         // strong
     TypeInfo* info;
-    uint8_t kind;                      // WireKind
-    std::vector<PyObject*> names;      // layout attribute names, interned, strong
-    std::vector<PyMemberDef*> members; // STRUCT: the slot of each layout field
+    uint8_t kind;                          // WireKind
+    std::shared_ptr<const Layout> layout;  // attribute names (and STRUCT slots)
   };
 
   // A msgpack unsigned int (class table and memo indices, flags).
@@ -608,73 +605,109 @@ class Decoder {
     return o;
   }
 
+  // A str's raw UTF-8 (class names and layouts are resolved from the bytes).
+  bool raw_str(const char** s, size_t* n) {
+    const uint8_t* q = take(1);
+    if (!q) return false;
+    uint8_t c = *q;
+    if ((c & 0xe0) == FIXSTR) *n = c & 0x1f;
+    else if (c == STR8 ? !read_len(1, n) : c == STR16 ? !read_len(2, n) : c == STR32 ? !read_len(4, n) : true) {
+      if (!PyErr_Occurred()) {
+        p_ = q;
+        fail("expected a str, found type byte 0x%02x", c);
+      }
+      return false;
+    }
+    *s = reinterpret_cast<const char*>(take(*n));
+    return *s != nullptr;
+  }
+
+  // [name, kind, [attribute names]]: resolves the class and its layout.
   bool class_def() {
     size_t k;
     if (!array_header(&k)) return false;
     if (k != 3) return fail("class table entry must be a 3-item array"), false;
     const uint8_t* name_at = p_;
-    Ref name(dec(kMaxDepth - 1));
-    if (!name) return false;
-    if (!PyUnicode_CheckExact(name.p)) return fail("class name is not a str"), false;
+    const char* name;
+    size_t name_len;
+    if (!raw_str(&name, &name_len)) return false;
     uint64_t kind;
     if (!read_uint(&kind)) return false;
     if (kind < WK_STRUCT || kind > WK_CLASS) return fail("unknown class kind %llu", (unsigned long long)kind), false;
+    // The layout's extent, read without building anything: most messages
+    // repeat the previous one's layout byte for byte.
+    const uint8_t* layout_at = p_;
     size_t nf;
     if (!array_header(&nf)) return false;
     if (nf > kMaxLayout || nf > left()) return fail("class layout of %zu names", nf), false;
-    Entry e{nullptr, nullptr, uint8_t(kind), {}, {}};
-    struct Drop {
-      Entry& e;
-      ~Drop() {
-        for (PyObject* n : e.names) Py_DECREF(n);
-      }
-    } drop{e};
+    const uint8_t* names_at = p_;
     for (size_t i = 0; i < nf; ++i) {
-      PyObject* s = dec(kMaxDepth - 1);
-      if (!s) return false;
-      e.names.push_back(s);
-      if (!PyUnicode_CheckExact(s)) return fail("class layout name is not a str"), false;
-      PyUnicode_InternInPlace(&e.names.back());
+      const char* s;
+      size_t n;
+      if (!raw_str(&s, &n)) return false;
     }
-    TypeInfo* info = TypeRegistry::instance().for_decode(name.p, opts_.trusted);
+    std::string key(1, char(kind));
+    key.append(reinterpret_cast<const char*>(layout_at), size_t(p_ - layout_at));
+
+    TypeInfo* info = TypeRegistry::instance().for_decode(name, name_len, opts_.trusted);
     if (!info) {
       p_ = name_at;
       if (PyErr_Occurred()) return fail("cannot resolve class"), false;
-      return fail("class %s is not trusted: it is neither registered (fastbcast.register(cls) on every receiving "
+      return fail("class %.*s is not trusted: it is neither registered (fastbcast.register(cls) on every receiving "
                   "rank) nor in an already-imported module under a trusted prefix (decode(trusted=...) / "
-                  "fastbcast.trust(); decoding never imports)", utf8_or(name.p, "?")), false;
+                  "fastbcast.trust(); decoding never imports)", int(std::min<size_t>(name_len, 200)), name), false;
     }
     static const Kind kFor[] = {Kind::UNSUPPORTED, Kind::STRUCT, Kind::PYDANTIC, Kind::OBJECT, Kind::REDUCE};
     if (kind != WK_CLASS && info->kind != kFor[kind]) {
       p_ = name_at;
-      return fail("class %s is not rebuilt the way the sender wrote it (kind %u)", utf8_or(name.p, "?"),
-                  unsigned(kind)), false;
+      return fail("class %.*s is not rebuilt the way the sender wrote it (kind %u)", int(std::min<size_t>(name_len, 200)),
+                  name, unsigned(kind)), false;
     }
-    if (kind == WK_STRUCT) {
-      // Map the sender's field order onto this process's slots by name.
-      PyObject* mine = info->fields;
-      for (PyObject* n : e.names) {
-        Py_ssize_t j = 0, m = PyTuple_GET_SIZE(mine);
-        while (j < m && PyTuple_GET_ITEM(mine, j) != n) ++j;  // both interned
-        if (j == m) return fail("%s has no field %s", utf8_or(name.p, "?"), utf8_or(n, "?")), false;
-        for (PyMemberDef* d : e.members)
-          if (d == info->members[j]) return fail("field %s listed twice", utf8_or(n, "?")), false;
-        e.members.push_back(info->members[j]);
-      }
+    std::shared_ptr<const Layout> layout = info->last_layout;
+    if (!layout || layout->key != key) {
+      const uint8_t* end = p_;
+      p_ = names_at;
+      auto fresh = std::make_shared<Layout>();
+      if (!read_layout(fresh.get(), nf, info, name, name_len)) return false;
+      FB_ASSERT(p_ == end);
+      fresh->key = std::move(key);
+      layout = fresh;
+      info->last_layout = layout;
     }
     Py_INCREF(info->cls);
-    e.cls = info->cls;
-    e.info = info;
-    table_.push_back(std::move(e));
-    e.names.clear();  // moved: nothing left for Drop
+    table_.push_back(Entry{info->cls, info, uint8_t(kind), std::move(layout)});
+    return true;
+  }
+
+  bool read_layout(Layout* l, size_t nf, TypeInfo* info, const char* name, size_t name_len) {
+    for (size_t i = 0; i < nf; ++i) {
+      PyObject* s = dec(kMaxDepth - 1);
+      if (!s) return false;
+      l->names.push_back(s);
+      if (!PyUnicode_CheckExact(s)) return fail("class layout name is not a str"), false;
+      PyUnicode_InternInPlace(&l->names.back());
+    }
+    if (l->names.size() && info->kind == Kind::STRUCT) {
+      // Map the sender's field order onto this process's slots by name.
+      PyObject* mine = info->fields;
+      for (PyObject* n : l->names) {
+        Py_ssize_t j = 0, m = PyTuple_GET_SIZE(mine);
+        while (j < m && PyTuple_GET_ITEM(mine, j) != n) ++j;  // both interned
+        if (j == m)
+          return fail("%.*s has no field %s", int(std::min<size_t>(name_len, 200)), name, utf8_or(n, "?")), false;
+        for (PyMemberDef* d : l->members)
+          if (d == info->members[j]) return fail("field %s listed twice", utf8_or(n, "?")), false;
+        l->members.push_back(info->members[j]);
+      }
+    }
     return true;
   }
 
   // A dict from the layout's values and the map of the other attributes.
   PyObject* attr_dict(const Entry& e, int depth) {
-    Ref d(_PyDict_NewPresized(Py_ssize_t(e.names.size())));
+    Ref d(_PyDict_NewPresized(Py_ssize_t(e.layout->names.size())));
     if (!d) return nullptr;
-    for (PyObject* n : e.names) {
+    for (PyObject* n : e.layout->names) {
       if (absent()) continue;
       Ref v(dec(depth + 1));
       if (!v || PyDict_SetItem(d.p, n, v.p) < 0) return nullptr;
@@ -740,7 +773,7 @@ class Decoder {
         Ref obj(tp->tp_alloc(tp, 0));
         if (!obj || !remember(obj.p)) return nullptr;
         char* base = reinterpret_cast<char*>(obj.p);
-        for (PyMemberDef* m : e.members) {
+        for (PyMemberDef* m : e.layout->members) {
           if (absent()) continue;
           PyObject* v = dec(depth + 1);
           if (!v) return nullptr;
@@ -780,11 +813,11 @@ class Decoder {
 
   PyObject* fields_set_from_mask(const Entry& e) {
     uint64_t mask = load_be64(take(9) + 1);
-    if (e.names.size() < 64 && (mask >> e.names.size())) return fail("fields_set mask names fields past the layout");
+    if (e.layout->names.size() < 64 && (mask >> e.layout->names.size())) return fail("fields_set mask names fields past the layout");
     Ref s(PySet_New(nullptr));
     if (!s) return nullptr;
     for (size_t i = 0; mask; ++i, mask >>= 1)
-      if ((mask & 1) && PySet_Add(s.p, e.names[i]) < 0) return nullptr;
+      if ((mask & 1) && PySet_Add(s.p, e.layout->names[i]) < 0) return nullptr;
     return s.release();
   }
 

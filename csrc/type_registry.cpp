@@ -349,6 +349,29 @@ bool TypeRegistry::may_write(TypeInfo* info, PyObject* extra_trusted) {
   return info->trusted_now || (extra_trusted && trusted(s, n, extra_trusted));
 }
 
+TypeInfo* TypeRegistry::for_decode(const char* s, size_t n, PyObject* extra_trusted) {
+  std::string key(s, n);
+  auto c = decoded_names_.find(key);
+  if (c != decoded_names_.end()) {
+    // The class may have gone (its entry is then missing) or its address been
+    // reused by another one (its name then differs): check both.
+    auto it = by_type_.find(c->second);
+    Py_ssize_t m;
+    const char* have = it != by_type_.end() && it->second.name ? PyUnicode_AsUTF8AndSize(it->second.name, &m) : nullptr;
+    if (have && size_t(m) == n && std::memcmp(have, s, n) == 0) {
+      TypeInfo* info = &it->second;
+      return may_write(info, extra_trusted) ? info : nullptr;  // trust may have changed since
+    }
+    if (PyErr_Occurred()) return nullptr;
+  }
+  PyObject* name = PyUnicode_DecodeUTF8(s, Py_ssize_t(n), "strict");
+  if (!name) return nullptr;
+  TypeInfo* info = for_decode(name, extra_trusted);
+  Py_DECREF(name);
+  if (info) decoded_names_[key] = reinterpret_cast<PyTypeObject*>(info->cls);
+  return info;
+}
+
 TypeInfo* TypeRegistry::for_decode(PyObject* name, PyObject* extra_trusted) {
   Py_ssize_t n;
   const char* s = PyUnicode_AsUTF8AndSize(name, &n);

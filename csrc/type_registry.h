@@ -16,6 +16,7 @@
 #include <structmember.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -34,6 +35,21 @@ enum class Kind : uint8_t {
   PYARRAY,          // array.array
 };
 
+// A class table entry's attribute names as a sender wrote them, resolved
+// against this process's class. Kept per class, so a steady stream of
+// messages decodes each layout once instead of once per message.
+struct Layout {
+  std::string key;                    // wire kind + the layout's raw bytes
+  std::vector<PyObject*> names;       // interned, strong references
+  std::vector<PyMemberDef*> members;  // STRUCT: the slot of each name
+  Layout() = default;
+  Layout(const Layout&) = delete;
+  Layout& operator=(const Layout&) = delete;
+  ~Layout() {
+    for (PyObject* n : names) Py_DECREF(n);
+  }
+};
+
 struct TypeInfo {
   Kind kind = Kind::UNSUPPORTED;
   PyObject* cls = nullptr;      // borrowed: the cache entry dies with the class
@@ -48,6 +64,7 @@ struct TypeInfo {
   uint32_t msg_index = 0;
   uint32_t trust_gen = 0;        // registry generation trusted_now was computed for (0: never)
   bool trusted_now = false;
+  std::shared_ptr<const Layout> last_layout;  // decoder: the layout last received for this class
 };
 
 // pydantic BaseModel's private slots, in the order the wire carries them.
@@ -74,6 +91,8 @@ class TypeRegistry {
   // registered, trusted or on the standard-library list, or names no loaded
   // class. Returns nullptr with an error set only if a Python call failed.
   TypeInfo* for_decode(PyObject* name, PyObject* extra_trusted);
+  // The same from the name's UTF-8, remembering the answer for the next message.
+  TypeInfo* for_decode(const char* name, size_t n, PyObject* extra_trusted);
 
   // fastbcast.register(cls): trust this class for decoding. Raises TypeError
   // for classes the codec cannot rebuild.
@@ -94,6 +113,7 @@ class TypeRegistry {
   std::unordered_map<PyTypeObject*, PyObject*> weakrefs_;  // keep the weakrefs (and so their callbacks) alive
   std::unordered_map<std::string, PyObject*> by_name_;     // registered classes, strong references
   std::vector<std::string> trusted_;
+  std::unordered_map<std::string, PyTypeObject*> decoded_names_;  // wire name -> class it resolved to
   uint32_t gen_ = 1;  // bumped by register/trust: cached trust answers are recomputed
   PydanticSlots pyd_;
 };
