@@ -655,7 +655,7 @@ class Encoder {
     // ids in array('q') fit 4 bytes); the typecode brings the original back.
     uint8_t w = kRawWidth;
     bool is_signed = std::strchr("bhilq", code) != nullptr, is_int = is_signed || std::strchr("BHILQ", code);
-    if (is_int && code && (isz == 1 || isz == 2 || isz == 4 || isz == 8)) {
+    if (is_int && count && (isz == 1 || isz == 2 || isz == 4 || isz == 8)) {
       if (is_signed) {
         int64_t lo = 0, hi = 0;
         for (size_t i = 0; i < count; ++i) {
@@ -1053,14 +1053,15 @@ class Encoder {
     Py_DECREF(rv);
     Py_ssize_t n = PyTuple_Check(rv) ? PyTuple_GET_SIZE(rv) : 0;
     if (n < 2 || n > 6 || !PyTuple_Check(PyTuple_GET_ITEM(rv, 1)))
-      return fallback(o, (std::string(Py_TYPE(o)->tp_name) + ".__reduce_ex__ returns a global name").c_str());
+      return fallback(o, (std::string("unsupported type ") + Py_TYPE(o)->tp_name +
+                          " (its __reduce_ex__ returns a global name)").c_str());
     PyObject* fn = PyTuple_GET_ITEM(rv, 0);
     PyObject* args = PyTuple_GET_ITEM(rv, 1);
     PyObject* state = n > 2 ? PyTuple_GET_ITEM(rv, 2) : Py_None;
     PyObject* listitems = n > 3 ? PyTuple_GET_ITEM(rv, 3) : Py_None;
     PyObject* dictitems = n > 4 ? PyTuple_GET_ITEM(rv, 4) : Py_None;
     if (n > 5 && PyTuple_GET_ITEM(rv, 5) != Py_None)
-      return fallback(o, (std::string(Py_TYPE(o)->tp_name) + " pickles with a state setter").c_str());
+      return fallback(o, (std::string("unsupported type ") + Py_TYPE(o)->tp_name + " (it pickles with a state setter)").c_str());
     PyObject* cls = reinterpret_cast<PyObject*>(Py_TYPE(o));
     uint8_t newobj = 0;
     Py_ssize_t first = 0;
@@ -1070,8 +1071,9 @@ class Encoder {
       first = 1;
     } else if (fn != cls) {
       PyObject* fname = PyObject_GetAttrString(fn, "__qualname__");
-      std::string what = std::string(Py_TYPE(o)->tp_name) + ": its pickle protocol rebuilds it with " +
-                         utf8_or(fname, "a callable") + ", not with the class itself";
+      std::string what = std::string("unsupported type ") + Py_TYPE(o)->tp_name +
+                         " (its pickle protocol rebuilds it with " + utf8_or(fname, "a callable") +
+                         ", not with the class itself)";
       Py_XDECREF(fname);
       if (pending_is_fatal()) return false;
       PyErr_Clear();
@@ -1248,7 +1250,8 @@ class Encoder {
 
   // ---- errors -----------------------------------------------------------
   bool unsupported(PyObject* o, const char* what) {
-    PyErr_Format(PyExc_TypeError, "unsupported: %s", what);
+    if (std::strncmp(what, "unsupported", 11) == 0) PyErr_SetString(PyExc_TypeError, what);
+    else PyErr_Format(PyExc_TypeError, "unsupported: %s", what);
     return false;
   }
 

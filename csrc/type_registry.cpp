@@ -273,7 +273,7 @@ bool TypeRegistry::register_class(PyObject* cls) {
   }
   const TypeInfo* info = for_encode(reinterpret_cast<PyTypeObject*>(cls));
   if (!info) return false;
-  if (info->kind == Kind::UNSUPPORTED || !(info->user_class || info->builtin_trusted)) {
+  if (info->kind == Kind::UNSUPPORTED || !info->user_class) {
     PyErr_Format(PyExc_TypeError,
                  "fastbcast.register(%R): only classes defined in Python (dataclasses, pydantic models, msgspec "
                  "Structs, enums, classes with __dict__/__slots__ or their own pickle protocol) can be registered",

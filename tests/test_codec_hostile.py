@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastbcast
-from fastbcast import DecodeError, decode, encode
+from fastbcast import DecodeError, decode
+from codec_types import sender_encode as encode
 
 import codec_types as ct
 from codec_types import TRUSTED, ext, ext32, ndarray_ext, same, tensor_ext

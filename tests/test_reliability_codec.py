@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastbcast
-from fastbcast import DecodeError, decode, encode
+from fastbcast import DecodeError, decode
+from codec_types import sender_encode as encode
 from fastbcast._loader import _C
 
 import codec_types as ct
