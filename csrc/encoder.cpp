@@ -1079,6 +1079,7 @@ class Encoder {
       PyErr_Clear();
       return fallback(o, what.c_str());
     }
+    if (!TypeRegistry::instance().may_write(info, opts_.trusted)) return refuse_class(o, info, false);
     if (memo_.count(o)) {
       int r = memo(o);  // (reached again through its own __reduce__)
       return r > 0;
@@ -1137,7 +1138,9 @@ class Encoder {
   }
 
   bool write_instance(PyObject* o, TypeInfo* info, int depth) {
-    if (!TypeRegistry::instance().may_write(info, opts_.trusted)) return refuse_class(o, info, false);
+    // A __reduce__ is asked first: registering the class only helps if it names the class.
+    if (info->kind != Kind::REDUCE && !TypeRegistry::instance().may_write(info, opts_.trusted))
+      return refuse_class(o, info, false);
     int r = memo(o);
     if (r) return r > 0;
     if (info->kind == Kind::REDUCE) return write_reduce(o, info, depth);

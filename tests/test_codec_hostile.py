@@ -5,6 +5,7 @@ ValueError on encode.
 
 """
 import array
+import dataclasses
 import math
 import os
 import re
@@ -769,3 +770,56 @@ def test_mutated_encodings_decode_or_raise_decode_error(base, ops):
 def test_structured_junk_decodes_or_raises_decode_error(data):
     decode_or_error(data, trusted=TRUSTED)
     decode_or_error(b"\x91" + data)
+
+
+# =========================================================================
+# user code that raises KeyboardInterrupt / SystemExit
+# =========================================================================
+
+@pytest.mark.parametrize("exc", ["kbd", "exit"])
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_keyboard_interrupt_and_system_exit_propagate_unchanged_from_encode(exc, allow_pickle):
+    with pytest.raises(ct.FATAL[exc], match="from __getstate__"):
+        encode([{"k": ct.Interrupts("encode", exc)}], allow_pickle=allow_pickle)
+    with pytest.raises(ct.FATAL[exc], match="from __getstate__"):
+        fastbcast.encode([ct.Interrupts("encode", exc)], allow_pickle=True)  # untrusted: through pickle
+
+
+@pytest.mark.parametrize("exc", ["kbd", "exit"])
+def test_keyboard_interrupt_and_system_exit_propagate_unchanged_from_decode(exc):
+    b = wire([1, {"k": ct.Interrupts("decode", exc)}])
+    with pytest.raises(ct.FATAL[exc], match="from __setstate__"):
+        decode(b, trusted=TRUSTED)
+    b = wire([ct.Interrupts("decode", exc)], allow_pickle=True, trusted=None)  # a pickle ext
+    with pytest.raises(ct.FATAL[exc], match="from __setstate__"):
+        decode(b, allow_pickle=True)
+
+
+def test_decode_frame_refuses_a_payload_length_that_wraps():
+    from fastbcast._loader import _C
+    frame = torch.zeros(64, dtype=torch.uint8)
+    for n in (2**64 - 1, 2**64 - 31, 33):
+        with pytest.raises(ValueError, match="shorter"):
+            _C.decode_frame(frame, n, None, False, None)
+
+
+def test_the_type_cache_does_not_keep_classes_alive():
+    import gc
+    import weakref
+
+    def make():
+        @dataclasses.dataclass
+        class Gone:
+            v: int = 0
+
+        class Refused:
+            def __reduce__(self):
+                return (print, ())
+        for obj in (Gone(1), Refused()):
+            with pytest.raises(TypeError):
+                encode(obj, trusted=None)  # classified, cached, refused
+        return weakref.ref(Gone), weakref.ref(Refused)
+
+    refs = make()
+    gc.collect()
+    assert all(r() is None for r in refs)
