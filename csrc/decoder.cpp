@@ -735,7 +735,9 @@ class Decoder {
     return d.release();
   }
 
-  bool set_slots_from_map(PyObject* obj, int depth) {
+  // The names a slot state may set: the class's own __slots__ (what copyreg
+  // collects), never a dunder such as __class__.
+  bool set_slots_from_map(PyObject* obj, const Entry& e, int depth) {
     const uint8_t* at = p_;
     Ref m(dec(depth));
     if (!m) return false;
@@ -746,8 +748,15 @@ class Decoder {
     }
     Py_ssize_t pos = 0;
     PyObject *k, *v;
-    while (PyDict_Next(m.p, &pos, &k, &v))
-      if (!PyUnicode_Check(k) || PyObject_SetAttr(obj, k, v) < 0) return fail("cannot restore a slot"), false;
+    while (PyDict_Next(m.p, &pos, &k, &v)) {
+      int known = PyUnicode_Check(k) ? PySequence_Contains(e.info->fields, k) : 0;
+      if (known != 1) {
+        p_ = at;
+        return fail("%s is not a slot of %s", PyUnicode_Check(k) ? utf8_or(k, "?") : "(non-str)",
+                    utf8_or(e.info->name, "?")), false;
+      }
+      if (PyObject_SetAttr(obj, k, v) < 0) return fail("cannot restore a slot"), false;
+    }
     return true;
   }
 
@@ -791,7 +800,7 @@ class Decoder {
         if (!d) return nullptr;
         if ((e.kind == WK_PYDANTIC || PyDict_GET_SIZE(d.p)) && PyObject_GenericSetDict(obj.p, d.p, nullptr) < 0)
           return fail("cannot set the instance __dict__");
-        if (e.kind == WK_OBJECT) return set_slots_from_map(obj.p, depth) ? obj.release() : nullptr;
+        if (e.kind == WK_OBJECT) return set_slots_from_map(obj.p, e, depth) ? obj.release() : nullptr;
         const PydanticSlots& ps = TypeRegistry::instance().pydantic_slots();
         Ref extra(dec(depth + 1));
         if (!extra) return nullptr;
@@ -877,6 +886,7 @@ class Decoder {
   // __dict__ update, or (__dict__ update, slot values).
   static bool set_state(PyObject* obj, PyObject* state) {
     static PyObject* name = PyUnicode_InternFromString("__setstate__");
+    static PyObject* kDunder = PyUnicode_InternFromString("__");
     PyObject* setstate;
     if (!name || _PyObject_LookupAttr(obj, name, &setstate) < 0) return false;
     if (setstate) {
@@ -908,8 +918,13 @@ class Decoder {
       }
       Py_ssize_t pos = 0;
       PyObject *k, *v;
-      while (PyDict_Next(slots, &pos, &k, &v))
+      while (PyDict_Next(slots, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k) || PyUnicode_Tailmatch(k, kDunder, 0, 2, -1) == 1) {
+          PyErr_SetString(PyExc_ValueError, "slot state names a dunder attribute");
+          return false;
+        }
         if (PyObject_SetAttr(obj, k, v) < 0) return false;
+      }
     }
     return true;
   }

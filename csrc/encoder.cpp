@@ -893,7 +893,10 @@ class Encoder {
         if (!write_absent()) return false;
         continue;
       }
-      PyDict_Next(dict, &pos, &k, &v);
+      if (!PyDict_Next(dict, &pos, &k, &v)) {  // user code emptied it while we wrote
+        PyErr_SetString(PyExc_RuntimeError, "instance __dict__ changed size during encoding");
+        return false;
+      }
       Hold hv(v);
       if (!enc(v, depth)) return attr_segment(k);
     }
