@@ -440,6 +440,22 @@ class Decoder {
     }
   }
 
+  // numpy and the dtype spelled by `n` bytes at `ds`, if it is of a kind the
+  // codec carries (b, i, u, f, c: plain bytes, no objects).
+  bool numeric_dtype(const uint8_t* ds, size_t n, const char* what, Ref* np, Ref* dtype, char* kind, size_t* isz) {
+    np->p = PyImport_ImportModule("numpy");
+    if (!np->p) return fail("a %s arrived but numpy is not installed", what), false;
+    dtype->p = PyObject_CallMethod(np->p, "dtype", "s#", reinterpret_cast<const char*>(ds), Py_ssize_t(n));
+    if (!dtype->p) return fail("bad numpy dtype"), false;
+    Ref k(PyObject_GetAttrString(dtype->p, "kind"));
+    Ref itemsize(k ? PyObject_GetAttrString(dtype->p, "itemsize") : nullptr);
+    const char* s = itemsize ? utf8_or(k.p, "") : "";
+    if (!s[0] || !std::strchr("biufc", s[0])) return fail("numpy dtype kind not allowed"), false;
+    *kind = s[0];
+    *isz = PyLong_AsSize_t(itemsize.p);
+    return true;
+  }
+
   PyObject* ndarray() {
     const uint8_t* ln = take(1);
     if (!ln) return nullptr;
@@ -447,14 +463,11 @@ class Decoder {
     const uint8_t* nd = ds ? take(1) : nullptr;
     const uint8_t* sh = nd ? take(8 * size_t(*nd)) : nullptr;
     if (!sh) return nullptr;
-    Ref np(PyImport_ImportModule("numpy"));
-    if (!np) return fail("a numpy.ndarray arrived but numpy is not installed");
-    Ref dtype(PyObject_CallMethod(np.p, "dtype", "s#", reinterpret_cast<const char*>(ds), Py_ssize_t(*ln)));
-    if (!dtype) return fail("bad numpy dtype");
-    Ref kind(PyObject_GetAttrString(dtype.p, "kind"));
-    Ref itemsize(kind ? PyObject_GetAttrString(dtype.p, "itemsize") : nullptr);
-    const char* k = itemsize ? PyUnicode_AsUTF8(kind.p) : nullptr;
-    if (!k || !k[0] || !std::strchr("biufc", k[0])) return fail("numpy dtype kind not allowed");
+    Ref np, dtype;
+    char kind;
+    size_t isz;
+    if (!numeric_dtype(ds, *ln, "numpy.ndarray", &np, &dtype, &kind, &isz)) return nullptr;
+    const char k[2] = {kind, 0};
     uint64_t count = 1;
     Ref shape(PyTuple_New(*nd));
     if (!shape) return nullptr;
@@ -468,7 +481,7 @@ class Decoder {
     }
     if (zero) count = 0;
     uint64_t nbytes;
-    if (__builtin_mul_overflow(count, uint64_t(PyLong_AsUnsignedLongLong(itemsize.p)), &nbytes) || nbytes != left())
+    if (__builtin_mul_overflow(count, uint64_t(isz), &nbytes) || nbytes != left())
       return fail("array data of %zu bytes does not match its shape", left());
     const uint8_t* q = take(nbytes);
     if (k[0] == 'b' && !bool_bytes(q, nbytes)) return fail("bool array holds bytes other than 0 and 1");
@@ -940,18 +953,13 @@ class Decoder {
     const uint8_t* ln = take(1);
     const uint8_t* ds = ln ? take(*ln) : nullptr;
     if (!ds) return nullptr;
-    Ref np(PyImport_ImportModule("numpy"));
-    if (!np) return fail("a numpy scalar arrived but numpy is not installed");
-    Ref dtype(PyObject_CallMethod(np.p, "dtype", "s#", reinterpret_cast<const char*>(ds), Py_ssize_t(*ln)));
-    if (!dtype) return fail("bad numpy dtype");
-    Ref kind(PyObject_GetAttrString(dtype.p, "kind"));
-    Ref itemsize(kind ? PyObject_GetAttrString(dtype.p, "itemsize") : nullptr);
-    const char* k = itemsize ? utf8_or(kind.p, "") : "";
-    if (!k[0] || !std::strchr("biufc", k[0])) return fail("numpy dtype kind not allowed");
-    size_t n = PyLong_AsSize_t(itemsize.p);
+    Ref np, dtype;
+    char kind;
+    size_t n;
+    if (!numeric_dtype(ds, *ln, "numpy scalar", &np, &dtype, &kind, &n)) return nullptr;
     if (n != left()) return fail("numpy scalar of %zu bytes, %zu expected", left(), n);
     const uint8_t* q = take(n);
-    if (k[0] == 'b' && !bool_bytes(q, n)) return fail("bool scalar holds a byte other than 0 and 1");
+    if (kind == 'b' && !bool_bytes(q, n)) return fail("bool scalar holds a byte other than 0 and 1");
     Ref raw(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), Py_ssize_t(n)));
     Ref arr(raw ? PyObject_CallMethod(np.p, "frombuffer", "OO", raw.p, dtype.p) : nullptr);
     PyObject* out = arr ? PySequence_GetItem(arr.p, 0) : nullptr;

@@ -342,10 +342,13 @@ if __name__ == "__main__":
 # (pydantic, list token ids as in verl <= 0.4). Built only when the packages
 # import; receivers trust them by module prefix (CLASS_PAYLOAD_TRUSTED).
 
-def _import_request_module(name: str):
-    """Imports `name`, working around the CUDA-only torchvision wheel next to a
-    CPU torch (its C++ ops fail to load; sglang needs only its Python parts)."""
-    import importlib
+def ensure_torchvision_importable() -> None:
+    """Makes ``import torchvision`` work when only its CUDA build is installed
+    next to a CPU torch: that build fails at import (``operator
+    torchvision::nms does not exist``) because its C++ ops cannot load, and
+    sglang needs only its Python parts, so defining the two operator schemas
+    its import registers fake kernels for is enough. A no-op when torchvision
+    imports or is not installed."""
     import sys
 
     if not _KEEP and "torchvision" not in sys.modules:
@@ -364,6 +367,12 @@ def _import_request_module(name: str):
             lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             _KEEP.append(lib)  # dropping the Library would remove the definitions
             import torchvision  # noqa: F401,F811
+
+
+def _import_request_module(name: str):
+    import importlib
+
+    ensure_torchvision_importable()
     return importlib.import_module(name)
 
 
