@@ -499,8 +499,15 @@ class Decoder {
     char tc = char(h[0]);
     uint8_t w = h[1];
     if (!tc || !std::strchr("bBuhHiIlLqQfdw", tc)) return fail("bad array.array typecode");
-    Ref mod(PyImport_ImportModule("array"));
-    Ref empty(mod ? PyObject_CallMethod(mod.p, "array", "C", int(tc)) : nullptr);
+    // The stdlib array type, looked up once: an import per array was a
+    // visible share of decoding SGLang's requests (one array each).
+    static PyObject* array_type = nullptr;
+    if (!array_type) {
+      Ref mod(PyImport_ImportModule("array"));
+      array_type = mod ? PyObject_GetAttrString(mod.p, "array") : nullptr;
+      if (!array_type) return fail("cannot load the array module");
+    }
+    Ref empty(PyObject_CallFunction(array_type, "C", int(tc)));
     Ref isz_o(empty ? PyObject_GetAttrString(empty.p, "itemsize") : nullptr);
     if (!isz_o) return fail("array.array typecode %c is not available here", tc);
     size_t isz = PyLong_AsSize_t(isz_o.p);
