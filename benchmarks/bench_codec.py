@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import os
@@ -68,7 +69,10 @@ except ModuleNotFoundError:  # run from a source checkout without installing
     sys.path.insert(0, ROOT)
 
 from fastbcast.bench.common import fastbcast_api, machine_info, register_structs, same  # noqa: E402
-from fastbcast.bench.payloads import MSGSPEC_TYPES, PAYLOADS  # noqa: E402
+from fastbcast.bench.payloads import (CLASS_PAYLOAD_TRUSTED, CLASS_PAYLOADS, MSGSPEC_TYPES, PAYLOADS,  # noqa: E402
+                                      class_payload_unavailable)
+
+ALL_PAYLOADS = {**PAYLOADS, **CLASS_PAYLOADS}
 
 CODEC_NAMES = ("fastbcast", "fastbcast-compat", "msgspec", "ormsgpack", "msgpack", "pickle")
 TARGET_PAYLOAD = "rollout_256x4k"
@@ -91,11 +95,14 @@ def make_codec(name: str, payload: str) -> Tuple[Callable[[Any], Any], Callable[
         if fb is None:
             raise NotAvailable(why)
         register_structs(fb)
+        # The real request classes travel natively where receivers trust their package.
+        trusted = CLASS_PAYLOAD_TRUSTED.get(payload)
         if name == "fastbcast":
-            enc = fb.encode
+            enc = functools.partial(fb.encode, trusted=trusted) if trusted else fb.encode
         else:
             enc = lambda o: fb.encode(o, compat=True)  # noqa: E731
-        return enc, lambda t: t.clone(), fb.decode, lambda t: int(t.numel())
+        dec = functools.partial(fb.decode, trusted=trusted) if trusted else fb.decode
+        return enc, lambda t: t.clone(), dec, lambda t: int(t.numel())
     if name == "msgspec":
         try:
             import msgspec
@@ -206,7 +213,7 @@ def _memory_probe(codec: str, payload: str) -> Dict[str, Any]:
     """Runs inside the fresh subprocess: peak extra RSS of a cold and a warm encode."""
     libc = ctypes.CDLL("libc.so.6")
     enc, _to_input, _dec, size = make_codec(codec, payload)
-    obj = PAYLOADS[payload]()
+    obj = ALL_PAYLOADS[payload]()
     gc.collect()
     gc.disable()
     out: Dict[str, Any] = {"codec": codec, "payload": payload}
@@ -258,26 +265,33 @@ def print_table(cells: List[Dict[str, Any]], machine: Dict[str, Any], args) -> N
     print("#  median of samples, %.2g s budget per measurement; MB/s = encoded size / time "
           "(10^6 B); speedup = msgspec's time / this time (>1 is faster); gc %s"
           % (args.seconds, "off" if args.no_gc else "on"))
-    row = "   %-22s %-17s %12s %10s %10s %9s %9s %11s %11s  %s"
+    row = "   %-22s %-17s %12s %10s %10s %9s %9s %11s %11s %9s %9s  %s"
     print("#" + row[1:] % ("payload", "codec", "size B", "encode ms", "decode ms", "enc MB/s",
-                           "dec MB/s", "enc speedup", "dec speedup", ""))
+                           "dec MB/s", "enc speedup", "dec speedup", "enc x pk", "dec x pk", ""))
+    print("#  (enc/dec x pk: pickle's time / this time, the drop-in's baseline)")
     by_payload: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for c in cells:
         by_payload.setdefault(c["payload"], {})[c["codec"]] = c
     for payload, row_cells in by_payload.items():
         ref = row_cells.get("msgspec")
         ref_ok = ref is not None and ref["status"] == "ok"
+        pk = row_cells.get("pickle")
+        pk_ok = pk is not None and pk["status"] == "ok"
         for codec, c in row_cells.items():
             if c["status"] != "ok":
-                print(row % (payload, codec, "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a",
+                print(row % (payload, codec, "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a",
                              c.get("reason", "")))
                 continue
             ex = (ref["encode_ms"] / c["encode_ms"]) if ref_ok else None
             dx = (ref["decode_ms"] / c["decode_ms"]) if ref_ok else None
+            px = (pk["encode_ms"] / c["encode_ms"]) if pk_ok else None
+            pdx = (pk["decode_ms"] / c["decode_ms"]) if pk_ok else None
             c["encode_vs_msgspec"], c["decode_vs_msgspec"] = ex, dx
+            c["encode_vs_pickle"], c["decode_vs_pickle"] = px, pdx
             print(row % (payload, codec, "{:,}".format(c["size"]), "%.4g" % c["encode_ms"],
                          "%.4g" % c["decode_ms"], "%.0f" % c["encode_MBps"],
-                         "%.0f" % c["decode_MBps"], _fmt(ex, "%.2fx"), _fmt(dx, "%.2fx"), ""))
+                         "%.0f" % c["decode_MBps"], _fmt(ex, "%.2fx"), _fmt(dx, "%.2fx"),
+                         _fmt(px, "%.2fx"), _fmt(pdx, "%.2fx"), ""))
 
 
 def targets(cells: List[Dict[str, Any]], memory: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -332,10 +346,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.seconds = 0.15 if args.quick else 1.0
     if args.min_reps is None:
         args.min_reps = 2 if args.quick else 5
-    names = [n for n in PAYLOADS if n != "cuda_tensors"]
+    names = [n for n in ALL_PAYLOADS if n != "cuda_tensors"]
     if args.payloads:
         names = [n.strip() for n in args.payloads.split(",") if n.strip()]
-        bad = [n for n in names if n not in PAYLOADS or n == "cuda_tensors"]
+        bad = [n for n in names if n not in ALL_PAYLOADS or n == "cuda_tensors"]
         if bad:
             p.error("unknown or device-only payload(s): %s" % ", ".join(bad))
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
@@ -352,7 +366,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.no_gc:
         gc.disable()
     for name in names:
-        obj = PAYLOADS[name]()
+        why = class_payload_unavailable(name) if name in CLASS_PAYLOADS else None
+        if why:
+            print("# %s skipped: %s" % (name, why), file=sys.stderr)
+            cells += [{"payload": name, "codec": c, "status": "n/a", "reason": "skipped: " + why} for c in codecs]
+            continue
+        obj = ALL_PAYLOADS[name]()
         for codec in codecs:
             print("# %s / %s ..." % (name, codec), file=sys.stderr, flush=True)
             cells.append(run_cell(codec, name, obj, args))

@@ -47,12 +47,12 @@ def _phases(b, obj, src, rank, cuda):
         t = now
 
     if rank == src:
-        block, used, _, _ = _C.encode_frame(obj, f, c, fastbcast.FORMAT_VERSION, False, False, cuda)
+        block, used, _, _ = _C.encode_frame(obj, f, c, fastbcast.FORMAT_VERSION, collect_cuda=cuda, min_capacity=f)
         mark("encode")
         total = max(used, f)
         buf = block
         if cuda:
-            buf = b._stage(total)
+            buf = _stage(b, total)
             buf[:used].copy_(block[:used], non_blocking=True)
             mark("h2d")
         dist.broadcast(buf[:f], src=src)
@@ -61,20 +61,20 @@ def _phases(b, obj, src, rank, cuda):
             dist.broadcast(buf[off:min(off + c, total)], src=src)
         mark("rest collectives")
         return out
-    host = _C.pool_acquire(max(b._recv_hint, f))
-    dev = b._stage(max(b._recv_hint, f)) if cuda else host
+    host = _C.pool_acquire(max(_HINT.get(id(b), f), f))
+    dev = _stage(b, max(_HINT.get(id(b), f), f)) if cuda else host
     dist.broadcast(dev[:f], src=src)
     mark("first collective")
     if cuda:
         host[:f].copy_(dev[:f], non_blocking=True)
         mark("d2h first")
-    _, _, payload_len, _, _, _ = _C.read_header(host[:32])
-    total = max(32 + payload_len, f)
-    b._recv_hint = total
+    _, _, frame_len, payload_len, _, _, _, _ = _C.read_header(host, fastbcast.FORMAT_VERSION)
+    total = max(frame_len, f)
+    _HINT[id(b)] = total
     if host.numel() < total:
         host = _C.pool_acquire(total)
     if cuda and dev.numel() < total:
-        dev = b._stage(total)
+        dev = _stage(b, total)
     for off in range(f, total, c):
         dist.broadcast(dev[off:min(off + c, total)], src=src)
     mark("rest collectives")
@@ -87,6 +87,17 @@ def _phases(b, obj, src, rank, cuda):
     del result
     out["drop result"] = time.perf_counter() - t
     return out
+
+
+_HINT: dict = {}      # the last frame size each receiver saw
+_STAGING: dict = {}   # a device buffer per Broadcaster, grown as needed (as the collective transport does)
+
+
+def _stage(b, nbytes):
+    buf = _STAGING.get(id(b))
+    if buf is None or buf.numel() < nbytes:
+        buf = _STAGING[id(b)] = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8, device=b.device)
+    return buf
 
 
 def worker(rank, world, port, backend, names, reps):

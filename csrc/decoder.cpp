@@ -3,6 +3,8 @@
 #include <cstdarg>
 #include <cstring>
 #include <string>
+#include <deque>
+#include <memory>
 #include <unordered_map>
 
 #include "exception.h"
@@ -69,8 +71,9 @@ class HashGuard {
     if (PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) return true;
     Py_hash_t h = PyObject_Hash(key);
     if (h == -1 && PyErr_Occurred()) {
-      PyErr_Clear();  // unhashable: the insert that follows reports it
-      return true;
+      // Unhashable: the insert that follows reports it. A KeyboardInterrupt
+      // from a __hash__ stays pending and fails the decode.
+      return clear_unless_fatal();
     }
     return ++counts_[h] <= kMaxSameHash;
   }
@@ -83,6 +86,10 @@ class Decoder {
  public:
   Decoder(const uint8_t* data, size_t len, const DecodeOptions& opts, size_t base)
       : start_(data), p_(data), end_(data + len), opts_(opts), base_(base) {}
+  ~Decoder() {
+    for (PyObject* o : memo_) Py_XDECREF(o);
+    for (auto& e : table_) Py_DECREF(e.cls);
+  }
 
   PyObject* run() {
     PyObject* o = dec(0);
@@ -110,6 +117,7 @@ class Decoder {
 
   PyObject* fail(const char* fmt, ...) {
     if (PyErr_Occurred() && PyErr_ExceptionMatches(g_decode_error)) return nullptr;  // innermost error wins
+    if (pending_is_fatal()) return nullptr;  // KeyboardInterrupt, SystemExit: unchanged
     char msg[512];
     va_list ap;
     va_start(ap, fmt);
@@ -148,6 +156,12 @@ class Decoder {
   PyObject* bin(size_t n) {
     const uint8_t* q = take(n);
     return q ? PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), Py_ssize_t(n)) : nullptr;
+  }
+
+  // A bin value: long ones take a memo slot, as the encoder gave them one.
+  PyObject* bin_value(size_t n) {
+    PyObject* b = bin(n);
+    return n >= kMemoBytesMin ? shared(b) : b;
   }
 
   // ---- containers -------------------------------------------------------
@@ -252,12 +266,18 @@ class Decoder {
         return int_block(n);
       case EXT_TENSOR:
       case EXT_CUDA_REF:
-        return tensor(type == EXT_CUDA_REF);
+        return shared(tensor(type == EXT_CUDA_REF));
       case EXT_NDARRAY:
-        return ndarray();
-      case EXT_ENUM:
+        return shared(ndarray());
+      case EXT_OBJECT_DEF:
       case EXT_OBJECT:
-        return object(type == EXT_ENUM, depth);
+        return instance(type == EXT_OBJECT_DEF, depth);
+      case EXT_REF:
+        return ref();
+      case EXT_SURROGATE_STR:
+        return surrogate_str(n);
+      case EXT_NPSCALAR:
+        return npscalar();
       case EXT_PYARRAY:
         return pyarray(n);
       case EXT_BYTEARRAY: {
@@ -420,6 +440,22 @@ class Decoder {
     }
   }
 
+  // numpy and the dtype spelled by `n` bytes at `ds`, if it is of a kind the
+  // codec carries (b, i, u, f, c: plain bytes, no objects).
+  bool numeric_dtype(const uint8_t* ds, size_t n, const char* what, Ref* np, Ref* dtype, char* kind, size_t* isz) {
+    np->p = PyImport_ImportModule("numpy");
+    if (!np->p) return fail("a %s arrived but numpy is not installed", what), false;
+    dtype->p = PyObject_CallMethod(np->p, "dtype", "s#", reinterpret_cast<const char*>(ds), Py_ssize_t(n));
+    if (!dtype->p) return fail("bad numpy dtype"), false;
+    Ref k(PyObject_GetAttrString(dtype->p, "kind"));
+    Ref itemsize(k ? PyObject_GetAttrString(dtype->p, "itemsize") : nullptr);
+    const char* s = itemsize ? utf8_or(k.p, "") : "";
+    if (!s[0] || !std::strchr("biufc", s[0])) return fail("numpy dtype kind not allowed"), false;
+    *kind = s[0];
+    *isz = PyLong_AsSize_t(itemsize.p);
+    return true;
+  }
+
   PyObject* ndarray() {
     const uint8_t* ln = take(1);
     if (!ln) return nullptr;
@@ -427,14 +463,11 @@ class Decoder {
     const uint8_t* nd = ds ? take(1) : nullptr;
     const uint8_t* sh = nd ? take(8 * size_t(*nd)) : nullptr;
     if (!sh) return nullptr;
-    Ref np(PyImport_ImportModule("numpy"));
-    if (!np) return fail("a numpy.ndarray arrived but numpy is not installed");
-    Ref dtype(PyObject_CallMethod(np.p, "dtype", "s#", reinterpret_cast<const char*>(ds), Py_ssize_t(*ln)));
-    if (!dtype) return fail("bad numpy dtype");
-    Ref kind(PyObject_GetAttrString(dtype.p, "kind"));
-    Ref itemsize(kind ? PyObject_GetAttrString(dtype.p, "itemsize") : nullptr);
-    const char* k = itemsize ? PyUnicode_AsUTF8(kind.p) : nullptr;
-    if (!k || !k[0] || !std::strchr("biufc", k[0])) return fail("numpy dtype kind not allowed");
+    Ref np, dtype;
+    char kind;
+    size_t isz;
+    if (!numeric_dtype(ds, *ln, "numpy.ndarray", &np, &dtype, &kind, &isz)) return nullptr;
+    const char k[2] = {kind, 0};
     uint64_t count = 1;
     Ref shape(PyTuple_New(*nd));
     if (!shape) return nullptr;
@@ -448,7 +481,7 @@ class Decoder {
     }
     if (zero) count = 0;
     uint64_t nbytes;
-    if (__builtin_mul_overflow(count, uint64_t(PyLong_AsUnsignedLongLong(itemsize.p)), &nbytes) || nbytes != left())
+    if (__builtin_mul_overflow(count, uint64_t(isz), &nbytes) || nbytes != left())
       return fail("array data of %zu bytes does not match its shape", left());
     const uint8_t* q = take(nbytes);
     if (k[0] == 'b' && !bool_bytes(q, nbytes)) return fail("bool array holds bytes other than 0 and 1");
@@ -461,16 +494,63 @@ class Decoder {
   }
 
   PyObject* pyarray(size_t n) {
-    if (n < 1) return fail("empty array.array payload");
-    const uint8_t* tc = take(1);
-    if (!std::strchr("bBuhHiIlLqQfdw", int(*tc)) || *tc == 0) return fail("bad array.array typecode");
-    const uint8_t* q = take(n - 1);
-    Ref mod(PyImport_ImportModule("array"));
-    if (!mod) return nullptr;
-    Ref raw(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), Py_ssize_t(n - 1)));
+    if (n < 2) return fail("array.array payload of %zu bytes", n);
+    const uint8_t* h = take(2);
+    char tc = char(h[0]);
+    uint8_t w = h[1];
+    if (!tc || !std::strchr("bBuhHiIlLqQfdw", tc)) return fail("bad array.array typecode");
+    // The stdlib array type, looked up once: an import per array was a
+    // visible share of decoding SGLang's requests (one array each).
+    static PyObject* array_type = nullptr;
+    if (!array_type) {
+      Ref mod(PyImport_ImportModule("array"));
+      array_type = mod ? PyObject_GetAttrString(mod.p, "array") : nullptr;
+      if (!array_type) return fail("cannot load the array module");
+    }
+    Ref empty(PyObject_CallFunction(array_type, "C", int(tc)));
+    Ref isz_o(empty ? PyObject_GetAttrString(empty.p, "itemsize") : nullptr);
+    if (!isz_o) return fail("array.array typecode %c is not available here", tc);
+    size_t isz = PyLong_AsSize_t(isz_o.p);
+    size_t body = n - 2;
+    const uint8_t* q = take(body);
+    if (w == kRawWidth) {
+      if (body % isz) return fail("array.array of %zu bytes is not a whole number of %zu-byte items", body, isz);
+      Ref raw(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), Py_ssize_t(body)));
+      Ref r(raw ? PyObject_CallMethod(empty.p, "frombytes", "O", raw.p) : nullptr);
+      return r ? empty.release() : fail("cannot build array.array");
+    }
+    bool is_signed = std::strchr("bhilq", tc) != nullptr;
+    if (w > W_U64 || !(is_signed || std::strchr("BHILQ", tc))) return fail("bad array.array width code %u", unsigned(w));
+    size_t wb = kIntWidthBytes[w];
+    if (body % wb) return fail("array.array of %zu bytes is not a whole number of %zu-byte items", body, wb);
+    size_t count = body / wb;
+    if (count > (size_t(PY_SSIZE_T_MAX) / isz)) return fail("array.array too long");
+    // Widen into the typecode's own item size, refusing values it cannot hold.
+    Ref raw(PyBytes_FromStringAndSize(nullptr, Py_ssize_t(count * isz)));
     if (!raw) return nullptr;
-    PyObject* out = PyObject_CallMethod(mod.p, "array", "CO", int(*tc), raw.p);
-    return out ? out : fail("cannot build array.array");
+    uint8_t* dst = reinterpret_cast<uint8_t*>(PyBytes_AS_STRING(raw.p));
+    int bits = int(isz * 8);
+    for (size_t i = 0; i < count; ++i) {
+      const uint8_t* x = q + i * wb;
+      int64_t sv;
+      uint64_t uv;
+      bool neg = false;
+      switch (IntWidth(w)) {
+        case W_U8: uv = x[0]; break;
+        case W_U16: uv = load_le<uint16_t>(x); break;
+        case W_U32: uv = load_le<uint32_t>(x); break;
+        case W_I32: sv = load_le<int32_t>(x); neg = sv < 0; uv = uint64_t(sv); break;
+        case W_I64: sv = load_le<int64_t>(x); neg = sv < 0; uv = uint64_t(sv); break;
+        default: uv = load_le<uint64_t>(x);
+      }
+      bool fits = is_signed ? (neg ? (bits == 64 || int64_t(uv) >= -(int64_t(1) << (bits - 1)))
+                                   : (w != W_U64 && (bits == 64 ? uv <= uint64_t(INT64_MAX) : uv < (uint64_t(1) << (bits - 1)))))
+                            : (!neg && (bits == 64 || uv < (uint64_t(1) << bits)));
+      if (!fits) return fail("array.array('%c') item %zu out of range", tc, i);
+      std::memcpy(dst + i * isz, &uv, isz);  // little-endian: the low bytes
+    }
+    Ref r(PyObject_CallMethod(empty.p, "frombytes", "O", raw.p));
+    return r ? empty.release() : fail("cannot build array.array");
   }
 
   PyObject* pickle(size_t n) {
@@ -485,82 +565,412 @@ class Decoder {
     return out ? out : fail("unpickling failed");
   }
 
-  PyObject* object(bool is_enum, int depth) {
+  // ---- class instances, shared references --------------------------------
+  struct Entry {
+    PyObject* cls;                         // strong
+    TypeInfo* info;
+    uint8_t kind;                          // WireKind
+    std::shared_ptr<const Layout> layout;  // attribute names (and STRUCT slots)
+  };
+
+  // A msgpack unsigned int (class table and memo indices, flags).
+  bool read_uint(uint64_t* v) {
+    const uint8_t* q = take(1);
+    if (!q) return false;
+    uint8_t c = *q;
+    const uint8_t* x;
+    if (c <= POSFIXINT_MAX) *v = c;
+    else if (c == UINT8 && (x = take(1))) *v = x[0];
+    else if (c == UINT16 && (x = take(2))) *v = load_be16(x);
+    else if (c == UINT32 && (x = take(4))) *v = load_be32(x);
+    else if (c == UINT64 && (x = take(8))) *v = load_be64(x);
+    else {
+      if (!PyErr_Occurred()) {
+        p_ = q;
+        fail("expected an unsigned int, found type byte 0x%02x", c);
+      }
+      return false;
+    }
+    return true;
+  }
+
+  // An EXT_ABSENT marker is next: consume it.
+  bool absent() {
+    if (left() >= 3 && p_[0] == EXT8 && p_[1] == 0 && int8_t(p_[2]) == EXT_ABSENT) {
+      p_ += 3;
+      return true;
+    }
+    return false;
+  }
+
+  PyObject* ref() {
+    uint64_t i;
+    if (!read_uint(&i)) return nullptr;
+    if (i >= memo_.size()) return fail("reference to object %llu of %zu", (unsigned long long)i, memo_.size());
+    if (!memo_[i]) return fail("reference to object %llu while it is being rebuilt from its arguments",
+                               (unsigned long long)i);
+    Py_INCREF(memo_[i]);
+    return memo_[i];
+  }
+
+  bool remember(PyObject* o) {
+    Py_XINCREF(o);
+    memo_.push_back(o);
+    return o != nullptr;
+  }
+
+  // A memoised leaf (tensor, array, long bytes) takes the next memo slot.
+  PyObject* shared(PyObject* o) {
+    if (o) remember(o);
+    return o;
+  }
+
+  // A str's raw UTF-8 (class names and layouts are resolved from the bytes).
+  bool raw_str(const char** s, size_t* n) {
+    const uint8_t* q = take(1);
+    if (!q) return false;
+    uint8_t c = *q;
+    if ((c & 0xe0) == FIXSTR) *n = c & 0x1f;
+    else if (c == STR8 ? !read_len(1, n) : c == STR16 ? !read_len(2, n) : c == STR32 ? !read_len(4, n) : true) {
+      if (!PyErr_Occurred()) {
+        p_ = q;
+        fail("expected a str, found type byte 0x%02x", c);
+      }
+      return false;
+    }
+    *s = reinterpret_cast<const char*>(take(*n));
+    return *s != nullptr;
+  }
+
+  // [name, kind, [attribute names]]: resolves the class and its layout.
+  bool class_def() {
     size_t k;
-    if (!array_header(&k)) return nullptr;
-    if (k != 2) return fail("%s payload must be a 2-item array", is_enum ? "enum" : "object");
-    if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
+    if (!array_header(&k)) return false;
+    if (k != 3) return fail("class table entry must be a 3-item array"), false;
     const uint8_t* name_at = p_;
-    Ref name(dec(depth + 1));
-    if (!name) return nullptr;
-    if (!PyUnicode_Check(name.p)) return fail("class name is not a str");
-    const TypeInfo* info = TypeRegistry::instance().for_decode(name.p, opts_.trusted);
+    const char* name;
+    size_t name_len;
+    if (!raw_str(&name, &name_len)) return false;
+    uint64_t kind;
+    if (!read_uint(&kind)) return false;
+    if (kind < WK_STRUCT || kind > WK_CLASS) return fail("unknown class kind %llu", (unsigned long long)kind), false;
+    // The layout's extent, read without building anything: most messages
+    // repeat the previous one's layout byte for byte.
+    const uint8_t* layout_at = p_;
+    size_t nf;
+    if (!array_header(&nf)) return false;
+    if (nf > kMaxLayout || nf > left()) return fail("class layout of %zu names", nf), false;
+    const uint8_t* names_at = p_;
+    for (size_t i = 0; i < nf; ++i) {
+      const char* s;
+      size_t n;
+      if (!raw_str(&s, &n)) return false;
+    }
+    std::string key(1, char(kind));
+    key.append(reinterpret_cast<const char*>(layout_at), size_t(p_ - layout_at));
+
+    TypeInfo* info = TypeRegistry::instance().for_decode(name, name_len, opts_.trusted);
     if (!info) {
       p_ = name_at;
-      if (PyErr_Occurred()) return fail("cannot resolve class");
-      return fail("class %s is not trusted: it is neither registered (fastbcast.register(cls) on every receiving "
+      if (PyErr_Occurred()) return fail("cannot resolve class"), false;
+      return fail("class %.*s is not trusted: it is neither registered (fastbcast.register(cls) on every receiving "
                   "rank) nor in an already-imported module under a trusted prefix (decode(trusted=...) / "
-                  "fastbcast.trust(); decoding never imports)", PyUnicode_AsUTF8(name.p));
+                  "fastbcast.trust(); decoding never imports)", int(std::min<size_t>(name_len, 200)), name), false;
     }
-    if ((info->kind == Kind::ENUM) != is_enum) return fail("class %s has the wrong kind", PyUnicode_AsUTF8(name.p));
-    if (is_enum) {
-      Ref value(dec(depth + 1));
-      if (!value) return nullptr;
-      PyObject* out = PyObject_CallOneArg(info->cls, value.p);  // EnumMeta.__call__: a member lookup
-      return out ? out : fail("no member of %s has this value", PyUnicode_AsUTF8(name.p));
+    static const Kind kFor[] = {Kind::UNSUPPORTED, Kind::STRUCT, Kind::PYDANTIC, Kind::OBJECT, Kind::REDUCE};
+    if (kind != WK_CLASS && info->kind != kFor[kind]) {
+      p_ = name_at;
+      return fail("class %.*s is not rebuilt the way the sender wrote it (kind %u)", int(std::min<size_t>(name_len, 200)),
+                  name, unsigned(kind)), false;
     }
-    // The field map is part of the object, not a level of its own: the
-    // encoder counts the values one level below the object, and so do we.
-    const uint8_t* fields_at = p_;
-    Ref fields(dec(depth));
-    if (!fields) return nullptr;
-    if (!PyDict_CheckExact(fields.p)) return fail("object fields are not a map");
-    // Refuse fields the class does not declare: they could only be set by
-    // bypassing the class's own definition.
+    std::shared_ptr<const Layout> layout = info->last_layout;
+    if (!layout || layout->key != key) {
+      const uint8_t* end = p_;
+      p_ = names_at;
+      auto fresh = std::make_shared<Layout>();
+      if (!read_layout(fresh.get(), nf, info, name, name_len)) return false;
+      FB_ASSERT(p_ == end);
+      fresh->key = std::move(key);
+      layout = fresh;
+      info->last_layout = layout;
+    }
+    Py_INCREF(info->cls);
+    table_.push_back(Entry{info->cls, info, uint8_t(kind), std::move(layout)});
+    return true;
+  }
+
+  bool read_layout(Layout* l, size_t nf, TypeInfo* info, const char* name, size_t name_len) {
+    for (size_t i = 0; i < nf; ++i) {
+      PyObject* s = dec(kMaxDepth - 1);
+      if (!s) return false;
+      l->names.push_back(s);
+      if (!PyUnicode_CheckExact(s)) return fail("class layout name is not a str"), false;
+      PyUnicode_InternInPlace(&l->names.back());
+    }
+    if (l->names.size() && info->kind == Kind::STRUCT) {
+      // Map the sender's field order onto this process's slots by name.
+      PyObject* mine = info->fields;
+      for (PyObject* n : l->names) {
+        Py_ssize_t j = 0, m = PyTuple_GET_SIZE(mine);
+        while (j < m && PyTuple_GET_ITEM(mine, j) != n) ++j;  // both interned
+        if (j == m)
+          return fail("%.*s has no field %s", int(std::min<size_t>(name_len, 200)), name, utf8_or(n, "?")), false;
+        for (PyMemberDef* d : l->members)
+          if (d == info->members[j]) return fail("field %s listed twice", utf8_or(n, "?")), false;
+        l->members.push_back(info->members[j]);
+      }
+    }
+    return true;
+  }
+
+  // A dict from the layout's values and the map of the other attributes.
+  PyObject* attr_dict(const Entry& e, int depth) {
+    Ref d(_PyDict_NewPresized(Py_ssize_t(e.layout->names.size())));
+    if (!d) return nullptr;
+    for (PyObject* n : e.layout->names) {
+      if (absent()) continue;
+      Ref v(dec(depth + 1));
+      if (!v || PyDict_SetItem(d.p, n, v.p) < 0) return nullptr;
+    }
+    const uint8_t* at = p_;
+    Ref rest(dec(depth));  // part of the instance, not a level of its own
+    if (!rest) return nullptr;
+    if (!PyDict_CheckExact(rest.p)) {
+      p_ = at;
+      return fail("instance attributes are not a map");
+    }
     Py_ssize_t pos = 0;
-    PyObject *key, *val;
-    while (PyDict_Next(fields.p, &pos, &key, &val)) {
-      int r = PyUnicode_Check(key) ? PySequence_Contains(info->fields, key) : 0;
-      if (r != 1) {
-        p_ = fields_at;
-        return fail("%s has no field %s", PyUnicode_AsUTF8(name.p),
-                    PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : "(non-str key)");
+    PyObject *k, *v;
+    while (PyDict_Next(rest.p, &pos, &k, &v)) {
+      if (!PyUnicode_CheckExact(k)) {
+        p_ = at;
+        return fail("instance attribute name is not a str");
       }
+      Py_INCREF(k);
+      PyUnicode_InternInPlace(&k);
+      int r = PyDict_SetItem(d.p, k, v);
+      Py_DECREF(k);
+      if (r < 0) return nullptr;
     }
-    if (info->kind == Kind::DATACLASS && PyDict_GET_SIZE(fields.p) != PyTuple_GET_SIZE(info->fields)) {
-      p_ = fields_at;
-      return fail("%s needs all of its %zd fields, got %zd", PyUnicode_AsUTF8(name.p),
-                  PyTuple_GET_SIZE(info->fields), PyDict_GET_SIZE(fields.p));
+    return d.release();
+  }
+
+  // The names a slot state may set: the class's own __slots__ (what copyreg
+  // collects), never a dunder such as __class__.
+  bool set_slots_from_map(PyObject* obj, const Entry& e, int depth) {
+    const uint8_t* at = p_;
+    Ref m(dec(depth));
+    if (!m) return false;
+    if (m.p == Py_None) return true;
+    if (!PyDict_CheckExact(m.p)) {
+      p_ = at;
+      return fail("slot state is not a map"), false;
     }
-    PyObject* out = nullptr;
-    switch (info->kind) {
-      case Kind::DATACLASS: {
-        // object.__new__ + object.__setattr__: no __init__/__post_init__ runs
-        // and frozen dataclasses are filled the same way.
-        Ref empty(PyTuple_New(0));
-        Ref obj(PyBaseObject_Type.tp_new(reinterpret_cast<PyTypeObject*>(info->cls), empty.p, nullptr));
-        if (!obj) break;
-        pos = 0;
-        bool ok = true;
-        while (ok && PyDict_Next(fields.p, &pos, &key, &val)) ok = PyObject_GenericSetAttr(obj.p, key, val) == 0;
-        if (ok) out = obj.release();
-        break;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(m.p, &pos, &k, &v)) {
+      int known = PyUnicode_Check(k) ? PySequence_Contains(e.info->fields, k) : 0;
+      if (known != 1) {
+        p_ = at;
+        return fail("%s is not a slot of %s", PyUnicode_Check(k) ? utf8_or(k, "?") : "(non-str)",
+                    utf8_or(e.info->name, "?")), false;
       }
-      case Kind::PYDANTIC: {
-        Ref ctor(PyObject_GetAttrString(info->cls, "model_construct"));
-        Ref empty(ctor ? PyTuple_New(0) : nullptr);
-        if (empty) out = PyObject_Call(ctor.p, empty.p, fields.p);
-        break;
+      if (PyObject_SetAttr(obj, k, v) < 0) return fail("cannot restore a slot"), false;
+    }
+    return true;
+  }
+
+  PyObject* instance(bool define, int depth) {
+    if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
+    uint64_t idx;
+    if (define) {
+      if (!class_def()) return nullptr;
+      idx = table_.size() - 1;
+    } else {
+      if (!read_uint(&idx)) return nullptr;
+      if (idx >= table_.size()) return fail("class table index %llu of %zu", (unsigned long long)idx, table_.size());
+    }
+    const Entry& e = table_[idx];
+    PyTypeObject* tp = reinterpret_cast<PyTypeObject*>(e.cls);
+    switch (e.kind) {
+      case WK_CLASS:
+        Py_INCREF(e.cls);
+        return e.cls;
+      case WK_STRUCT: {
+        // Filled slot by slot, as msgspec's own decoder does: no __init__ or
+        // __post_init__ runs.
+        Ref obj(tp->tp_alloc(tp, 0));
+        if (!obj || !remember(obj.p)) return nullptr;
+        char* base = reinterpret_cast<char*>(obj.p);
+        for (PyMemberDef* m : e.layout->members) {
+          if (absent()) continue;
+          PyObject* v = dec(depth + 1);
+          if (!v) return nullptr;
+          PyObject** slot = reinterpret_cast<PyObject**>(base + m->offset);
+          Py_XSETREF(*slot, v);
+        }
+        return obj.release();
       }
-      case Kind::STRUCT: {
+      case WK_PYDANTIC:
+      case WK_OBJECT: {
         Ref empty(PyTuple_New(0));
-        if (empty) out = PyObject_Call(info->cls, empty.p, fields.p);
-        break;
+        Ref obj(empty ? PyBaseObject_Type.tp_new(tp, empty.p, nullptr) : nullptr);
+        if (!obj || !remember(obj.p)) return nullptr;
+        Ref d(attr_dict(e, depth));
+        if (!d) return nullptr;
+        if ((e.kind == WK_PYDANTIC || PyDict_GET_SIZE(d.p)) && PyObject_GenericSetDict(obj.p, d.p, nullptr) < 0)
+          return fail("cannot set the instance __dict__");
+        if (e.kind == WK_OBJECT) return set_slots_from_map(obj.p, e, depth) ? obj.release() : nullptr;
+        const PydanticSlots& ps = TypeRegistry::instance().pydantic_slots();
+        Ref extra(dec(depth + 1));
+        if (!extra) return nullptr;
+        Ref fields_set(left() >= 9 && *p_ == UINT64 ? fields_set_from_mask(e) : dec(depth + 1));
+        if (!fields_set) return nullptr;
+        if (!PyAnySet_Check(fields_set.p)) return fail("pydantic fields_set is not a set");
+        Ref priv(dec(depth + 1));
+        if (!priv) return nullptr;
+        char* base = reinterpret_cast<char*>(obj.p);
+        if (PyMember_SetOne(base, ps.extra, extra.p) < 0 || PyMember_SetOne(base, ps.fields_set, fields_set.p) < 0 ||
+            PyMember_SetOne(base, ps.priv, priv.p) < 0)
+          return fail("cannot restore pydantic state");
+        return obj.release();
       }
       default:
-        break;
+        return reduce_instance(e, depth);
     }
-    return out ? out : fail("cannot rebuild %s", PyUnicode_AsUTF8(name.p));
+  }
+
+  PyObject* fields_set_from_mask(const Entry& e) {
+    uint64_t mask = load_be64(take(9) + 1);
+    if (e.layout->names.size() < 64 && (mask >> e.layout->names.size())) return fail("fields_set mask names fields past the layout");
+    Ref s(PySet_New(nullptr));
+    if (!s) return nullptr;
+    for (size_t i = 0; mask; ++i, mask >>= 1)
+      if ((mask & 1) && PySet_Add(s.p, e.layout->names[i]) < 0) return nullptr;
+    return s.release();
+  }
+
+  // Rebuilt as pickle does from __reduce_ex__: the class called with the
+  // arguments (or cls.__new__(cls, *args)), then the state, list and dict items.
+  PyObject* reduce_instance(const Entry& e, int depth) {
+    uint64_t newobj;
+    if (!read_uint(&newobj)) return nullptr;
+    if (newobj > 1) return fail("bad reduce flag");
+    size_t slot = memo_.size();
+    remember(nullptr);
+    size_t k;
+    if (!array_header(&k)) return nullptr;
+    Ref args(tuple(k, depth));
+    if (!args) return nullptr;
+    Ref obj;
+    if (newobj) {
+      Ref make(PyObject_GetAttrString(e.cls, "__new__"));
+      Ref full(make ? PyTuple_New(PyTuple_GET_SIZE(args.p) + 1) : nullptr);
+      if (!full) return fail("cannot rebuild %s", utf8_or(e.info->name, "?"));
+      Py_INCREF(e.cls);
+      PyTuple_SET_ITEM(full.p, 0, e.cls);
+      for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args.p); ++i) {
+        Py_INCREF(PyTuple_GET_ITEM(args.p, i));
+        PyTuple_SET_ITEM(full.p, i + 1, PyTuple_GET_ITEM(args.p, i));
+      }
+      obj.p = PyObject_Call(make.p, full.p, nullptr);
+    } else {
+      obj.p = PyObject_Call(e.cls, args.p, nullptr);
+    }
+    if (!obj) return fail("cannot rebuild %s", utf8_or(e.info->name, "?"));
+    Py_INCREF(obj.p);
+    memo_[slot] = obj.p;
+    Ref state(dec(depth + 1));
+    if (!state) return nullptr;
+    if (state.p != Py_None && !set_state(obj.p, state.p)) return fail("cannot restore the state of %s", utf8_or(e.info->name, "?"));
+    Ref list(dec(depth));
+    if (!list) return nullptr;
+    if (list.p != Py_None) {
+      if (!PyList_CheckExact(list.p)) return fail("list items are not an array");
+      Ref r(PyObject_CallMethod(obj.p, "extend", "O", list.p));
+      if (!r) return fail("cannot restore the list items of %s", utf8_or(e.info->name, "?"));
+    }
+    Ref dict(dec(depth));
+    if (!dict) return nullptr;
+    if (dict.p != Py_None) {
+      if (!PyDict_CheckExact(dict.p)) return fail("dict items are not a map");
+      Py_ssize_t pos = 0;
+      PyObject *kk, *v;
+      while (PyDict_Next(dict.p, &pos, &kk, &v))
+        if (PyObject_SetItem(obj.p, kk, v) < 0) return fail("cannot restore the dict items of %s", utf8_or(e.info->name, "?"));
+    }
+    return obj.release();
+  }
+
+  // pickle's BUILD: __setstate__ if the object has one, else the state is a
+  // __dict__ update, or (__dict__ update, slot values).
+  static bool set_state(PyObject* obj, PyObject* state) {
+    static PyObject* name = PyUnicode_InternFromString("__setstate__");
+    static PyObject* kDunder = PyUnicode_InternFromString("__");
+    PyObject* setstate;
+    if (!name || _PyObject_LookupAttr(obj, name, &setstate) < 0) return false;
+    if (setstate) {
+      PyObject* r = PyObject_CallOneArg(setstate, state);
+      Py_DECREF(setstate);
+      Py_XDECREF(r);
+      return r != nullptr;
+    }
+    PyObject* slots = nullptr;
+    if (PyTuple_Check(state) && PyTuple_GET_SIZE(state) == 2) {
+      slots = PyTuple_GET_ITEM(state, 1);
+      state = PyTuple_GET_ITEM(state, 0);
+    }
+    if (state != Py_None) {
+      if (!PyDict_Check(state)) {
+        PyErr_SetString(PyExc_TypeError, "state is not a dict");
+        return false;
+      }
+      PyObject* d = PyObject_GenericGetDict(obj, nullptr);
+      if (!d) return false;
+      int r = PyDict_Update(d, state);
+      Py_DECREF(d);
+      if (r < 0) return false;
+    }
+    if (slots && slots != Py_None) {
+      if (!PyDict_Check(slots)) {
+        PyErr_SetString(PyExc_TypeError, "slot state is not a dict");
+        return false;
+      }
+      Py_ssize_t pos = 0;
+      PyObject *k, *v;
+      while (PyDict_Next(slots, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k) || PyUnicode_Tailmatch(k, kDunder, 0, 2, -1) == 1) {
+          PyErr_SetString(PyExc_ValueError, "slot state names a dunder attribute");
+          return false;
+        }
+        if (PyObject_SetAttr(obj, k, v) < 0) return false;
+      }
+    }
+    return true;
+  }
+
+  PyObject* surrogate_str(size_t n) {
+    const uint8_t* q = take(n);
+    if (!q) return nullptr;
+    PyObject* s = PyUnicode_DecodeUTF8(reinterpret_cast<const char*>(q), Py_ssize_t(n), "surrogatepass");
+    return s ? s : fail("invalid UTF-8 in a str of %zu bytes", n);
+  }
+
+  PyObject* npscalar() {
+    const uint8_t* ln = take(1);
+    const uint8_t* ds = ln ? take(*ln) : nullptr;
+    if (!ds) return nullptr;
+    Ref np, dtype;
+    char kind;
+    size_t n;
+    if (!numeric_dtype(ds, *ln, "numpy scalar", &np, &dtype, &kind, &n)) return nullptr;
+    if (n != left()) return fail("numpy scalar of %zu bytes, %zu expected", left(), n);
+    const uint8_t* q = take(n);
+    if (kind == 'b' && !bool_bytes(q, n)) return fail("bool scalar holds a byte other than 0 and 1");
+    Ref raw(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(q), Py_ssize_t(n)));
+    Ref arr(raw ? PyObject_CallMethod(np.p, "frombuffer", "OO", raw.p, dtype.p) : nullptr);
+    PyObject* out = arr ? PySequence_GetItem(arr.p, 0) : nullptr;
+    return out ? out : fail("cannot build numpy scalar");
   }
 
   // ---- dispatch ---------------------------------------------------------
@@ -604,9 +1014,9 @@ class Decoder {
       case STR8: return read_len(1, &n) ? str(n) : nullptr;
       case STR16: return read_len(2, &n) ? str(n) : nullptr;
       case STR32: return read_len(4, &n) ? str(n) : nullptr;
-      case BIN8: return read_len(1, &n) ? bin(n) : nullptr;
-      case BIN16: return read_len(2, &n) ? bin(n) : nullptr;
-      case BIN32: return read_len(4, &n) ? bin(n) : nullptr;
+      case BIN8: return read_len(1, &n) ? bin_value(n) : nullptr;
+      case BIN16: return read_len(2, &n) ? bin_value(n) : nullptr;
+      case BIN32: return read_len(4, &n) ? bin_value(n) : nullptr;
       case ARRAY16: return read_len(2, &n) ? array(n, depth) : nullptr;
       case ARRAY32: return read_len(4, &n) ? array(n, depth) : nullptr;
       case MAP16: return read_len(2, &n) ? map(n, depth) : nullptr;
@@ -630,6 +1040,8 @@ class Decoder {
   const uint8_t* end_;
   const DecodeOptions& opts_;
   size_t base_;
+  std::deque<Entry> table_;       // (a deque: entries stay put while nested instances add more) the message's class table, in order of definition
+  std::vector<PyObject*> memo_;   // shared objects in order of first appearance (strong; NULL while rebuilt)
 };
 
 }  // namespace
@@ -651,7 +1063,7 @@ PyObject* decode_object(const uint8_t* data, size_t len, const DecodeOptions& op
   int gc_was_enabled = PyGC_Disable();
   PyObject* o = d.run();
   if (gc_was_enabled) PyGC_Enable();
-  if (!o && PyErr_Occurred() && !PyErr_ExceptionMatches(g_decode_error)) {
+  if (!o && PyErr_Occurred() && !PyErr_ExceptionMatches(g_decode_error) && !pending_is_fatal()) {
     // Anything else that escaped (MemoryError, a failing Python call) is
     // still reported as a DecodeError.
     raise_decode_error_from_pending("decoding failed");

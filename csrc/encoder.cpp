@@ -2,6 +2,8 @@
 
 #include <cstring>
 #include <string>
+#include <deque>
+#include <unordered_map>
 
 #include "exception.h"
 #include "pinned_pool.h"
@@ -19,17 +21,27 @@ namespace {
 // regrow copies what was written so far). A documented cache, not state that
 // changes results.
 size_t g_last_size = 0;
+// Numbers each encode, so a TypeInfo can say which message its class table
+// slot belongs to.
+uint64_t g_epoch = 0;
 
 class Encoder {
  public:
-  explicit Encoder(const EncodeOptions& opts) : opts_(opts) {}
+  explicit Encoder(const EncodeOptions& opts) : opts_(opts), epoch_(++g_epoch) {}
+  ~Encoder() {
+    for (PyObject* o : memo_held_) Py_DECREF(o);
+    for (auto& e : table_) {
+      Py_DECREF(e.info->cls);
+      Py_XDECREF(e.layout);
+    }
+  }
 
   bool run(PyObject* obj, Encoded* out) {
     size_t first = std::max({opts_.min_capacity, opts_.reserve + g_last_size, PinnedPool::kMinBlock});
     if (!set_block(first)) return false;
     len_ = opts_.reserve;
     if (!enc(obj, 0)) {
-      add_path_to_error();
+      if (!pending_is_fatal()) add_path_to_error();
       return false;
     }
     g_last_size = len_ - opts_.reserve;
@@ -162,7 +174,7 @@ class Encoder {
       n = PyUnicode_GET_LENGTH(o);
     } else {
       s = PyUnicode_AsUTF8AndSize(o, &n);
-      if (!s) return false;  // UnicodeEncodeError (a lone surrogate); rewritten with the path
+      if (!s) return write_surrogate_str(o);
     }
     if (FB_UNLIKELY(uint64_t(n) > 0xffffffffULL)) return too_long(o, "str");
     if (!reserve(5 + n)) return false;
@@ -177,6 +189,21 @@ class Encoder {
     }
     put_bytes(s, n);
     return true;
+  }
+
+  // A str with lone surrogates (json.loads of model output can make one): no
+  // UTF-8 exists for it, so it travels as UTF-8 with surrogatepass, as pickle
+  // carries it.
+  bool write_surrogate_str(PyObject* o) {
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) return false;
+    PyErr_Clear();
+    if (opts_.compat) return unsupported(o, "str with a lone surrogate in compat mode (MessagePack str is UTF-8)");
+    PyObject* b = PyUnicode_AsEncodedString(o, "utf-8", "surrogatepass");
+    if (!b) return false;
+    bool ok = write_ext_header(PyBytes_GET_SIZE(b), EXT_SURROGATE_STR);
+    if (ok) put_bytes(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+    Py_DECREF(b);
+    return ok;
   }
 
   bool write_bin(const void* p, size_t n, PyObject* o) {
@@ -427,6 +454,7 @@ class Encoder {
     while (PyDict_Next(o, &pos, &k, &v)) {
       if (FB_UNLIKELY(--n < 0)) break;
       Hold hk(k), hv(v);
+      if (opts_.compat && !compat_key(k)) return key_segment(k, true);
       if (!enc(k, depth)) return key_segment(k, true);
       if (!enc(v, depth)) return key_segment(k, false);
     }
@@ -435,6 +463,17 @@ class Encoder {
       return false;
     }
     return true;
+  }
+
+  // compat mode writes tuples and frozensets as arrays, which decode to
+  // lists: as map keys they would be unhashable, so the encoder refuses them
+  // rather than the receiver.
+  bool compat_key(PyObject* k) {
+    PyTypeObject* t = Py_TYPE(k);
+    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || k == Py_None ||
+        t == &PyBytes_Type)
+      return true;
+    return unsupported(k, "map key that compat mode cannot give back hashable (it writes only plain MessagePack)");
   }
 
   bool write_tuple(PyObject* o, int depth) {
@@ -608,43 +647,102 @@ class Encoder {
     char code = s ? s[0] : 0;
     Py_DECREF(tc);
     if (!s) return false;
-    return write_buffer_ext(o, EXT_PYARRAY, &code, 1);
-  }
-
-  bool write_enum(PyObject* o, const TypeInfo* info, int depth) {
-    if (opts_.compat) return unsupported(o, "enum in compat mode");
-    size_t start;
-    if (!begin_nested_ext(EXT_ENUM, &start) || !write_array_header(2, o) || !write_str(info->name)) return false;
-    PyObject* v = PyObject_GetAttrString(o, "_value_");
-    if (!v) return false;
-    bool ok = enc(v, depth);
-    Py_DECREF(v);
-    if (!ok) {
-      path_.push_back(".value");
-      return false;
+    Py_buffer view;
+    if (PyObject_GetBuffer(o, &view, PyBUF_FULL_RO) < 0) return false;
+    size_t isz = size_t(view.itemsize), count = isz ? size_t(view.len) / isz : 0;
+    const uint8_t* src = static_cast<const uint8_t*>(view.buf);
+    // Integer items take the narrowest width that holds every value (token
+    // ids in array('q') fit 4 bytes); the typecode brings the original back.
+    uint8_t w = kRawWidth;
+    bool is_signed = std::strchr("bhilq", code) != nullptr, is_int = is_signed || std::strchr("BHILQ", code);
+    if (is_int && count && (isz == 1 || isz == 2 || isz == 4 || isz == 8)) {
+      if (is_signed) {
+        int64_t lo = 0, hi = 0;
+        for (size_t i = 0; i < count; ++i) {
+          int64_t v = signed_item(src + i * isz, isz);
+          lo = v < lo ? v : lo;
+          hi = v > hi ? v : hi;
+        }
+        w = lo >= 0 ? (hi <= 0xff ? W_U8 : hi <= 0xffff ? W_U16 : hi <= 0xffffffffLL ? W_U32 : W_I64)
+                    : (lo >= INT32_MIN && hi <= INT32_MAX) ? W_I32 : W_I64;
+      } else {
+        uint64_t hi = 0;
+        for (size_t i = 0; i < count; ++i) hi |= unsigned_item(src + i * isz, isz);
+        w = hi <= 0xff ? W_U8 : hi <= 0xffff ? W_U16 : hi <= 0xffffffffULL ? W_U32 : W_U64;
+      }
+      if (kIntWidthBytes[w] >= isz) w = kRawWidth;
     }
-    return end_nested_ext(start);
-  }
-
-  bool write_fields(PyObject* o, const TypeInfo* info, int depth) {
-    if (opts_.compat) return unsupported(o, "class instance in compat mode");
-    size_t start;
-    Py_ssize_t n = PyTuple_GET_SIZE(info->fields);
-    if (!begin_nested_ext(EXT_OBJECT, &start) || !write_array_header(2, o) || !write_str(info->name) ||
-        !write_map_header(n, o))
-      return false;
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* name = PyTuple_GET_ITEM(info->fields, i);
-      if (!write_str(name)) return false;
-      PyObject* v = PyObject_GetAttr(o, name);
-      bool ok = v && enc(v, depth);
-      Py_XDECREF(v);
-      if (!ok) {
-        path_.push_back("." + std::string(PyUnicode_AsUTF8(name)));
-        return false;
+    size_t wb = w == kRawWidth ? isz : kIntWidthBytes[w];
+    bool ok = write_ext_header(2 + wb * count, EXT_PYARRAY);
+    if (ok) {
+      put(uint8_t(code));
+      put(w);
+      uint8_t* dst = data_ + len_;
+      if (w == kRawWidth) {
+        put_bytes(src, view.len);
+      } else {
+        for (size_t i = 0; i < count; ++i) {
+          uint64_t v = is_signed ? uint64_t(signed_item(src + i * isz, isz)) : unsigned_item(src + i * isz, isz);
+          switch (wb) {
+            case 1: dst[i] = uint8_t(v); break;
+            case 2: store_le<uint16_t>(dst + 2 * i, uint16_t(v)); break;
+            case 4: store_le<uint32_t>(dst + 4 * i, uint32_t(v)); break;
+            default: store_le<uint64_t>(dst + 8 * i, v);
+          }
+        }
+        len_ += wb * count;
       }
     }
-    return end_nested_ext(start);
+    PyBuffer_Release(&view);
+    return ok;
+  }
+
+  static int64_t signed_item(const uint8_t* p, size_t isz) {
+    switch (isz) {
+      case 1: return int8_t(p[0]);
+      case 2: return load_le<int16_t>(p);
+      case 4: return load_le<int32_t>(p);
+      default: return load_le<int64_t>(p);
+    }
+  }
+  static uint64_t unsigned_item(const uint8_t* p, size_t isz) {
+    switch (isz) {
+      case 1: return p[0];
+      case 2: return load_le<uint16_t>(p);
+      case 4: return load_le<uint32_t>(p);
+      default: return load_le<uint64_t>(p);
+    }
+  }
+
+  // np.float64 rewards, np.int64 counts: dtype string and the raw value.
+  bool write_npscalar(PyObject* o) {
+    if (opts_.compat) return unsupported(o, "numpy scalar in compat mode");
+    PyObject* dtype = PyObject_GetAttrString(o, "dtype");
+    PyObject* kind = dtype ? PyObject_GetAttrString(dtype, "kind") : nullptr;
+    PyObject* str = kind ? PyObject_GetAttrString(dtype, "str") : nullptr;
+    PyObject* raw = str ? PyObject_CallMethod(o, "tobytes", nullptr) : nullptr;
+    bool ok = false;
+    if (raw) {
+      const char* k = utf8_or(kind, "?");
+      Py_ssize_t sn = 0;
+      const char* s = PyUnicode_Check(str) ? PyUnicode_AsUTF8AndSize(str, &sn) : nullptr;
+      if (s && k[0] && std::strchr("biufc", k[0]) && sn < 256 && PyBytes_Check(raw)) {
+        Py_ssize_t n = PyBytes_GET_SIZE(raw);
+        ok = write_ext_header(1 + sn + n, EXT_NPSCALAR);
+        if (ok) {
+          put(uint8_t(sn));
+          put_bytes(s, sn);
+          put_bytes(PyBytes_AS_STRING(raw), n);
+        }
+      } else if (!PyErr_Occurred() || clear_unless_fatal()) {
+        ok = fallback(o, "numpy scalar of this dtype");
+      }
+    }
+    Py_XDECREF(dtype);
+    Py_XDECREF(kind);
+    Py_XDECREF(str);
+    Py_XDECREF(raw);
+    return ok;
   }
 
   bool write_pickle(PyObject* o) {
@@ -656,7 +754,405 @@ class Encoder {
     bool ok = write_ext_header(PyBytes_GET_SIZE(b), EXT_PICKLE);
     if (ok) put_bytes(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
     Py_DECREF(b);
+    ++pickles_;
     return ok;
+  }
+
+  // ---- shared references ------------------------------------------------
+  // Tensors, arrays, long bytes and class instances take a memo slot, numbered
+  // in the order they first appear; a later appearance is an EXT_REF to it,
+  // so it travels once and comes back as one object, as with pickle. The
+  // memo holds a reference to each object, so no address is reused while the
+  // message is written. Returns 1 if `o` was written as a reference, 0 if it
+  // took a new slot (the caller writes it), -1 on error.
+  //
+  // A slot is taken only once `o` is known to travel natively (a pickle
+  // fallback takes none), in the same order the decoder fills them.
+  void memo_add(PyObject* o, bool ready = true) {
+    if (opts_.compat) return;
+    memo_.emplace(o, uint32_t(memo_held_.size()));
+    Py_INCREF(o);
+    memo_held_.push_back(o);
+    memo_ready_.push_back(ready);
+  }
+
+  int memo(PyObject* o) {
+    if (opts_.compat) return 0;
+    auto it = memo_.find(o);
+    if (it == memo_.end()) return 0;
+    if (!memo_ready_[it->second]) {
+      // Only an object rebuilt from its arguments (a __reduce__) is still
+      // missing on the receiver while they are read.
+      PyErr_Format(PyExc_ValueError,
+                   "the object contains a reference cycle through the arguments of %s.__reduce__, which pickle "
+                   "protocol state cannot express",
+                   Py_TYPE(o)->tp_name);
+      return -1;
+    }
+    size_t start;
+    if (!begin_nested_ext(EXT_REF, &start) || !write_int64(it->second) || !end_nested_ext(start)) return -1;
+    return 1;
+  }
+
+  // A tensor or array: a reference if it already travelled, else written and
+  // given a memo slot unless it went as a pickle.
+  bool shared_leaf(PyObject* o, bool (Encoder::*write)(PyObject*)) {
+    int r = memo(o);
+    if (r) return r > 0;
+    size_t pickles = pickles_;
+    if (!(this->*write)(o)) return false;
+    if (pickles_ == pickles) memo_add(o);
+    return true;
+  }
+
+  // ---- class instances --------------------------------------------------
+  struct TableEntry {
+    TypeInfo* info;      // its class is held (strong) by the table
+    uint8_t kind;        // WireKind
+    PyObject* layout;    // PYDANTIC / OBJECT: the first instance's attribute names (tuple); else NULL
+  };
+
+  // Starts an instance: the class table entry the first time, its index
+  // after that. `layout_from` is the first instance's __dict__ (or NULL).
+  bool begin_instance(TypeInfo* info, uint8_t kind, PyObject* layout_from, size_t* start, TableEntry** entry) {
+    uint32_t idx = UINT32_MAX;
+    if (kind != WK_CLASS && info->msg_epoch == epoch_) {
+      idx = info->msg_index;
+    } else {
+      // A nested encode (user code calling fastbcast.encode) may have taken
+      // the slot: the table itself is the truth.
+      for (size_t i = 0; i < table_.size(); ++i)
+        if (table_[i].info == info && table_[i].kind == kind) idx = uint32_t(i);
+    }
+    if (idx != UINT32_MAX) {
+      if (kind != WK_CLASS) info->msg_epoch = epoch_, info->msg_index = idx;
+      *entry = &table_[idx];
+      return begin_nested_ext(EXT_OBJECT, start) && write_int64(idx);
+    }
+    PyObject* layout = nullptr;
+    if (kind == WK_STRUCT) {
+      layout = info->fields;
+      Py_INCREF(layout);
+    } else if (kind == WK_PYDANTIC || kind == WK_OBJECT) {
+      layout = attribute_layout(layout_from);
+      if (!layout) return false;
+    }
+    Py_INCREF(info->cls);
+    table_.push_back({info, kind, layout});
+    idx = uint32_t(table_.size() - 1);
+    if (kind != WK_CLASS) info->msg_epoch = epoch_, info->msg_index = idx;
+    *entry = &table_[idx];
+    if (!begin_nested_ext(EXT_OBJECT_DEF, start) || !write_array_header(3, nullptr) || !write_str(info->name) ||
+        !write_int64(kind))
+      return false;
+    Py_ssize_t n = layout ? PyTuple_GET_SIZE(layout) : 0;
+    if (!write_array_header(n, nullptr)) return false;
+    for (Py_ssize_t i = 0; i < n; ++i)
+      if (!write_str(PyTuple_GET_ITEM(layout, i))) return false;
+    return true;
+  }
+
+  // The leading str keys of an instance dict, at most kMaxLayout.
+  static PyObject* attribute_layout(PyObject* dict) {
+    Py_ssize_t pos = 0, n = 0;
+    PyObject *k, *v;
+    while (dict && size_t(n) < kMaxLayout && PyDict_Next(dict, &pos, &k, &v) && PyUnicode_CheckExact(k)) ++n;
+    PyObject* t = PyTuple_New(n);
+    if (!t) return nullptr;
+    pos = 0;
+    for (Py_ssize_t i = 0; i < n && PyDict_Next(dict, &pos, &k, &v); ++i) {
+      Py_INCREF(k);
+      PyTuple_SET_ITEM(t, i, k);
+    }
+    return t;
+  }
+
+  bool write_absent() {
+    if (!reserve(3)) return false;
+    put(EXT8), put(0), put(uint8_t(EXT_ABSENT));
+    return true;
+  }
+
+  // An instance __dict__ against the class table layout: the layout's values
+  // in order, then a map of the rest. If the dict does not start with the
+  // layout's keys in order, every layout slot is ABSENT and the map holds the
+  // whole dict, so attribute order is always kept.
+  bool write_attr_dict(PyObject* dict, PyObject* layout, int depth) {
+    Py_ssize_t n = PyTuple_GET_SIZE(layout), size = dict ? PyDict_GET_SIZE(dict) : 0;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    bool in_order = size >= n;
+    for (Py_ssize_t i = 0; in_order && i < n && PyDict_Next(dict, &pos, &k, &v); ++i) {
+      PyObject* want = PyTuple_GET_ITEM(layout, i);
+      in_order = k == want || (PyUnicode_CheckExact(k) && PyUnicode_Compare(k, want) == 0);
+    }
+    if (PyErr_Occurred()) return false;
+    pos = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!in_order) {
+        if (!write_absent()) return false;
+        continue;
+      }
+      if (!PyDict_Next(dict, &pos, &k, &v)) {  // user code emptied it while we wrote
+        PyErr_SetString(PyExc_RuntimeError, "instance __dict__ changed size during encoding");
+        return false;
+      }
+      Hold hv(v);
+      if (!enc(v, depth)) return attr_segment(k);
+    }
+    Py_ssize_t rest = in_order ? size - n : size;
+    if (!in_order) pos = 0;
+    if (!write_map_header(rest, nullptr)) return false;
+    while (rest-- > 0 && PyDict_Next(dict, &pos, &k, &v)) {
+      Hold hk(k), hv(v);
+      if (!enc(k, depth)) return key_segment(k, true);
+      if (!enc(v, depth)) return attr_segment(k);
+    }
+    if (rest >= 0) {
+      PyErr_SetString(PyExc_RuntimeError, "instance __dict__ changed size during encoding");
+      return false;
+    }
+    return true;
+  }
+
+  bool write_struct(PyObject* o, TypeInfo* info, int depth) {
+    size_t start;
+    TableEntry* e;
+    if (!begin_instance(info, WK_STRUCT, nullptr, &start, &e)) return false;
+    Py_ssize_t n = PyTuple_GET_SIZE(info->fields);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* v = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(o) + info->members[i]->offset);
+      bool ok;
+      if (!v) {
+        ok = write_absent();  // an unset field stays unset
+      } else {
+        Hold hv(v);
+        ok = enc(v, depth);
+      }
+      if (!ok) return attr_segment(PyTuple_GET_ITEM(info->fields, i));
+    }
+    return end_nested_ext(start);
+  }
+
+  bool write_pydantic(PyObject* o, TypeInfo* info, int depth) {
+    const PydanticSlots& ps = TypeRegistry::instance().pydantic_slots();
+    PyObject* dict = PyObject_GenericGetDict(o, nullptr);
+    if (!dict) return false;
+    Hold hd(dict);
+    Py_DECREF(dict);
+    if (!PyDict_Check(dict)) return unsupported(o, "pydantic model whose __dict__ is not a dict");
+    size_t start;
+    TableEntry* e;
+    if (!begin_instance(info, WK_PYDANTIC, dict, &start, &e) || !write_attr_dict(dict, e->layout, depth))
+      return false;
+    const char* names[] = {".__pydantic_extra__", ".__pydantic_fields_set__", ".__pydantic_private__"};
+    PyMemberDef* slots[] = {ps.extra, ps.fields_set, ps.priv};
+    for (int i = 0; i < 3; ++i) {
+      PyObject* v = PyMember_GetOne(reinterpret_cast<const char*>(o), slots[i]);
+      if (!v) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return false;
+        PyErr_Clear();  // never set: pydantic's own __getstate__ would fail; travel as None
+        v = Py_None;
+        Py_INCREF(v);
+      }
+      bool ok;
+      if (i == 1) ok = write_fields_set(v, e->layout, depth);
+      else if (i == 2) ok = write_private(v, depth);
+      else ok = enc(v, depth);
+      Py_DECREF(v);
+      if (!ok) {
+        path_.push_back(names[i]);
+        return false;
+      }
+    }
+    return end_nested_ext(start);
+  }
+
+  // __pydantic_fields_set__ as a bit mask over the layout when it can be
+  // (it names layout fields almost always), else as the set itself.
+  bool write_fields_set(PyObject* s, PyObject* layout, int depth) {
+    Py_ssize_t n = PyTuple_GET_SIZE(layout);
+    if (PyAnySet_CheckExact(s) && n <= 64) {
+      uint64_t mask = 0;
+      Py_ssize_t found = 0;
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        int r = PySet_Contains(s, PyTuple_GET_ITEM(layout, i));
+        if (r < 0) return false;
+        if (r) mask |= uint64_t(1) << i, ++found;
+      }
+      if (found == PySet_GET_SIZE(s)) {
+        if (!reserve(9)) return false;
+        put(UINT64), put_be64(mask);  // always 9 bytes: a set is never written as uint64
+        return true;
+      }
+    }
+    return enc(s, depth);
+  }
+
+  // pydantic's __getstate__ drops private attributes that were never set.
+  bool write_private(PyObject* v, int depth) {
+    PyObject* undefined = loaded_attr_borrowed("pydantic_core", "PydanticUndefined");
+    if (!PyDict_Check(v) || !undefined || PyDict_GET_SIZE(v) == 0) return enc(v, depth);
+    PyObject* d = PyDict_New();
+    if (!d) return false;
+    Py_ssize_t pos = 0;
+    PyObject *k, *x;
+    while (PyDict_Next(v, &pos, &k, &x))
+      if (x != undefined && PyDict_SetItem(d, k, x) < 0) {
+        Py_DECREF(d);
+        return false;
+      }
+    bool ok = enc(d, depth);
+    Py_DECREF(d);
+    return ok;
+  }
+
+  static PyObject* loaded_attr_borrowed(const char* module, const char* name) {
+    PyObject* m = PyDict_GetItemString(PyImport_GetModuleDict(), module);
+    return m ? PyDict_GetItemString(PyModule_GetDict(m), name) : nullptr;
+  }
+
+  bool write_plain_object(PyObject* o, TypeInfo* info, int depth) {
+    PyObject* dict = nullptr;
+    PyObject** dp = _PyObject_GetDictPtr(o);
+    if (dp && *dp) dict = *dp;
+    else if (dp && PyType_HasFeature(Py_TYPE(o), Py_TPFLAGS_MANAGED_DICT)) {
+      dict = PyObject_GenericGetDict(o, nullptr);
+      if (!dict) return false;
+      Py_DECREF(dict);  // the object keeps it
+    }
+    if (dict && !PyDict_Check(dict)) return unsupported(o, "instance __dict__ that is not a dict");
+    Hold hd(dict ? dict : Py_None);
+    size_t start;
+    TableEntry* e;
+    if (!begin_instance(info, WK_OBJECT, dict, &start, &e) || !write_attr_dict(dict, e->layout, depth)) return false;
+    // __slots__ values, as copyreg's default __getstate__ collects them.
+    Py_ssize_t ns = PyTuple_GET_SIZE(info->fields);
+    if (ns == 0) return reserve(1) && (put(NIL), true) && end_nested_ext(start);
+    std::vector<std::pair<PyObject*, PyObject*>> slots;
+    bool ok = true;
+    for (Py_ssize_t i = 0; ok && i < ns; ++i) {
+      PyObject* name = PyTuple_GET_ITEM(info->fields, i);
+      PyObject* v = PyObject_GetAttr(o, name);
+      if (v) slots.emplace_back(name, v);
+      else if (PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear();
+      else ok = false;
+    }
+    ok = ok && write_map_header(slots.size(), nullptr);
+    for (auto& kv : slots) {
+      if (ok && !(write_str(kv.first) && enc(kv.second, depth))) ok = attr_segment(kv.first);
+      Py_DECREF(kv.second);
+    }
+    return ok && end_nested_ext(start);
+  }
+
+  // A class with its own pickle protocol: asks __reduce_ex__ as pickle does
+  // and travels natively if the callable it names is the class itself (or
+  // copyreg.__newobj__ of the class). Anything else is pickled if allowed.
+  bool write_reduce(PyObject* o, TypeInfo* info, int depth) {
+    PyObject* rv = PyObject_CallMethod(o, "__reduce_ex__", "i", 4);
+    if (!rv) return false;
+    Hold hr(rv);
+    Py_DECREF(rv);
+    Py_ssize_t n = PyTuple_Check(rv) ? PyTuple_GET_SIZE(rv) : 0;
+    if (n < 2 || n > 6 || !PyTuple_Check(PyTuple_GET_ITEM(rv, 1)))
+      return fallback(o, (std::string("unsupported type ") + Py_TYPE(o)->tp_name +
+                          " (its __reduce_ex__ returns a global name)").c_str());
+    PyObject* fn = PyTuple_GET_ITEM(rv, 0);
+    PyObject* args = PyTuple_GET_ITEM(rv, 1);
+    PyObject* state = n > 2 ? PyTuple_GET_ITEM(rv, 2) : Py_None;
+    PyObject* listitems = n > 3 ? PyTuple_GET_ITEM(rv, 3) : Py_None;
+    PyObject* dictitems = n > 4 ? PyTuple_GET_ITEM(rv, 4) : Py_None;
+    if (n > 5 && PyTuple_GET_ITEM(rv, 5) != Py_None)
+      return fallback(o, (std::string("unsupported type ") + Py_TYPE(o)->tp_name + " (it pickles with a state setter)").c_str());
+    PyObject* cls = reinterpret_cast<PyObject*>(Py_TYPE(o));
+    uint8_t newobj = 0;
+    Py_ssize_t first = 0;
+    if (fn == loaded_attr_borrowed("copyreg", "__newobj__") && PyTuple_GET_SIZE(args) >= 1 &&
+        PyTuple_GET_ITEM(args, 0) == cls) {
+      newobj = 1;
+      first = 1;
+    } else if (fn != cls) {
+      PyObject* fname = PyObject_GetAttrString(fn, "__qualname__");
+      std::string what = std::string("unsupported type ") + Py_TYPE(o)->tp_name +
+                         " (its pickle protocol rebuilds it with " + utf8_or(fname, "a callable") +
+                         ", not with the class itself)";
+      Py_XDECREF(fname);
+      if (pending_is_fatal()) return false;
+      PyErr_Clear();
+      return fallback(o, what.c_str());
+    }
+    if (!TypeRegistry::instance().may_write(info, opts_.trusted)) return refuse_class(o, info, false);
+    if (memo_.count(o)) {
+      int r = memo(o);  // (reached again through its own __reduce__)
+      return r > 0;
+    }
+    memo_add(o, false);
+    uint32_t slot = uint32_t(memo_held_.size() - 1);
+    size_t start;
+    TableEntry* e;
+    if (!begin_instance(info, WK_REDUCE, nullptr, &start, &e) || !write_int64(newobj) ||
+        !write_array_header(PyTuple_GET_SIZE(args) - first, nullptr))
+      return false;
+    for (Py_ssize_t i = first; i < PyTuple_GET_SIZE(args); ++i) {
+      if (!enc(PyTuple_GET_ITEM(args, i), depth)) {
+        path_.push_back(".__reduce__()[1][" + std::to_string(i) + "]");
+        return false;
+      }
+    }
+    memo_ready_[slot] = 1;
+    if (!enc(state, depth)) {
+      path_.push_back(".__getstate__()");
+      return false;
+    }
+    if (!write_items(listitems, false, depth) || !write_items(dictitems, true, depth)) return false;
+    return end_nested_ext(start);
+  }
+
+  // __reduce_ex__'s list items (an array) or dict items (a map), or nil.
+  bool write_items(PyObject* it, bool pairs, int depth) {
+    if (it == Py_None) return reserve(1) && (put(NIL), true);
+    PyObject* items = PySequence_List(it);
+    if (!items) return false;
+    Hold hi(items);
+    Py_DECREF(items);
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    if (!(pairs ? write_map_header(n, nullptr) : write_array_header(n, nullptr))) return false;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); ++i) {
+      PyObject* x = PyList_GET_ITEM(items, i);
+      if (pairs) {
+        if (!PyTuple_Check(x) || PyTuple_GET_SIZE(x) != 2) return unsupported(x, "dict item that is not a pair");
+        if (!enc(PyTuple_GET_ITEM(x, 0), depth) || !enc(PyTuple_GET_ITEM(x, 1), depth)) return index_segment(i);
+      } else if (!enc(x, depth)) {
+        return index_segment(i);
+      }
+    }
+    return true;
+  }
+
+  // A class object as a value (a defaultdict's factory).
+  bool write_class_ref(PyObject* cls) {
+    TypeInfo* info = TypeRegistry::instance().for_encode(reinterpret_cast<PyTypeObject*>(cls));
+    if (!info) return false;
+    if (!TypeRegistry::instance().may_write(info, opts_.trusted)) return refuse_class(cls, info, true);
+    size_t start;
+    TableEntry* e;
+    return begin_instance(info, WK_CLASS, nullptr, &start, &e) && end_nested_ext(start);
+  }
+
+  bool write_instance(PyObject* o, TypeInfo* info, int depth) {
+    // A __reduce__ is asked first: registering the class only helps if it names the class.
+    if (info->kind != Kind::REDUCE && !TypeRegistry::instance().may_write(info, opts_.trusted))
+      return refuse_class(o, info, false);
+    int r = memo(o);
+    if (r) return r > 0;
+    if (info->kind == Kind::REDUCE) return write_reduce(o, info, depth);
+    memo_add(o);
+    switch (info->kind) {
+      case Kind::STRUCT: return write_struct(o, info, depth);
+      case Kind::PYDANTIC: return write_pydantic(o, info, depth);
+      default: return write_plain_object(o, info, depth);
+    }
   }
 
   // ---- dispatch ---------------------------------------------------------
@@ -679,18 +1175,25 @@ class Encoder {
     if (t == &PyLong_Type) return write_int(o);
     if (t == &PyList_Type) {
       Hold h(o);
-      return enter(o, depth) && write_list(o, depth + 1);
+      return enter(o, depth) ? write_list(o, depth + 1) : too_deep(o);
     }
     if (t == &PyDict_Type) {
       Hold h(o);
-      return enter(o, depth) && write_dict(o, depth + 1);
+      return enter(o, depth) ? write_dict(o, depth + 1) : too_deep(o);
     }
     if (t == &PyFloat_Type) return write_float(PyFloat_AS_DOUBLE(o));
     if (o == Py_None) return reserve(1) && (put(NIL), true);
     if (o == Py_True) return reserve(1) && (put(TRUE_), true);
     if (o == Py_False) return reserve(1) && (put(FALSE_), true);
-    if (t == &PyTuple_Type) return enter(o, depth) && write_tuple(o, depth + 1);  // immutable
-    if (t == &PyBytes_Type) return write_bin(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), o);
+    if (t == &PyTuple_Type) return enter(o, depth) ? write_tuple(o, depth + 1) : too_deep(o);  // immutable
+    if (t == &PyBytes_Type) {
+      if (size_t(PyBytes_GET_SIZE(o)) >= kMemoBytesMin) {
+        int r = memo(o);
+        if (r) return r > 0;
+        memo_add(o);
+      }
+      return write_bin(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), o);
+    }
     Hold h(o);
     return enc_other(o, t, depth);
   }
@@ -698,74 +1201,97 @@ class Encoder {
   bool enc_other(PyObject* o, PyTypeObject* t, int depth) {
     if (t == &PyByteArray_Type) return write_raw(PyByteArray_AS_STRING(o), PyByteArray_GET_SIZE(o), EXT_BYTEARRAY, o);
     if (t == &PyMemoryView_Type) return write_buffer_ext(o, EXT_MEMORYVIEW, nullptr, 0);
-    if (t == &PySet_Type) return enter(o, depth) && write_set(o, depth + 1, EXT_SET);
-    if (t == &PyFrozenSet_Type) return enter(o, depth) && write_set(o, depth + 1, EXT_FROZENSET);
+    if (t == &PySet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_SET) : too_deep(o);
+    if (t == &PyFrozenSet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_FROZENSET) : too_deep(o);
     if (t == &PyComplex_Type) return write_complex(o);
-    if (is_exact_tensor(o)) return write_tensor(o);
-    if (is_loaded_type(o, "numpy", "ndarray")) return write_ndarray(o);
-    if (is_loaded_type(o, "array", "array")) return write_pyarray(o);
-    const TypeInfo* info = TypeRegistry::instance().for_encode(t);
+    if (is_exact_tensor(o)) return shared_leaf(o, &Encoder::write_tensor);
+    if (PyType_Check(o)) return write_class_ref(o);
+    TypeInfo* info = TypeRegistry::instance().for_encode(t);
     if (!info) return false;
     switch (info->kind) {
-      case Kind::ENUM:
-        return enter(o, depth) && write_enum(o, info, depth + 1);
-      case Kind::DATACLASS:
-      case Kind::PYDANTIC:
+      case Kind::NDARRAY:
+        return shared_leaf(o, &Encoder::write_ndarray);
+      case Kind::PYARRAY:
+        return write_pyarray(o);
+      case Kind::NPSCALAR:
+        return write_npscalar(o);
       case Kind::STRUCT:
-        return enter(o, depth) && write_fields(o, info, depth + 1);
+      case Kind::PYDANTIC:
+      case Kind::OBJECT:
+      case Kind::REDUCE:
+        if (opts_.compat) return unsupported(o, "class instance in compat mode");
+        return enter(o, depth) ? write_instance(o, info, depth + 1) : too_deep(o);
       case Kind::UNSUPPORTED:
         break;
     }
-    if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
-    return unsupported(o, nullptr);
+    return fallback(o, (std::string("unsupported type ") + t->tp_name).c_str());
   }
 
-  static bool is_loaded_type(PyObject* o, const char* module, const char* name) {
-    PyObject* m = PyDict_GetItemString(PyImport_GetModuleDict(), module);
-    if (!m) return false;
-    PyObject* cls = PyDict_GetItemString(PyModule_GetDict(m), name);
-    return cls && reinterpret_cast<PyObject*>(Py_TYPE(o)) == cls;
-  }
-
-  // Depth bookkeeping for containers; tells a cycle from deep nesting.
+  // Depth bookkeeping for containers and instances; tells a cycle from deep
+  // nesting. False (no error set) when `o` is one level too deep.
   bool enter(PyObject* o, int depth) {
     if (FB_LIKELY(depth < kMaxDepth)) {
       stack_[depth] = o;
       return true;
     }
-    for (int i = 0; i < depth; ++i) {
+    return false;
+  }
+
+  // Past kMaxDepth: a cycle is an error; deep nesting travels as a pickle of
+  // the rest of the branch when pickle is allowed (pickle itself goes about
+  // 1,000 levels deep), else it is refused.
+  bool too_deep(PyObject* o) {
+    for (int i = 0; i < kMaxDepth; ++i) {
       if (stack_[i] == o) {
         PyErr_Format(PyExc_ValueError, "the object contains a reference cycle (a %s that contains itself)",
                      Py_TYPE(o)->tp_name);
         return false;
       }
     }
-    PyErr_Format(PyExc_ValueError, "nesting deeper than %d levels", kMaxDepth);
+    if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
+    PyErr_Format(PyExc_ValueError, "nesting deeper than %d levels (pass allow_pickle=True to send deeper levels "
+                 "as a pickle)", kMaxDepth);
     return false;
   }
 
   // ---- errors -----------------------------------------------------------
   bool unsupported(PyObject* o, const char* what) {
-    if (what) {
-      PyErr_Format(PyExc_TypeError, "unsupported: %s", what);
-    } else {
-      PyErr_Format(PyExc_TypeError,
-                   "unsupported type %s (register the class with fastbcast.register(), or pass allow_pickle=True "
-                   "to send it as a pickle)",
-                   Py_TYPE(o)->tp_name);
-    }
+    if (std::strncmp(what, "unsupported", 11) == 0) PyErr_SetString(PyExc_TypeError, what);
+    else PyErr_Format(PyExc_TypeError, "unsupported: %s", what);
     return false;
   }
 
-  // An object of a supported type that this codec still cannot represent
-  // (an object-dtype array, a quantized tensor): a pickle if allowed.
+  // Something the codec does not write natively: a pickle if allowed, else a
+  // TypeError on the source.
   bool fallback(PyObject* o, const char* what) {
+    if (pending_is_fatal()) return false;
+    PyErr_Clear();
     if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
     return unsupported(o, (std::string(what) + " (pass allow_pickle=True to send it as a pickle)").c_str());
   }
 
+  // A class the receivers would not rebuild: decided here, on the source, so
+  // no receiver is the first to find out.
+  bool refuse_class(PyObject* o, TypeInfo* info, bool as_value) {
+    if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
+    std::string name = utf8_or(info->name, Py_TYPE(o)->tp_name);
+    std::string hint = info->user_class
+                           ? "register it with fastbcast.register(" + std::string(as_value ? "it" : "its class") +
+                                 ") on every rank, trust its module (fastbcast.trust() / trusted=...), or pass "
+                                 "allow_pickle=True to send it as a pickle"
+                           : "pass allow_pickle=True to send it as a pickle";
+    PyErr_Format(PyExc_TypeError, "%s %s is not registered or trusted, so receivers would not rebuild it: %s",
+                 as_value ? "class" : "instance of", name.c_str(), hint.c_str());
+    return false;
+  }
+
   bool too_long(PyObject* o, const char* what) {
     PyErr_Format(PyExc_ValueError, "%s longer than MessagePack allows (2^32-1)", what);
+    return false;
+  }
+
+  bool attr_segment(PyObject* name) {
+    path_.push_back("." + std::string(utf8_or(name, "?")));
     return false;
   }
 
@@ -790,6 +1316,12 @@ class Encoder {
       Py_DECREF(r);
     }
     if (out.size() > 60) out = out.substr(0, 57) + "...";
+    if (pending_is_fatal()) {  // a KeyboardInterrupt in __repr__ wins over the error being reported
+      Py_XDECREF(et);
+      Py_XDECREF(ev);
+      Py_XDECREF(tb);
+      return out;
+    }
     PyErr_Clear();
     PyErr_Restore(et, ev, tb);
     return out;
@@ -815,6 +1347,7 @@ class Encoder {
     const char* m = msg ? PyUnicode_AsUTF8(msg) : nullptr;
     if (!m) PyErr_Clear();
     PyObject* cls = PyErr_GivenExceptionMatches(et, PyExc_TypeError) ? PyExc_TypeError
+                    : PyErr_GivenExceptionMatches(et, PyExc_RecursionError) ? PyExc_RecursionError
                     : PyErr_GivenExceptionMatches(et, PyExc_MemoryError) ? PyExc_MemoryError
                     : PyErr_GivenExceptionMatches(et, PyExc_RuntimeError) ? PyExc_RuntimeError
                                                                           : PyExc_ValueError;
@@ -841,6 +1374,12 @@ class Encoder {
   uint64_t device_len_ = 0;
   std::vector<std::string> path_;
   PyObject* stack_[kMaxDepth];
+  uint64_t epoch_;
+  std::deque<TableEntry> table_;  // a deque: entries stay put while nested instances add more
+  std::unordered_map<PyObject*, uint32_t> memo_;
+  std::vector<PyObject*> memo_held_;     // strong references, one per memo slot
+  std::vector<uint8_t> memo_ready_;      // 0 while a __reduce__'s arguments are being written
+  size_t pickles_ = 0;                   // pickle exts written so far
 };
 
 }  // namespace

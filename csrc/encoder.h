@@ -14,6 +14,7 @@ namespace fastbcast {
 struct EncodeOptions {
   bool compat = false;        // plain MessagePack only (no ext types)
   bool allow_pickle = false;  // unsupported leaves travel as EXT_PICKLE
+  PyObject* trusted = nullptr;  // tuple of module prefixes (borrowed) or NULL: classes under them travel natively
   size_t reserve = 0;         // bytes left free in front of the value (room for a frame header)
   size_t min_capacity = 0;    // the block is at least this big (a broadcast's first chunk)
   // Broadcast only: CUDA tensors are appended here and written as EXT_CUDA_REF
@@ -29,8 +30,11 @@ struct Encoded {
 };
 
 // Returns false with a Python exception set. TypeError names the path to an
-// unsupported object (`data[0]['messages'][2].content: unsupported type Foo`);
-// ValueError for cycles, nesting past kMaxDepth and unencodable strings.
+// unsupported object (`data[0]['messages'][2].content: unsupported type Foo`),
+// including a class the receivers would not rebuild; ValueError for cycles
+// and (without allow_pickle) nesting past kMaxDepth. An exception that is not
+// an Exception (KeyboardInterrupt, SystemExit) raised by user code reaches
+// the caller unchanged.
 bool encode_object(PyObject* obj, const EncodeOptions& opts, Encoded* out);
 
 // 16-byte alignment of tensors inside the broadcast's device buffer.

@@ -37,10 +37,17 @@ const at::Tensor& host_bytes(const py::handle& o, const char* what) {
   return t;
 }
 
-EncodeOptions encode_options(bool compat, bool allow_pickle) {
+PyObject* trusted_tuple(const py::object& trusted) {
+  if (trusted.is_none()) return nullptr;
+  if (!PyTuple_Check(trusted.ptr())) throw py::type_error("trusted must be a tuple of module prefixes");
+  return trusted.ptr();
+}
+
+EncodeOptions encode_options(bool compat, bool allow_pickle, const py::object& trusted) {
   EncodeOptions o;
   o.compat = compat;
   o.allow_pickle = allow_pickle;
+  o.trusted = trusted_tuple(trusted);
   return o;
 }
 
@@ -53,24 +60,24 @@ Encoded encode_or_throw(PyObject* obj, const EncodeOptions& opts) {
 DecodeOptions decode_options(bool allow_pickle, const py::object& trusted) {
   DecodeOptions o;
   o.allow_pickle = allow_pickle;
-  o.trusted = trusted.is_none() ? nullptr : trusted.ptr();
-  if (o.trusted && !PyTuple_Check(o.trusted)) throw py::type_error("trusted must be a tuple of module prefixes");
+  o.trusted = trusted_tuple(trusted);
   return o;
 }
 
-py::object encode(py::handle obj, bool compat, bool allow_pickle) {
-  Encoded e = encode_or_throw(obj.ptr(), encode_options(compat, allow_pickle));
+py::object encode(py::handle obj, bool compat, bool allow_pickle, const py::object& trusted) {
+  Encoded e = encode_or_throw(obj.ptr(), encode_options(compat, allow_pickle, trusted));
   return steal(THPVariable_Wrap(e.block.narrow(0, 0, int64_t(e.len))));
 }
 
 // Encodes into a pool block first, so a buffer that turns out too small is
 // left untouched. Returns (fits, size): the bytes written, or needed.
-py::tuple encode_into(py::handle obj, py::handle out, int64_t offset, bool compat, bool allow_pickle) {
+py::tuple encode_into(py::handle obj, py::handle out, int64_t offset, bool compat, bool allow_pickle,
+                      const py::object& trusted) {
   const at::Tensor& dst = host_bytes(out, "out");
   if (offset < 0 || offset > dst.numel())
     throw py::value_error("offset " + std::to_string(offset) + " is outside the " + std::to_string(dst.numel()) +
                           "-byte buffer");
-  Encoded e = encode_or_throw(obj.ptr(), encode_options(compat, allow_pickle));
+  Encoded e = encode_or_throw(obj.ptr(), encode_options(compat, allow_pickle, trusted));
   if (int64_t(e.len) > dst.numel() - offset) return py::make_tuple(false, e.len);
   std::memcpy(dst.data_ptr<uint8_t>() + offset, e.block.data_ptr<uint8_t>(), e.len);
   return py::make_tuple(true, e.len);
@@ -94,11 +101,13 @@ py::object decode(py::handle buf, bool allow_pickle, const py::object& trusted) 
 
 // The source side of a broadcast: header + value in one pool block that is
 // at least min_capacity bytes long. Returns (block, frame_bytes,
-// cuda_tensors, device_len).
+// cuda_tensors, device_len). `trusted` is what the receivers trust: the
+// source writes natively only classes they may rebuild.
 py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
-                       bool compat, bool allow_pickle, bool collect_cuda, size_t min_capacity) {
+                       bool compat, bool allow_pickle, bool collect_cuda, size_t min_capacity,
+                       const py::object& trusted) {
   std::vector<at::Tensor> cuda;
-  EncodeOptions opts = encode_options(compat, allow_pickle);
+  EncodeOptions opts = encode_options(compat, allow_pickle, trusted);
   opts.reserve = kHeaderBytes;
   opts.min_capacity = min_capacity;
   opts.cuda_tensors = collect_cuda ? &cuda : nullptr;
@@ -158,6 +167,8 @@ py::tuple read_header_py(py::handle buf, uint16_t version) {
 }
 
 const uint8_t* frame_payload(const at::Tensor& t, uint64_t payload_len) {
+  // Compared without adding to payload_len, which comes off the wire and
+  // could wrap the sum.
   if (uint64_t(t.numel()) < kHeaderBytes || payload_len > uint64_t(t.numel()) - kHeaderBytes)
     throw py::value_error("frame buffer shorter than header + payload");
   return t.data_ptr<uint8_t>() + kHeaderBytes;
@@ -242,13 +253,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   set_decode_error_type(err);
   m.attr("DecodeError") = py::reinterpret_steal<py::object>(err);
 
-  m.def("encode", &encode, py::arg("obj"), py::arg("compat") = false, py::arg("allow_pickle") = false);
+  m.def("encode", &encode, py::arg("obj"), py::arg("compat") = false, py::arg("allow_pickle") = false,
+        py::arg("trusted") = py::none());
   m.def("encode_into", &encode_into, py::arg("obj"), py::arg("out"), py::arg("offset") = 0,
-        py::arg("compat") = false, py::arg("allow_pickle") = false);
+        py::arg("compat") = false, py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
   m.def("decode", &decode, py::arg("buf"), py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
   m.def("encode_frame", &encode_frame, py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
         py::arg("seq") = 0, py::arg("compat") = false, py::arg("allow_pickle") = false,
-        py::arg("collect_cuda") = false, py::arg("min_capacity") = 0);
+        py::arg("collect_cuda") = false, py::arg("min_capacity") = 0, py::arg("trusted") = py::none());
   m.def("error_frame", &error_frame, py::arg("message"), py::arg("first_chunk"), py::arg("chunk"),
         py::arg("version"), py::arg("seq") = 0, py::arg("max_bytes") = size_t(64) << 10, py::arg("min_capacity") = 0);
   m.def("read_header", &read_header_py, py::arg("buf"), py::arg("version"));

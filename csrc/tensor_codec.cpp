@@ -17,7 +17,9 @@ constexpr int kNumDtypes = sizeof(kDtypes) / sizeof(kDtypes[0]);
 
 }  // namespace
 
-bool is_exact_tensor(PyObject* o) { return THPVariable_CheckExact(o); }
+// THPVariable_CheckExact also accepts nn.Parameter: a subclass must keep its
+// class, so only torch.Tensor itself is a plain tensor here.
+bool is_exact_tensor(PyObject* o) { return reinterpret_cast<PyObject*>(Py_TYPE(o)) == THPVariableClass; }
 
 const at::Tensor& unpack_tensor(PyObject* o) { return THPVariable_Unpack(o); }
 

@@ -62,13 +62,33 @@ enum Ext : int8_t {
   EXT_TENSOR = 7,
   EXT_CUDA_REF = 8,
   EXT_NDARRAY = 9,
-  EXT_ENUM = 10,
-  EXT_OBJECT = 11,
-  EXT_PYARRAY = 12,
+  // 10 (ENUM), 11 (OBJECT) and 12 (PYARRAY) are format 1 layouts, retired.
   EXT_BYTEARRAY = 13,
   EXT_MEMORYVIEW = 14,
   EXT_PICKLE = 15,
+  EXT_PYARRAY = 16,      // u8 typecode, u8 width code (IntWidth or kRawWidth), items
+  EXT_OBJECT_DEF = 17,   // a class table entry, then the first instance of that class
+  EXT_OBJECT = 18,       // class table index, then the instance
+  EXT_REF = 19,          // memo index of an object that already travelled in this message
+  EXT_SURROGATE_STR = 20,  // a str holding lone surrogates, UTF-8 with surrogatepass
+  EXT_NPSCALAR = 21,     // u8 n, n bytes of dtype.str, the raw value
+  EXT_ABSENT = 22,       // empty: an instance lacks this layout attribute
 };
+
+// How an instance is rebuilt: the kind of a class table entry (FORMAT.md).
+enum WireKind : uint8_t {
+  WK_STRUCT = 1,    // msgspec Struct: its fields in table order
+  WK_PYDANTIC = 2,  // pydantic v2 model: __dict__, extra, fields_set, private
+  WK_OBJECT = 3,    // default pickle protocol: __dict__ then __slots__
+  WK_REDUCE = 4,    // __reduce_ex__ naming the class itself: args, state, list and dict items
+  WK_CLASS = 5,     // the class object itself (a defaultdict's factory)
+};
+// EXT_PYARRAY width code for items copied as they are (float, unicode arrays).
+inline constexpr uint8_t kRawWidth = 0xff;
+// bytes at least this long take a memo slot (shared references travel once).
+inline constexpr size_t kMemoBytesMin = 64;
+// Most attributes a class table layout lists.
+inline constexpr size_t kMaxLayout = 255;
 
 // Element widths of an EXT_INT_BLOCK.
 enum IntWidth : uint8_t { W_U8 = 0, W_U16 = 1, W_U32 = 2, W_I32 = 3, W_I64 = 4, W_U64 = 5 };

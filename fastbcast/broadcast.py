@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ._loader import _C
+from .codec import _prefixes
 from ._version import FORMAT_VERSION
 from .mesh import Route, resolve
 from .transport import (CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport, TransportError,
@@ -136,14 +137,6 @@ def _require_live(group) -> None:
         raise RuntimeError(
             f"the process group was destroyed (torch.distributed.destroy_process_group) or belongs to a "
             f"torn-down world ({type(e).__name__}: {e}); create a new group and a new Broadcaster") from e
-
-
-def _prefixes(trusted) -> tuple[str, ...] | None:
-    if not trusted:
-        return None
-    if isinstance(trusted, str):
-        return (trusted,)
-    return tuple(trusted) or None
 
 
 class Broadcaster:
@@ -391,7 +384,7 @@ class Broadcaster:
         try:
             block, used, cuda_tensors, device_len = _C.encode_frame(
                 obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat, self.allow_pickle,
-                self.device.type == "cuda", t.min_capacity)
+                self.device.type == "cuda", t.min_capacity, self.trusted)
             size = used - _C.HEADER_BYTES + device_len
             if size > self.max_bytes:
                 del block, cuda_tensors

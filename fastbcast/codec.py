@@ -33,19 +33,57 @@ class BufferTooSmallError(ValueError):
         self.needed = needed
 
 
-def encode(obj: Any, *, compat: bool = False, allow_pickle: bool = False) -> torch.Tensor:
-    """Encodes `obj` as MessagePack into a buffer from fastbcast's pinned pool.
+def _prefixes(trusted: str | Iterable[str] | None) -> tuple | None:
+    """Normalises a `trusted` argument to a tuple of module prefixes, or None.
 
     Arguments:
-        obj: the object to encode: None, bool, int, float, str, bytes,
-            bytearray, memoryview, list, dict, tuple, set, frozenset, complex,
-            CPU torch.Tensor, numpy.ndarray (numeric), array.array, enum
-            members, dataclasses, pydantic v2 models and msgspec Structs,
-            nested up to 256 levels.
+        trusted: one prefix (``"myapp"``), an iterable of prefixes, or
+            None / empty.
+
+    Returns:
+        A tuple of str (``("myapp",)``, never split into characters), or
+        None when there are none.
+
+    Raises:
+        TypeError: an item that is not a str.
+    """
+    if trusted is None:
+        return None
+    out = (trusted,) if isinstance(trusted, str) else tuple(trusted)
+    for p in out:
+        if not isinstance(p, str):
+            raise TypeError(f"trusted module prefixes must be str, got {p!r}")
+    return out or None
+
+
+def encode(obj: Any, *, compat: bool = False, allow_pickle: bool = False,
+           trusted: str | Iterable[str] | None = None) -> torch.Tensor:
+    """Encodes `obj` as MessagePack into a buffer from fastbcast's pinned pool.
+
+    Class instances are written from the state their pickle protocol defines
+    (``__reduce_ex__``, ``__getstate__``, ``__dict__``, ``__slots__``; a
+    pydantic model's extras, fields set and private attributes), each class
+    once per message; an object that appears several times (a tensor,
+    array, bytes of 64 bytes or more, an instance) travels once and decodes
+    to one object. A class travels natively only if receivers will rebuild
+    it: registered, trusted, or one of the standard-library classes the
+    codec knows (datetime, UUID, Decimal, OrderedDict, defaultdict, ...).
+
+    Arguments:
+        obj: the object to encode: None, bool, int, float, str (lone
+            surrogates included), bytes, bytearray, memoryview, list, dict,
+            tuple, set, frozenset, complex, CPU torch.Tensor, numpy.ndarray
+            (numeric) and numpy scalars, array.array, and instances of
+            registered or trusted classes, nested up to 256 levels (deeper
+            levels travel as a pickle when `allow_pickle`).
         compat: write plain MessagePack only (no ext types): tuples and sets
-            become arrays, other non-plain types are a TypeError.
-        allow_pickle: let objects the codec cannot represent travel as a
-            pickle ext instead of raising TypeError.
+            become arrays; anything else that compat decoding could not give
+            back (other types, tuple map keys) is a TypeError.
+        allow_pickle: let objects the codec cannot represent, or whose class
+            receivers would not rebuild, travel as a pickle ext instead of
+            raising TypeError.
+        trusted: module prefixes (a str or an iterable of str) whose classes
+            the receivers trust, in addition to the registered ones.
 
     Returns:
         A 1-D torch.uint8 CPU tensor (pinned when CUDA is available) viewing
@@ -53,23 +91,27 @@ def encode(obj: Any, *, compat: bool = False, allow_pickle: bool = False) -> tor
         (and every view of it) is dropped, so copy it if you keep it long.
 
     Raises:
-        TypeError: an unsupported object; the message gives its path, e.g.
+        TypeError: an unsupported object, or an instance of a class that is
+            neither registered nor trusted (without `allow_pickle`); the
+            message gives its path, e.g.
             ``data[0]['messages'][2].content: unsupported type Foo``.
-        ValueError: a reference cycle, nesting deeper than 256 levels, or a
-            str with a lone surrogate.
+        ValueError: a reference cycle, or nesting deeper than 256 levels
+            without `allow_pickle`.
+        KeyboardInterrupt, SystemExit: raised by user code while encoding,
+            unchanged.
     """
-    return _C.encode(obj, compat, allow_pickle)
+    return _C.encode(obj, compat, allow_pickle, _prefixes(trusted))
 
 
 def encode_into(obj: Any, out: torch.Tensor, offset: int = 0, *, compat: bool = False,
-                allow_pickle: bool = False) -> int:
+                allow_pickle: bool = False, trusted: str | Iterable[str] | None = None) -> int:
     """Encodes `obj` into a caller's buffer at `offset`.
 
     Arguments:
         obj: as for `encode`.
         out: a contiguous 1-D torch.uint8 CPU tensor.
         offset: byte offset in `out` where the encoding starts.
-        compat, allow_pickle: as for `encode`.
+        compat, allow_pickle, trusted: as for `encode`.
 
     Returns:
         The number of bytes written, starting at `offset`.
@@ -79,13 +121,13 @@ def encode_into(obj: Any, out: torch.Tensor, offset: int = 0, *, compat: bool = 
             `needed` attribute is the size required. `out` is left unchanged.
         ValueError: `offset` is outside `out`.
     """
-    fits, n = _C.encode_into(obj, out, offset, compat, allow_pickle)
+    fits, n = _C.encode_into(obj, out, offset, compat, allow_pickle, _prefixes(trusted))
     if not fits:
         raise BufferTooSmallError(n, offset, out.numel())
     return n
 
 
-def decode(buf, *, allow_pickle: bool = False, trusted: Iterable[str] = ()) -> Any:
+def decode(buf, *, allow_pickle: bool = False, trusted: str | Iterable[str] | None = ()) -> Any:
     """Decodes one MessagePack value.
 
     Arguments:
@@ -93,9 +135,10 @@ def decode(buf, *, allow_pickle: bool = False, trusted: Iterable[str] = ()) -> A
             memoryview holding exactly one encoded value.
         allow_pickle: accept pickle exts. Off by default: a pickle can run
             arbitrary code, so only enable it for senders you trust.
-        trusted: module prefixes (e.g. ``("myapp.schemas",)``) whose classes
-            may be rebuilt in addition to those passed to `register`. Classes
-            are looked up among already-imported modules only.
+        trusted: module prefixes (``"myapp"`` or ``("myapp.schemas",)``)
+            whose classes may be rebuilt in addition to those passed to
+            `register`. Classes are looked up among already-imported modules
+            only.
 
     Returns:
         The decoded object. Small non-negative ints are shared objects.
@@ -104,21 +147,24 @@ def decode(buf, *, allow_pickle: bool = False, trusted: Iterable[str] = ()) -> A
         DecodeError: (a ValueError) the bytes are truncated, corrupt, name a
             class that is not trusted, or hold a pickle while `allow_pickle`
             is off. The message names the byte offset.
+        KeyboardInterrupt, SystemExit: raised by user code while decoding
+            (a __setstate__, a __hash__), unchanged.
     """
-    if isinstance(trusted, str):
-        trusted = (trusted,)
-    return _C.decode(buf, allow_pickle, tuple(trusted) if trusted else None)
+    return _C.decode(buf, allow_pickle, _prefixes(trusted))
 
 
 def register(*classes: type) -> None:
     """Trusts classes for decoding (on every rank that decodes them).
 
     Arguments:
-        classes: enum.Enum subclasses, dataclasses, pydantic v2 models or
-            msgspec Structs. Their wire name is ``"module:QualName"``.
+        classes: classes defined in Python: dataclasses, pydantic v2 models,
+            msgspec Structs, enums, and any class whose instances pickle
+            through their ``__dict__``/``__slots__`` or a ``__reduce__`` that
+            names the class itself. Their wire name is ``"module:QualName"``.
 
     Raises:
-        TypeError: a class the codec cannot represent.
+        TypeError: a class that is not defined in Python (a builtin or C
+            extension type).
     """
     for cls in classes:
         _C.register(cls)

@@ -186,13 +186,78 @@ class SLine(msgspec.Struct):
     label: str = ""
 
 
+# ---------------------------------------------------------------- pickle protocol zoo
+
+class Loose(pydantic.BaseModel):
+    """extra="allow" (as verl's tool schemas) and a private attribute."""
+    model_config = pydantic.ConfigDict(extra="allow")
+    name: str
+    n: int = 0
+    _secret: int = pydantic.PrivateAttr(default=7)
+
+
+@dataclasses.dataclass
+class PostInit:
+    """__post_init__ sets an attribute that is not a declared field."""
+    a: int
+
+    def __post_init__(self):
+        self.derived = self.a * 2
+        INIT_CALLS.append(("PostInit", self.a))
+
+
+class CustomState:
+    """Its own __getstate__/__setstate__: only `keep` travels."""
+
+    def __init__(self, keep, drop=None):
+        self.keep = keep
+        self.drop = drop
+
+    def __getstate__(self):
+        return {"keep": self.keep}
+
+    def __setstate__(self, state):
+        self.keep = state["keep"]
+        self.drop = "restored"
+
+
+class SlotsAndDict:
+    __slots__ = ("a", "b", "__dict__")
+
+    def __init__(self):
+        self.a = 1  # b stays unset
+        self.c = 3
+
+
+class ReduceToClass:
+    """__reduce__ names the class itself: rebuilt by calling it."""
+
+    def __init__(self, x, y=0):
+        self.x, self.y = x, y
+
+    def __reduce__(self):
+        return ReduceToClass, (self.x, self.y)
+
+
+class TagList(list):
+    """A list subclass with an attribute: pickled with its items and state."""
+
+
 # ---------------------------------------------------------------- unsupported
 
+def _make_foo(n):
+    return Foo(n)
+
+
 class Foo:
-    """A plain class: unsupported by the codec, picklable by reference."""
+    """Pickles through a factory function, not through its class: the codec
+    cannot rebuild it natively, pickle can."""
 
     def __init__(self, n=0):
         self.n = n
+
+    def __reduce__(self):
+        return _make_foo, (self.n,)
 
     def __eq__(self, other):
         return type(other) is Foo and other.n == self.n
@@ -316,3 +381,33 @@ def ndarray_ext(dtype_str, shape, data=b""):
     header = (bytes([len(dtype_str)]) + dtype_str + bytes([len(shape)])
               + b"".join(struct.pack("<q", s) for s in shape))
     return ext(9, header + data)
+
+
+def sender_encode(obj, **kw):
+    """fastbcast.encode as a sender that trusts this module: the source decides
+    whether a class travels natively, so tests of the receiver's checks (and of
+    round trips) encode as a rank whose registry trusts codec_types."""
+    import fastbcast
+    kw.setdefault("trusted", TRUSTED)
+    return fastbcast.encode(obj, **kw)
+
+
+FATAL = {"kbd": KeyboardInterrupt, "exit": SystemExit}
+
+
+class Interrupts:
+    """Raises KeyboardInterrupt or SystemExit from its pickle protocol: on
+    encode (__getstate__) or on decode (__setstate__)."""
+
+    def __init__(self, where, exc):
+        self.where, self.exc = where, exc
+
+    def __getstate__(self):
+        if self.where == "encode":
+            raise FATAL[self.exc]("from __getstate__")
+        return {"where": self.where, "exc": self.exc}
+
+    def __setstate__(self, state):
+        if state["where"] == "decode":
+            raise FATAL[state["exc"]]("from __setstate__")
+        self.__dict__.update(state)

@@ -49,41 +49,12 @@ def require(*dist_names: str) -> None:
         pytest.skip(f"{', '.join(missing)} not installed; {INSTALL_HINT}", allow_module_level=True)
 
 
-# Kept alive for the life of the process: dropping a torch.library.Library
-# removes the operator definitions it made.
-_TORCHVISION_SHIM = None
-
-
 def ensure_torchvision_importable() -> None:
-    """Make ``import torchvision`` work when only its CUDA build is installed next to CPU torch.
-
-    That build fails at import with ``RuntimeError: operator torchvision::nms
-    does not exist`` because its C++ ops cannot load. sglang only needs
-    torchvision's pure-Python transforms, so defining the two operator schemas
-    its import registers fake kernels for is enough. A no-op when torchvision
-    imports (or is not installed).
-    """
-    global _TORCHVISION_SHIM
-    if "torchvision" in sys.modules:
-        return
-    try:
-        import torchvision  # noqa: F401
-        return
-    except ModuleNotFoundError:
-        return
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    # The failed import leaves partial modules behind; drop them first.
-    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-        del sys.modules[name]
-    import torch
-    if _TORCHVISION_SHIM is None:
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_SHIM = lib
-    import torchvision  # noqa: F401,F811
+    """Make ``import torchvision`` work when only its CUDA build is installed next to CPU torch
+    (see fastbcast.bench.payloads.ensure_torchvision_importable); call it before importing
+    sglang or verl in every process, spawned ranks included."""
+    from fastbcast.bench.payloads import ensure_torchvision_importable as ensure
+    ensure()
 
 
 class _AnyKernel:

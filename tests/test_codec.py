@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import fastbcast
-from fastbcast import DecodeError, decode, encode, encode_into
+from fastbcast import DecodeError, decode, encode_into
+from codec_types import sender_encode as encode
 from fastbcast.codec import BufferTooSmallError
 
 import codec_types as ct
@@ -60,6 +61,25 @@ def top_ext(obj, **kw):
     v = view(wire(obj, **kw))
     assert isinstance(v, msgpack.ExtType), f"expected an ext, msgpack read {v!r}"
     return v
+
+
+def class_entry(obj, **kw):
+    """(wire name, kind, layout, body values) of obj's top-level instance:
+    the EXT_OBJECT_DEF that opens a message's first instance of a class."""
+    e = top_ext(obj, **kw)
+    assert e.code == 17, e
+    u = msgpack.Unpacker(raw=False, strict_map_key=False)
+    u.feed(e.data)
+    (name, kind, layout), *body = list(u)
+    return name, kind, layout, body
+
+
+K_STRUCT, K_PYDANTIC, K_OBJECT, K_REDUCE = 1, 2, 3, 4
+
+
+def obj_ext(name, kind, layout, *body):
+    """A hand-made EXT_OBJECT_DEF: class table entry, then the instance body."""
+    return ext(17, msgpack.packb([name, kind, layout]) + b"".join(msgpack.packb(v) for v in body))
 
 
 def ext_codes(value):
@@ -166,9 +186,10 @@ def test_bigint_decode_accepts_non_minimal_and_small_values():
 def test_int_subclasses_are_not_plain_ints():
     class MyInt(int):
         pass
-    with pytest.raises(TypeError, match="unsupported type MyInt"):
+    # A local class is neither registered nor trusted: refused on the source.
+    with pytest.raises(TypeError, match="MyInt is not registered or trusted"):
         encode(MyInt(3))
-    with pytest.raises(TypeError, match=r"data\[8\]: unsupported type MyInt"):
+    with pytest.raises(TypeError, match=r"data\[8\]: .*MyInt"):
         encode([1] * 8 + [MyInt(3)])  # not taken for an int block either
 
 
@@ -257,7 +278,7 @@ def test_str_content(s):
 def test_str_subclass_is_unsupported():
     class MyStr(str):
         pass
-    with pytest.raises(TypeError, match="unsupported type MyStr"):
+    with pytest.raises(TypeError, match="MyStr is not registered or trusted"):
         encode(MyStr("x"))
 
 
@@ -545,7 +566,7 @@ def test_lists_that_are_not_int_blocks(values):
 def test_int_enum_list_is_not_a_block():
     values = [ct.Priority.LOW, ct.Priority.HIGH] * 4
     v = view(wire(values))
-    assert isinstance(v, list) and all(isinstance(x, msgpack.ExtType) and x.code == 10 for x in v)
+    assert isinstance(v, list) and all(isinstance(x, msgpack.ExtType) and x.code in (17, 18, 19) for x in v)
     out = roundtrip(values, trusted=TRUSTED)
     assert all(type(x) is ct.Priority for x in out)
 
@@ -828,10 +849,31 @@ PYARRAY_CASES = {
 def test_pyarray(typecode):
     for a in (array.array(typecode, PYARRAY_CASES[typecode]), array.array(typecode)):
         e = top_ext(a)
-        assert e.code == 12 and e.data[:1] == typecode.encode() and e.data[1:] == a.tobytes()
+        # These hold each type's extremes: no narrower width fits, so raw items.
+        assert e.code == 16 and e.data[:2] == typecode.encode() + b"\xff" and e.data[2:] == a.tobytes()
         out = decode(encode(a))
         assert type(out) is array.array and out.typecode == typecode
         assert out.tobytes() == a.tobytes()
+
+
+@pytest.mark.parametrize("typecode, values, width, nbytes", [
+    ("q", [0, 151935, 7], 2, 4), ("Q", [255, 1], 0, 1), ("l", [-1, 2**31 - 1], 3, 4), ("i", [300, 2], 1, 2),
+    ("q", [-2**40, 1], None, 8), ("h", [-5, 5], None, 2), ("b", [1, 2], None, 1)])
+def test_pyarray_int_items_take_the_narrowest_width(typecode, values, width, nbytes):
+    a = array.array(typecode, values)
+    e = top_ext(a)
+    assert e.code == 16 and e.data[:1] == typecode.encode()
+    assert e.data[1] == (0xFF if width is None else width) and len(e.data) == 2 + nbytes * len(values)
+    out = decode(encode(a))
+    assert type(out) is array.array and out.typecode == typecode and out == a
+
+
+def test_pyarray_narrow_items_out_of_the_typecode_range_are_refused():
+    # 'b' holds int8: a u8 item of 200 does not fit it.
+    with pytest.raises(DecodeError, match="out of range"):
+        decode(ext(16, b"b\x00" + bytes([200])))
+    with pytest.raises(DecodeError, match="out of range"):
+        decode(ext(16, b"B\x03" + struct.pack("<i", -1)))
 
 
 def test_pyarray_in_containers_and_compat():
@@ -850,10 +892,10 @@ ENUM_MEMBERS = [ct.Color.RED, ct.Color.GREEN, ct.Color.BLUE, ct.Priority.LOW, ct
 
 @pytest.mark.parametrize("member", ENUM_MEMBERS, ids=[repr(m) for m in ENUM_MEMBERS])
 def test_enum_members(member):
-    e = top_ext(member)
-    assert e.code == 10
-    name, value = view(e.data)
-    assert name == f"codec_types:{type(member).__qualname__}"
+    name, kind, layout, body = class_entry(member)
+    # Enum.__reduce_ex__ names the class itself: rebuilt as cls(value), as pickle does.
+    assert name == f"codec_types:{type(member).__qualname__}" and kind == K_REDUCE and layout == []
+    assert body[0] == 0 and len(body[1]) == 1 and body[2:] == [None, None, None]
     out = decode(encode(member), trusted=TRUSTED)
     assert type(out) is type(member) and out == member
     if member.name is not None:
@@ -905,11 +947,13 @@ DATACLASS_CASES = {
 @pytest.mark.parametrize("name", list(DATACLASS_CASES))
 def test_dataclasses(name):
     obj = DATACLASS_CASES[name]
-    e = top_ext(obj)
-    assert e.code == 11
-    qualname, fields = view(e.data)
+    qualname, kind, layout, body = class_entry(obj)
     assert qualname == f"codec_types:{type(obj).__qualname__}"
-    assert list(fields) == [f.name for f in dataclasses.fields(obj)]
+    if name == "frozen-slots":
+        assert kind == K_REDUCE  # dataclasses give it its own __getstate__/__setstate__
+    else:
+        # Default pickle protocol: the class layout is the first instance's __dict__ keys.
+        assert kind == K_OBJECT and layout == list(getattr(obj, "__dict__", {}))
     out = decode(encode(obj), trusted=TRUSTED)
     assert type(out) is type(obj)
     same(obj, out)
@@ -937,9 +981,12 @@ def test_default_field_with_init_false_is_kept():
 def test_dataclass_decode_runs_no_init():
     obj = ct.NoInitOnDecode(5)
     calls = list(ct.INIT_CALLS)
-    out = decode(encode([obj, obj]), trusted=TRUSTED)
+    other = ct.NoInitOnDecode(6)
+    calls = list(ct.INIT_CALLS)
+    out = decode(encode([obj, obj, other]), trusted=TRUSTED)
     assert ct.INIT_CALLS == calls
-    assert out == [obj, obj] and out[0] is not out[1]
+    # One object twice comes back as one object, as with pickle.
+    assert out == [obj, obj, other] and out[0] is out[1] and out[0] is not out[2]
 
 
 PYDANTIC_CASES = {
@@ -954,14 +1001,14 @@ PYDANTIC_CASES = {
 @pytest.mark.parametrize("name", list(PYDANTIC_CASES))
 def test_pydantic_models(name):
     obj = PYDANTIC_CASES[name]
-    e = top_ext(obj)
-    assert e.code == 11
-    qualname, fields = view(e.data)
-    assert qualname == f"codec_types:{type(obj).__qualname__}" and list(fields) == list(type(obj).model_fields)
+    qualname, kind, layout, body = class_entry(obj)
+    assert qualname == f"codec_types:{type(obj).__qualname__}" and kind == K_PYDANTIC
+    assert layout == list(obj.__dict__)
     out = decode(encode(obj), trusted=TRUSTED)
     assert type(out) is type(obj)
-    assert out == obj  # pydantic equality ignores model_fields_set
+    assert out == obj
     same(obj, out)
+    assert out.model_fields_set == obj.model_fields_set
     if name == "defaults":
         assert obj.model_fields_set == {"name"}
 
@@ -979,9 +1026,9 @@ def test_msgspec_structs(obj):
     assert out == obj
     same(obj, out)
     first = obj[0] if isinstance(obj, list) else obj
-    qualname, fields = view(top_ext(first).data)
-    assert qualname == f"codec_types:{type(first).__qualname__}"
-    assert list(fields) == list(type(first).__struct_fields__)
+    qualname, kind, layout, body = class_entry(first)
+    assert qualname == f"codec_types:{type(first).__qualname__}" and kind == K_STRUCT
+    assert layout == list(type(first).__struct_fields__) and len(body) == len(layout)
 
 
 @pytest.mark.parametrize("obj", [ct.Point(1, 2.0), ct.User(name="x"), ct.SPoint(1)], ids=["dc", "pydantic", "struct"])
@@ -1025,7 +1072,7 @@ def test_global_trust_covers_a_package_and_its_submodules():
         mods[name] = _module_with_dataclass(name)
         sys.modules[name] = mods[name][0]
     try:
-        encoded = {name: encode(cls(3)) for name, (_, cls) in mods.items()}
+        encoded = {name: encode(cls(3), trusted=(name,)) for name, (_, cls) in mods.items()}
         for b in encoded.values():
             with pytest.raises(DecodeError, match="not trusted"):
                 decode(b)
@@ -1054,12 +1101,13 @@ def test_trusted_prefix_does_not_reach_classes_of_other_modules():
     sys.modules[trusted_name] = trusted_mod
     sys.modules[outside_name] = outside
     try:
-        data = ext(11, msgpack.packb([f"{trusted_name}:outside.Secret", {"v": 1}]))
+        data = obj_ext(f"{trusted_name}:outside.Secret", K_OBJECT, ["v"], 1, {}, None)
         with pytest.raises(DecodeError):
             decode(data, trusted=(trusted_name,))
         # The same through a stdlib module the test helper imports: enum is not trusted.
         with pytest.raises(DecodeError):
-            decode(ext(10, msgpack.packb(["codec_types:enum.FlagBoundary", "strict"])), trusted=TRUSTED)
+            decode(obj_ext("codec_types:enum.FlagBoundary", K_REDUCE, [], 0, ["strict"], None, None, None),
+                   trusted=TRUSTED)
     finally:
         sys.modules.pop(trusted_name, None)
         sys.modules.pop(outside_name, None)
@@ -1080,9 +1128,9 @@ def test_decode_never_imports_a_module(tmp_path, monkeypatch):
         "class E(enum.Enum):\n    A = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     before = set(sys.modules)
-    obj_ext = ext(11, msgpack.packb([f"{modname}:Thing", {"v": 1}]))
-    enum_ext = ext(10, msgpack.packb([f"{modname}:E", 1]))
-    for data in (obj_ext, enum_ext, b"\x91" + obj_ext):
+    thing = obj_ext(f"{modname}:Thing", K_OBJECT, ["v"], 1, {}, None)
+    member = obj_ext(f"{modname}:E", K_REDUCE, [], 0, [1], None, None, None)
+    for data in (thing, member, b"\x91" + thing):
         for trusted in ((), (modname,), (modname.split("_")[0],)):
             with pytest.raises(DecodeError, match=modname):
                 decode(data, trusted=trusted)
@@ -1094,7 +1142,7 @@ def test_decode_never_imports_a_module(tmp_path, monkeypatch):
 def test_encoded_class_from_a_module_not_loaded_is_not_imported_on_decode():
     modname = f"fbtest_ghost_{uuid.uuid4().hex[:8]}"
     mod, cls = _module_with_dataclass(modname, "Ghost")
-    b = encode(cls(1))  # the module was never in sys.modules
+    b = encode(cls(1), trusted=(modname,))  # the module was never in sys.modules
     assert modname not in sys.modules
     before = set(sys.modules)
     with pytest.raises(DecodeError, match=f"{modname}:Ghost"):
@@ -1107,7 +1155,9 @@ def test_local_classes_need_registration():
     class Local:
         v: int = 0
 
-    b = encode(Local(4))
+    with pytest.raises(TypeError, match=r"Local is not registered or trusted.*fastbcast.register"):
+        encode(Local(4), trusted=None)  # refused on the source, with the hint that works
+    b = encode(Local(4), trusted=(Local.__module__,))
     assert "<locals>" in view(bytes(b.numpy())).data.decode("utf-8", "replace")
     with pytest.raises(DecodeError, match="Local"):
         decode(b, trusted=(Local.__module__,))
@@ -1117,7 +1167,7 @@ def test_local_classes_need_registration():
 
 
 def test_register_rejects_what_it_cannot_represent():
-    for bad in (ct.Foo, int, dict, 3, "codec_types:Point", ct.Point(1, 2)):
+    for bad in (int, dict, type(len), 3, "codec_types:Point", ct.Point(1, 2)):
         with pytest.raises(TypeError):
             fastbcast.register(bad)
 
@@ -1126,16 +1176,18 @@ def test_names_that_are_not_classes_are_refused():
     for name in ("codec_types:NOT_A_CLASS", "codec_types:not_a_class_either", "codec_types:",
                  "codec_types:Point.x", "codec_types:Missing", "codec_types", "codec_types:Color.RED"):
         with pytest.raises(DecodeError):
-            decode(ext(11, msgpack.packb([name, {}])), trusted=TRUSTED)
+            decode(obj_ext(name, K_OBJECT, [], {}, None), trusted=TRUSTED)
         with pytest.raises(DecodeError):
-            decode(ext(10, msgpack.packb([name, 1])), trusted=TRUSTED)
+            decode(obj_ext(name, K_REDUCE, [], 0, [1], None, None, None), trusted=TRUSTED)
 
 
 def test_kind_mismatch_is_refused():
     with pytest.raises(DecodeError, match="kind"):
-        decode(ext(11, msgpack.packb(["codec_types:Color", {}])), trusted=TRUSTED)
+        decode(obj_ext("codec_types:Color", K_OBJECT, [], {}, None), trusted=TRUSTED)
     with pytest.raises(DecodeError, match="kind"):
-        decode(ext(10, msgpack.packb(["codec_types:Point", 1])), trusted=TRUSTED)
+        decode(obj_ext("codec_types:Point", K_REDUCE, [], 0, [1], None, None, None), trusted=TRUSTED)
+    with pytest.raises(DecodeError, match="kind"):
+        decode(obj_ext("codec_types:Point", K_STRUCT, ["x"], 1), trusted=TRUSTED)
 
 
 # =========================================================================
@@ -1209,7 +1261,7 @@ def test_allow_pickle_does_not_change_supported_types():
 
 
 def test_compat_never_pickles():
-    with pytest.raises(TypeError, match="unsupported type Foo"):
+    with pytest.raises(TypeError, match="compat"):
         encode([ct.Foo()], compat=True, allow_pickle=True)
 
 
@@ -1453,7 +1505,7 @@ def test_encode_into_a_view_writes_relative_to_the_view():
 
 def test_encode_into_errors_leave_buffer_unchanged():
     out = torch.full((64,), 0x5A, dtype=torch.uint8)
-    for bad in ([1, ct.Foo()], "\ud800"):
+    for bad in ([1, ct.Foo()], ["\ud800"] * 3 + [ct.Foo()]):
         with pytest.raises((TypeError, ValueError)):
             encode_into(bad, out)
         assert torch.equal(out, torch.full((64,), 0x5A, dtype=torch.uint8))

@@ -5,6 +5,7 @@ ValueError on encode.
 
 """
 import array
+import dataclasses
 import math
 import os
 import re
@@ -23,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastbcast
-from fastbcast import DecodeError, decode, encode
+from fastbcast import DecodeError, decode
+from codec_types import sender_encode as encode
 
 import codec_types as ct
 from codec_types import TRUSTED, ext, ext32, ndarray_ext, same, tensor_ext
@@ -189,7 +191,7 @@ def test_invalid_utf8(raw):
     expect_decode_error(b"\xd9" + bytes([len(raw)]) + raw, match="UTF-8")
     expect_decode_error(b"\x81" + s + b"\x00", match="UTF-8")  # as a map key
     expect_decode_error(b"\x92\x00" + s, match="UTF-8")
-    expect_decode_error(ext(11, b"\x92" + s + b"\x80"), trusted=TRUSTED)  # as a class name
+    expect_decode_error(ext(17, b"\x93" + s + b"\x03\x90\x80\xc0"), trusted=TRUSTED)  # as a class name
 
 
 @pytest.mark.parametrize("obj, path", [
@@ -197,15 +199,15 @@ def test_invalid_utf8(raw):
     ({"\ud800": 1}, "data<key"), ({"k": ("\ud83d",)}, "data['k'][0]: "),
     (ct.Message("user", "\ud800"), "data.content: "), ({"s": {"\udead"}}, "data['s']"),
 ])
-def test_lone_surrogate_is_a_value_error_on_encode(obj, path):
-    for compat in (False, True):
-        if compat and isinstance(obj, ct.Message):
-            continue
-        with pytest.raises(ValueError) as info:
-            encode(obj, compat=compat)
-        assert str(info.value).startswith(path), str(info.value)
-        assert "surrogate" in str(info.value)
-        assert not isinstance(info.value, DecodeError)
+def test_lone_surrogates_travel_natively_and_compat_refuses_them(obj, path):
+    # As pickle carries them (json.loads of model output can make one).
+    assert decode(encode(obj), trusted=TRUSTED) == obj
+    if isinstance(obj, ct.Message):
+        return
+    with pytest.raises(TypeError) as info:
+        encode(obj, compat=True)  # MessagePack str is UTF-8: compat cannot write one
+    assert str(info.value).startswith(path), str(info.value)
+    assert "surrogate" in str(info.value)
 
 
 # =========================================================================
@@ -425,9 +427,20 @@ def _cycles():
 @pytest.mark.parametrize("name", list(_cycles()))
 def test_cycle_is_a_value_error(name):
     obj = _cycles()[name]
+    if name in ("dataclass", "dataclass-pair", "pydantic"):
+        # Instances are restored from their state after they exist, as pickle
+        # does, so a cycle through instances comes back as the same cycle.
+        out = decode(encode(obj), trusted=TRUSTED)
+        if name == "dataclass":
+            assert out.child is out
+        elif name == "dataclass-pair":
+            assert out.child[0].child["back"] is out
+        else:
+            assert out.members[0] is out
+        with pytest.raises(TypeError, match="compat"):
+            encode(obj, compat=True)
+        return
     for compat in (False, True):
-        if compat and name in ("dataclass", "dataclass-pair", "pydantic"):
-            continue
         with pytest.raises(ValueError, match="cycle") as info:
             encode(obj, compat=compat)
         assert not isinstance(info.value, RecursionError)
@@ -489,7 +502,7 @@ def test_shared_references_are_not_cycles():
 # ext codes and payloads
 # =========================================================================
 
-@pytest.mark.parametrize("code", [0, 16, 17, 42, 100, 127, -1, -2, -100, -128])
+@pytest.mark.parametrize("code", [0, 10, 11, 12, 23, 42, 100, 127, -1, -2, -100, -128])
 def test_unknown_ext_codes(code):
     for payload in (b"", b"\x00", b"\x00" * 4, b"\x00" * 16, b"\x00" * 300):
         expect_decode_error(ext(code, payload), match="unknown ext type")
@@ -508,8 +521,11 @@ def test_cuda_ref_outside_a_broadcast():
     expect_decode_error(ext(8, bytes([8, 1]) + struct.pack("<q", 4)))  # offset missing
 
 
-def _object(name, fields):
-    return ext32(11, msgpack.packb([name, fields]))
+def _object(name, kind, layout, *body):
+    """EXT_OBJECT_DEF: [name, kind, layout], then the instance body."""
+    return ext32(17, msgpack.packb([name, kind, layout]) + b"".join(
+        v if isinstance(v, bytes) and v[:1] in (b"\xc7", b"\xc8", b"\xc9", b"\xd4", b"\xd5", b"\xd6")
+        else msgpack.packb(v) for v in body))
 
 
 MALFORMED = {
@@ -555,34 +571,54 @@ MALFORMED = {
     "ndarray-dtype-len-past-end": ext(9, b"\x40<i4"),
     "ndarray-ndim-past-end": ext(9, b"\x03<i4\x05" + b"\x00" * 8),
     "ndarray-empty": bytes([0xC7, 0, 9]),
-    # OBJECT / ENUM
-    "object-arity-1": ext32(11, msgpack.packb(["codec_types:Point"])),
-    "object-arity-3": ext32(11, msgpack.packb(["codec_types:Point", {}, {}])),
-    "object-arity-0": ext32(11, b"\x90"),
-    "object-payload-map": ext32(11, msgpack.packb({"codec_types:Point": {}})),
-    "object-payload-nil": ext32(11, b"\xc0"),
-    "object-payload-empty": bytes([0xC7, 0, 11]),
-    "object-name-int": ext32(11, msgpack.packb([5, {"x": 1}])),
-    "object-name-nil": ext32(11, msgpack.packb([None, {}])),
-    "object-name-bytes": ext32(11, msgpack.packb([b"codec_types:Point", {}])),
-    "object-name-no-colon": _object("codec_types.Point", {}),
-    "object-unknown-field": _object("codec_types:Point", {"x": 1, "z": 2}),
-    "object-dunder-field": _object("codec_types:Point", {"__class__": 1}),
-    "object-non-str-field": _object("codec_types:Point", {1: 1}),
-    "object-fields-list": _object("codec_types:Point", [1, 2]),
-    "object-fields-nil": _object("codec_types:Point", None),
-    "object-trailing": ext32(11, msgpack.packb(["codec_types:Point", {}]) + b"\xc0"),
-    "object-pydantic-unknown": _object("codec_types:User", {"name": "x", "admin": True}),
-    "object-struct-unknown": _object("codec_types:SPoint", {"x": 1, "q": 2}),
-    "object-struct-missing": _object("codec_types:SPoint", {}),
-    "object-untrusted": _object("codec_types_other:Point", {}),
-    "enum-no-member": ext32(10, msgpack.packb(["codec_types:Color", 99])),
-    "enum-unhashable": ext32(10, msgpack.packb(["codec_types:Color", []])),
-    "enum-arity-1": ext32(10, msgpack.packb(["codec_types:Color"])),
-    "enum-arity-3": ext32(10, msgpack.packb(["codec_types:Color", 1, 1])),
-    "enum-name-int": ext32(10, msgpack.packb([1, 1])),
-    "enum-names-dataclass": ext32(10, msgpack.packb(["codec_types:Point", 1])),
-    "object-names-enum": _object("codec_types:Color", {}),
+    # class table entries and instances (OBJECT_DEF 17, OBJECT 18, REF 19)
+    "object-arity-1": ext32(17, msgpack.packb(["codec_types:Point"])),
+    "object-arity-3": ext32(17, msgpack.packb(["codec_types:Point", 3, [], 1])),
+    "object-arity-0": ext32(17, b"\x90"),
+    "object-payload-map": ext32(17, msgpack.packb({"codec_types:Point": {}})),
+    "object-payload-nil": ext32(17, b"\xc0"),
+    "object-payload-empty": bytes([0xC7, 0, 17]),
+    "object-name-int": _object(5, 3, ["x"], 1, {}, None),
+    "object-name-nil": _object(None, 3, [], {}, None),
+    "object-name-bytes": _object(b"codec_types:Point", 3, [], {}, None),
+    "object-name-no-colon": _object("codec_types.Point", 3, [], {}, None),
+    "object-kind-0": _object("codec_types:Point", 0, [], {}, None),
+    "object-kind-9": _object("codec_types:Point", 9, [], {}, None),
+    "object-kind-str": _object("codec_types:Point", "3", [], {}, None),
+    "object-layout-int": _object("codec_types:Point", 3, 5, {}, None),
+    "object-non-str-field": _object("codec_types:Point", 3, [1], 1, {}, None),
+    "object-fields-list": _object("codec_types:Point", 3, [], [1, 2], None),
+    "object-fields-nil": _object("codec_types:Point", 3, [], None, None),
+    "object-extra-non-str-key": _object("codec_types:Point", 3, [], {1: 1}, None),
+    "object-values-missing": _object("codec_types:Point", 3, ["x", "y"], 1),
+    "object-slots-list": _object("codec_types:SlotPoint", 3, [], {}, [1]),
+    "object-slots-unknown": _object("codec_types:SlotPoint", 3, [], {}, {"zz": 1}),
+    "object-trailing": ext32(17, msgpack.packb(["codec_types:Point", 3, ["x"]]) + b"\x01\x80\xc0\xc0"),
+    "object-struct-unknown": _object("codec_types:SPoint", 1, ["x", "q"], 1, 2),
+    "object-struct-twice": _object("codec_types:SPoint", 1, ["x", "x"], 1, 2),
+    "object-struct-short": _object("codec_types:SPoint", 1, ["x", "y"], 1),
+    "object-pydantic-fields-set-str": _object("codec_types:User", 2, ["name"], "x", {}, None, "name", None),
+    "object-pydantic-mask-past-layout": _object("codec_types:User", 2, ["name"], "x", {}, None, 2**63, None),
+    "object-untrusted": _object("codec_types_other:Point", 3, [], {}, None),
+    "object-index-without-table": ext(18, b"\x00"),
+    "object-index-past-table": b"\x92" + _object("codec_types:Point", 3, [], {}, None) + ext(18, b"\x01"),
+    "object-index-not-int": ext(18, b"\xc0"),
+    "ref-without-memo": ext(19, b"\x00"),
+    "ref-not-int": ext(19, b"\xa1a"),
+    "ref-to-itself-while-built": _object("codec_types:Color", 4, [], 0, [msgpack.ExtType(19, b"\x00")], None, None, None),
+    "enum-no-member": _object("codec_types:Color", 4, [], 0, [99], None, None, None),
+    "enum-unhashable": _object("codec_types:Color", 4, [], 0, [[]], None, None, None),
+    "enum-flag-2": _object("codec_types:Color", 4, [], 2, [1], None, None, None),
+    "enum-args-map": _object("codec_types:Color", 4, [], 0, {}, None, None, None),
+    "enum-listitems-map": _object("codec_types:Color", 4, [], 0, [1], None, {}, None),
+    "enum-names-dataclass": _object("codec_types:Point", 4, [], 0, [1], None, None, None),
+    "object-names-enum": _object("codec_types:Color", 3, [], {}, None),
+    "newobj-bad-state": _object("uuid:UUID", 4, [], 1, [], 5, None, None),
+    "dictitems-list": _object("collections:OrderedDict", 4, [], 0, [], None, None, [1]),
+    "surrogate-str-bad": ext(20, b"\xff"),
+    "npscalar-object": ext(21, b"\x02|O" + b"\x00" * 8),
+    "npscalar-short": ext(21, b"\x03<f8" + b"\x00" * 7),
+    "npscalar-bool-2": ext(21, b"\x03|b1\x02"),
     # BIGINT, COMPLEX
     "bigint-empty": bytes([0xC7, 0, 4]),
     "complex-0": bytes([0xC7, 0, 5]),
@@ -590,13 +626,18 @@ MALFORMED = {
     "complex-15": ext(5, b"\x00" * 15),
     "complex-17": ext(5, b"\x00" * 17),
     # PYARRAY
-    "pyarray-empty": bytes([0xC7, 0, 12]),
-    "pyarray-typecode-z": ext(12, b"z" + b"\x00" * 4),
-    "pyarray-typecode-nul": ext(12, b"\x00" + b"\x00" * 4),
-    "pyarray-typecode-ff": ext(12, b"\xff" + b"\x00" * 4),
-    "pyarray-typecode-O": ext(12, b"O" + b"\x00" * 8),
-    "pyarray-ragged": ext(12, b"i" + b"\x00" * 5),
-    "pyarray-ragged-d": ext(12, b"d" + b"\x00" * 9),
+    "pyarray-empty": bytes([0xC7, 0, 16]),
+    "pyarray-typecode-only": ext(16, b"i"),
+    "pyarray-typecode-z": ext(16, b"z\xff" + b"\x00" * 4),
+    "pyarray-typecode-nul": ext(16, b"\x00\xff" + b"\x00" * 4),
+    "pyarray-typecode-ff": ext(16, b"\xff\xff" + b"\x00" * 4),
+    "pyarray-typecode-O": ext(16, b"O\xff" + b"\x00" * 8),
+    "pyarray-ragged": ext(16, b"i\xff" + b"\x00" * 5),
+    "pyarray-ragged-d": ext(16, b"d\xff" + b"\x00" * 9),
+    "pyarray-width-6": ext(16, b"q\x06" + b"\x00" * 8),
+    "pyarray-width-on-float": ext(16, b"d\x00" + b"\x00" * 8),
+    "pyarray-narrow-ragged": ext(16, b"q\x01" + b"\x00" * 3),
+    "pyarray-u8-into-b": ext(16, b"b\x00\xc8"),
     # TUPLE / SET / FROZENSET
     "tuple-empty": bytes([0xC7, 0, 1]),
     "tuple-not-array": ext(1, b"\xc0"),
@@ -645,11 +686,14 @@ def test_malformed_payload_messages_say_what_is_wrong():
     checks = {
         "intblock-width-6": "width", "intblock-u16-odd": "whole number", "tensor-dtype-19": "dtype",
         "tensor-negative-dim": "negative", "tensor-data-short": "expected", "tensor-overflow-2^62x2^62": "overflow",
-        "ndarray-object": "kind", "ndarray-data-short": "shape", "object-arity-3": "2-item",
-        "object-unknown-field": "no field z", "object-name-int": "not a str", "object-non-str-field": "non-str",
+        "ndarray-object": "kind", "ndarray-data-short": "shape", "object-arity-3": "3-item",
+        "object-struct-unknown": "no field q", "object-name-int": "expected a str", "object-non-str-field": "str",
         "object-fields-list": "not a map", "bigint-empty": "empty", "complex-8": "16", "pyarray-typecode-z": "typecode",
         "set-unhashable-list": "hashable", "map-key-list": "hashable", "object-names-enum": "kind",
-        "enum-no-member": "member", "tuple-trailing": "unread",
+        "enum-no-member": "rebuild", "tuple-trailing": "unread", "object-kind-9": "unknown class kind",
+        "object-index-past-table": "class table index", "ref-without-memo": "reference",
+        "ref-to-itself-while-built": "being rebuilt", "object-struct-twice": "twice", "pyarray-u8-into-b": "range",
+        "object-pydantic-mask-past-layout": "mask", "object-untrusted": "not trusted",
     }
     for name, word in checks.items():
         expect_decode_error(MALFORMED[name], match=word, trusted=TRUSTED)
@@ -668,8 +712,10 @@ def test_int_block_with_only_a_width_is_an_empty_list():
 def test_object_with_missing_fields_does_not_crash():
     # Fewer fields than the class declares: the codec may build the object
     # with the field unset or refuse it, but must not crash.
-    for name in ("codec_types:Point", "codec_types:FrozenSlotPoint", "codec_types:User"):
-        decode_or_error(_object(name, {"x": 1} if "User" not in name else {}), trusted=TRUSTED)
+    decode_or_error(_object("codec_types:Point", 3, ["x"], 1, {}, None), trusted=TRUSTED)
+    decode_or_error(_object("codec_types:FrozenSlotPoint", 4, [], 1, [], {"x": 1}, None, None), trusted=TRUSTED)
+    decode_or_error(_object("codec_types:User", 2, [], {}, None, 0, None), trusted=TRUSTED)
+    decode_or_error(_object("codec_types:SPoint", 1, []), trusted=TRUSTED)
 
 
 # =========================================================================
@@ -724,3 +770,56 @@ def test_mutated_encodings_decode_or_raise_decode_error(base, ops):
 def test_structured_junk_decodes_or_raises_decode_error(data):
     decode_or_error(data, trusted=TRUSTED)
     decode_or_error(b"\x91" + data)
+
+
+# =========================================================================
+# user code that raises KeyboardInterrupt / SystemExit
+# =========================================================================
+
+@pytest.mark.parametrize("exc", ["kbd", "exit"])
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_keyboard_interrupt_and_system_exit_propagate_unchanged_from_encode(exc, allow_pickle):
+    with pytest.raises(ct.FATAL[exc], match="from __getstate__"):
+        encode([{"k": ct.Interrupts("encode", exc)}], allow_pickle=allow_pickle)
+    with pytest.raises(ct.FATAL[exc], match="from __getstate__"):
+        fastbcast.encode([ct.Interrupts("encode", exc)], allow_pickle=True)  # untrusted: through pickle
+
+
+@pytest.mark.parametrize("exc", ["kbd", "exit"])
+def test_keyboard_interrupt_and_system_exit_propagate_unchanged_from_decode(exc):
+    b = wire([1, {"k": ct.Interrupts("decode", exc)}])
+    with pytest.raises(ct.FATAL[exc], match="from __setstate__"):
+        decode(b, trusted=TRUSTED)
+    b = wire([ct.Interrupts("decode", exc)], allow_pickle=True, trusted=None)  # a pickle ext
+    with pytest.raises(ct.FATAL[exc], match="from __setstate__"):
+        decode(b, allow_pickle=True)
+
+
+def test_decode_frame_refuses_a_payload_length_that_wraps():
+    from fastbcast._loader import _C
+    frame = torch.zeros(64, dtype=torch.uint8)
+    for n in (2**64 - 1, 2**64 - 31, 33):
+        with pytest.raises(ValueError, match="shorter"):
+            _C.decode_frame(frame, n, None, False, None)
+
+
+def test_the_type_cache_does_not_keep_classes_alive():
+    import gc
+    import weakref
+
+    def make():
+        @dataclasses.dataclass
+        class Gone:
+            v: int = 0
+
+        class Refused:
+            def __reduce__(self):
+                return (print, ())
+        for obj in (Gone(1), Refused()):
+            with pytest.raises(TypeError):
+                encode(obj, trusted=None)  # classified, cached, refused
+        return weakref.ref(Gone), weakref.ref(Refused)
+
+    refs = make()
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastbcast import decode, encode
+from fastbcast import decode
+from codec_types import sender_encode as encode
 
 from codec_types import same
 

@@ -91,8 +91,8 @@ def test_seeds_round_trip_through_the_encoder():
     # Re-encoding what a seed decodes to gives an encoding that decodes to an
     # equal value (the seeds exercise the same paths in both directions).
     for name in FILES:
-        if not name.startswith("seed-") or "pickle" in name or "cuda-ref" in name:
+        if not name.startswith("seed-") or "pickle" in name or "cuda-ref" in name or "cycle" in name:
             continue
         value = fastbcast.decode(_read(name), trusted=TRUSTED)
-        again = fastbcast.decode(fastbcast.encode(value), trusted=TRUSTED)
+        again = fastbcast.decode(fastbcast.encode(value, trusted=TRUSTED), trusted=TRUSTED)
         ct.same(value, again, name)

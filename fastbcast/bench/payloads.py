@@ -338,3 +338,121 @@ def _print_sizes() -> None:  # python -m fastbcast.bench.payloads
 
 if __name__ == "__main__":
     _print_sizes()
+
+
+# --------------------------------------------------------------------------
+# Real request classes (issue 11): SGLang's per-step TokenizedGenerateReqInput
+# (msgspec Structs, array('q') token ids) and verl's AsyncRolloutRequest
+# (pydantic, list token ids as in verl <= 0.4). Built only when the packages
+# import; receivers trust them by module prefix (CLASS_PAYLOAD_TRUSTED).
+
+def ensure_torchvision_importable() -> None:
+    """Makes ``import torchvision`` work when only its CUDA build is installed
+    next to a CPU torch: that build fails at import (``operator
+    torchvision::nms does not exist``) because its C++ ops cannot load, and
+    sglang needs only its Python parts, so defining the two operator schemas
+    its import registers fake kernels for is enough. A no-op when torchvision
+    imports or is not installed."""
+    import sys
+
+    if not _KEEP and "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except ModuleNotFoundError:
+            pass
+        except RuntimeError as e:
+            if "torchvision::nms" not in str(e):
+                raise
+            for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+                del sys.modules[mod]
+            import torch
+            lib = torch.library.Library("torchvision", "FRAGMENT")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _KEEP.append(lib)  # dropping the Library would remove the definitions
+            import torchvision  # noqa: F401,F811
+
+
+def _import_request_module(name: str):
+    import importlib
+
+    ensure_torchvision_importable()
+    return importlib.import_module(name)
+
+
+_KEEP: list = []
+
+
+def sglang_requests(n: int, seed: int = 0) -> list:
+    """`n` sglang TokenizedGenerateReqInput, as the scheduler broadcasts each step."""
+    from array import array
+
+    io = _import_request_module("sglang.srt.managers.io_struct")
+    sp_mod = _import_request_module("sglang.srt.sampling.sampling_params")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        sp = sp_mod.SamplingParams(max_new_tokens=1024, temperature=0.7, top_p=0.9, top_k=50,
+                                   stop_token_ids=[151643, 151645], sampling_seed=seed * 1000 + i)
+        out.append(io.TokenizedGenerateReqInput(
+            rid="%032x" % rng.getrandbits(128), input_text=None,
+            input_ids=array("q", (rng.randrange(151936) for _ in range(rng.randint(32, 512)))),
+            input_embeds=None, mm_inputs=None, token_type_ids=None, sampling_params=sp,
+            return_logprob=i % 2 == 0, logprob_start_len=-1, top_logprobs_num=0, token_ids_logprob=None,
+            stream=True, session_params=io.SessionParams(id="s%d" % i, replace=False), time_stats=None))
+    return out
+
+
+def verl_requests(n: int, seed: int = 0) -> list:
+    """`n` verl AsyncRolloutRequest with list token ids (built with model_construct)."""
+    schemas = _import_request_module("verl.workers.rollout.schemas")
+    rng = random.Random(seed)
+    states = list(schemas.AsyncRolloutRequestStateEnum)
+    out = []
+    for i in range(n):
+        p_len, r_len = rng.randint(16, 256), rng.randint(16, 512)
+        ids = [rng.randrange(151936) for _ in range(p_len + r_len)]
+        mask = [0] * p_len + [1] * r_len
+        msgs = [schemas.Message(role="user", content=_random_text(rng, 120)),
+                schemas.Message(role="assistant", content=_random_text(rng, 200))]
+        out.append(schemas.AsyncRolloutRequest.model_construct(
+            batch_data_id=seed, rollout_offset=i, request_id="req-%d-%d" % (seed, i), state=states[i % len(states)],
+            messages=msgs, tool_schemas=None, tools_kwargs={}, interaction_kwargs={},
+            input_ids=ids, prompt_ids=ids[:p_len], response_ids=ids[p_len:],
+            attention_mask=[1] * len(ids), prompt_attention_mask=[1] * p_len, response_attention_mask=[1] * r_len,
+            position_ids=list(range(len(ids))), prompt_position_ids=list(range(p_len)),
+            response_position_ids=list(range(p_len, len(ids))), loss_mask=mask, prompt_loss_mask=mask[:p_len],
+            response_loss_mask=mask[p_len:], reward_scores={"acc": float(i % 2)}, max_prompt_len=1024,
+            max_response_len=1024, max_model_len=2048, metrics={}, use_inference_chat_template=True,
+            tokenization_sanity_check_mode=schemas.TokenizationSanityCheckModeEnum.STRICT,
+            generation_prompt_ids=ids[p_len - 3:p_len], base_conv_wo_gen_prompt_end_pos=p_len - 3,
+            base_conv_with_gen_prompt_end_pos=p_len))
+    return out
+
+
+CLASS_PAYLOADS: Dict[str, Callable[[], object]] = {
+    "sglang_req_1": lambda: sglang_requests(1),
+    "sglang_req_8": lambda: sglang_requests(8),
+    "sglang_req_64": lambda: sglang_requests(64),
+    "verl_req_8": lambda: verl_requests(8),
+    "verl_req_64": lambda: verl_requests(64),
+    "verl_req_256": lambda: verl_requests(256),
+}
+# Module prefixes the receivers of each class payload trust.
+CLASS_PAYLOAD_TRUSTED = {name: (name.split("_")[0],) for name in CLASS_PAYLOADS}
+PAYLOAD_NOTES.update({
+    "sglang_req_1": "1 sglang 0.5 TokenizedGenerateReqInput (msgspec Struct, array('q') ids)",
+    "sglang_req_8": "8 sglang TokenizedGenerateReqInput",
+    "sglang_req_64": "64 sglang TokenizedGenerateReqInput",
+    "verl_req_8": "8 verl AsyncRolloutRequest (pydantic, list token ids)",
+    "verl_req_64": "64 verl AsyncRolloutRequest",
+    "verl_req_256": "256 verl AsyncRolloutRequest",
+})
+
+
+def class_payload_unavailable(name: str):
+    """Why a class payload cannot be built here (its package is missing), or None."""
+    import importlib.util
+
+    pkg = name.split("_")[0]
+    return None if importlib.util.find_spec(pkg) is not None else "%s is not installed" % pkg

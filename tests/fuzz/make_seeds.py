@@ -18,6 +18,10 @@ Regenerating is deterministic: running this twice writes the same bytes.
 from __future__ import annotations
 
 import array
+import collections
+import datetime
+import decimal
+import uuid
 import math
 import os
 import struct
@@ -29,6 +33,7 @@ for _p in (os.path.dirname(_TESTS), _TESTS):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -56,6 +61,9 @@ def _tensor(dtype):
 
 def _objects() -> dict:
     """name -> object encoded with the default options."""
+    shared_point, shared_tensor, shared_bytes = ct.Point(1, 2.0), torch.arange(3), bytes(range(70))
+    node_cycle = ct.Node()
+    node_cycle.child = [node_cycle]
     objs = {
         # plain MessagePack
         "nil": None, "true": True, "false": False,
@@ -87,6 +95,18 @@ def _objects() -> dict:
         "pydantic": ct.User(name="u", age=3, tags=["a"]),
         "pydantic-nested": ct.Team(name="t", members=[ct.User(name="m")], lead=ct.User(name="l"), scores={"a": 1.0}),
         "struct": ct.SPoint(1, 2), "struct-nested": ct.SLine(ct.SPoint(1), ct.SPoint(2, 3), "l"),
+        # format 2: class table reuse, shared references, cycles through instances, native leaves
+        "struct-list": [ct.SPoint(i, -i) for i in range(3)],
+        "shared-refs": [shared_point, shared_point, shared_tensor, {"t": shared_tensor}, shared_bytes, shared_bytes],
+        "instance-cycle": node_cycle,
+        "pydantic-extra": ct.Team.model_construct(name="x", members=[], extra_key=[1]),
+        "surrogate-str": ["hi \ud83d there", {"\udc80": 1}],
+        "numpy-scalars": [np.float64(0.5), np.int64(-3), np.bool_(True), np.uint8(7), np.complex64(1j)],
+        "stdlib-leaves": [datetime.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=datetime.timezone.utc),
+                          datetime.date(2024, 1, 2), datetime.time(1, 2), datetime.timedelta(days=1, seconds=2),
+                          uuid.UUID(int=12345), decimal.Decimal("-1.25"), collections.OrderedDict(a=1),
+                          collections.defaultdict(list, {"k": [1]}), range(1, 9, 2)],
+        "pyarray-narrow": [array.array("q", [1, 151935, 2]), array.array("l", [-1, 7]), array.array("Q", [300])],
         # a little of everything, as a rollout batch looks
         "batch": [{"rid": "r0", "input_ids": list(range(40)), "sampling": {"temperature": 0.7, "n": 2},
                    "mask": [1] * 12, "meta": (1, None), "score": 2**65}],
@@ -124,12 +144,13 @@ def _handmade() -> dict:
         "pickle": fastbcast_bytes([ct.Foo(1)], allow_pickle=True),
         # compat mode (plain MessagePack only)
         "compat": fastbcast_bytes({"t": (1, 2), "s": {3}, "b": bytearray(b"q"), "ids": list(range(9))}, compat=True),
-        # an object with a field map in the other order, and an enum by value
-        "object-reordered": ext32(11, b"\x92\xb1codec_types:Point\x82\xa1y\xcb" + struct.pack(">d", 1.0) + b"\xa1x\x01"),
+        # a Struct whose class table lists its fields in another order than the class
+        "object-reordered": ext32(17, msgpack.packb(["codec_types:SPoint", 1, ["y", "x"]]) + b"\x02\x01"),
     }
 
 
 def fastbcast_bytes(obj, **kw) -> bytes:
+    kw.setdefault("trusted", ct.TRUSTED)  # as a sender whose registry trusts the test classes
     return bytes(fastbcast.encode(obj, **kw).numpy())
 
 
