@@ -79,7 +79,7 @@ wheel: $(DEPS)
 # It builds in a copy of the tree (build/sanitize) so the normal in-place
 # build stays untouched; the sanitizer runtimes load before Python itself.
 SAN_TESTS ?= tests/test_codec.py tests/test_codec_hostile.py tests/test_codec_props.py tests/test_corpus.py \
-	tests/test_reliability_codec.py
+	tests/test_reliability_codec.py tests/test_codec_pickle_oracle.py
 sanitize: $(DEPS)
 	rm -rf build/sanitize && mkdir -p build/sanitize
 	cp -r csrc fastbcast tests setup.py pyproject.toml build/sanitize/
