@@ -53,6 +53,7 @@ void ShmChannel::corrupt(const std::string& what) {
 
 void ShmChannel::send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& policy) {
   check_usable(true);
+  ring_->check_readers();
   const uint64_t sb = ring_->slot_bytes();
   const uint64_t n_slots = nbytes == 0 ? 1 : (nbytes + sb - 1) / sb;
   const uint64_t seq = msg_seq_ + 1;
