@@ -117,7 +117,7 @@ struct AsleepGuard {
 const ShmTuning& ShmTuning::get() {
   static const ShmTuning t = [] {
     ShmTuning v;
-    v.spin_ns = env_u64("FASTBCAST_SHM_SPIN_US", 100) * 1000;
+    v.spin_ns = env_u64("FASTBCAST_SHM_SPIN_US", 50) * 1000;
     v.slice_ms = uint32_t(std::clamp<uint64_t>(env_u64("FASTBCAST_SHM_TEST_SLICE_MS", 100), 1, 60000));
     v.test_delay_us = uint32_t(std::min<uint64_t>(env_u64("FASTBCAST_SHM_TEST_DELAY_US", 0), 1000000));
     return v;

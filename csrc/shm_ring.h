@@ -8,8 +8,8 @@
 //
 //   0      SegmentHeader   magic, version, geometry, creator pid,
 //                          ranks[kMaxPeers], pids[kMaxPeers] (index 0 = writer)
-//   +      WakeLine        pub_word, readers_asleep            (readers sleep)
-//   +      WakeLine        rel_word, writer_asleep             (writer sleeps)
+//   +      WakeLine "pub"  word, asleep      (readers sleep here)
+//   +      WakeLine "rel"  word, asleep      (the writer sleeps here)
 //   +      WriterLine      closed, failed_peer
 //   +      ReaderLine x n_readers: released, attached, closed, pid
 //   +      SlotHeader x n_slots:   seq, msg_seq, msg_len, index, nbytes
@@ -45,16 +45,26 @@
 //      wakes) its FUTEX_WAIT. No wake-up is lost, and nobody makes a
 //      syscall while nobody sleeps.
 //
-// Waiting: spin for FASTBCAST_SHM_SPIN_US (busy for 5 us, then yielding the
-// core), then sleep in FUTEX_WAIT slices of at most 100 ms. Between slices
-// the waiter checks the peers it waits for (a pidfd per peer, which polls
-// readable once the process has exited, zombie or not; kill(pid, 0) and
-// /proc/<pid>/stat where pidfds are missing; and their `closed` flag), its
-// deadline, and calls the caller's hook (signals, long-wait logging). A
-// peer's death is therefore seen within one slice. The writer also checks
-// every reader (one poll() over the pidfds) before each message, so a dead
-// reader fails the next send even when the ring has room; it then marks the
-// segment closed with failed_peer set, which ends every reader's wait.
+// Waiting: spin for FASTBCAST_SHM_SPIN_US (default 50: busy for 5 us, then
+// yielding the core), then sleep in FUTEX_WAIT slices of at most 100 ms.
+// Between slices the waiter checks the peers it waits for (a pidfd per peer,
+// which polls readable once the process has exited, zombie or not; kill(pid,
+// 0) and /proc/<pid>/stat where pidfds are missing; and their `closed`
+// flag), its deadline, and calls the caller's hook (signals, long-wait
+// logging). A peer's death is therefore seen within one slice. The writer
+// also checks every reader (one poll() over the pidfds) before each message,
+// so a dead reader fails the next send even when the ring has room; it then
+// marks the segment closed with failed_peer set, which ends every reader's
+// wait.
+//
+// Lifecycle: the writer creates the name with O_CREAT|O_EXCL, mode 0600, and
+// reserves every page with posix_fallocate (a full tmpfs fails here, not
+// with SIGBUS later); the protocol unlinks it once every reader attached, so
+// a SIGKILL afterwards leaves nothing in /dev/shm. Only the creating process
+// unlinks, and only the name it created; close() by the creator unlinks a
+// name still there. A process forked from a user of the ring inherits the
+// mapping but may only unmap it (a fork generation counter, bumped in
+// pthread_atfork's child hook, tells it apart).
 //
 // Everything read from the segment is treated like bytes from a socket:
 // geometry is validated once at attach and then kept in this process; a
@@ -80,10 +90,14 @@ constexpr uint32_t kShmVersion = 1;
 constexpr int kShmMaxPeers = 128;  // writer + 127 readers
 constexpr uint32_t kShmMaxSlots = 4096;
 constexpr uint64_t kShmMaxSlotBytes = uint64_t(1) << 30;
-// Defaults the protocol passes (chosen by measurement, see RELIABILITY.md):
-// 8 slots of 2 MiB less one page, so the whole segment stays within 16 MiB.
-constexpr uint32_t kShmDefaultSlots = 8;
-constexpr uint64_t kShmDefaultSlotBytes = (uint64_t(2) << 20) - 4096;
+// Defaults the protocol passes: 16 slots of 1 MiB less one page, so the
+// whole segment (with up to 127 readers' control lines) stays within 16 MiB
+// and fits Docker's 64 MiB /dev/shm. Finer slots than 8 x 2 MiB let several
+// readers copy a long message in a closer pipeline; any message up to a
+// slot (every per-step scheduler message) still arrives zero-copy.
+// benchmarks/bench_shm_ring.py measures the alternatives.
+constexpr uint32_t kShmDefaultSlots = 16;
+constexpr uint64_t kShmDefaultSlotBytes = (uint64_t(1) << 20) - 4096;
 
 // ---- errors (translated to Python types in python_api.cpp) ----
 struct ShmPeerDied : std::runtime_error {

@@ -5,8 +5,9 @@ passed in directly; no torch.distributed. Every test ends with /dev/shm
 holding nothing of ours (the autouse fixture checks), and every fault test
 bounds how long the fault takes to surface.
 
-FASTBCAST_SLOW=1 runs the long versions: 10^6 messages for lost wake-ups
-(10^5 otherwise) and a reader 30 s late (3 s otherwise).
+FASTBCAST_SLOW=1 also runs the long versions (marked slow, skipped without
+it): 10^6 messages for lost wake-ups (about 4 minutes on 2 busy cores; 10^5
+always run) and a reader 30 s late (3 s always run).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from shm_peers import Peer, check_message, make_message
 import shm_peers
 
 SLOW = os.environ.get("FASTBCAST_SLOW") == "1"
+slow_only = pytest.mark.skipif(not SLOW, reason="the long version; run with FASTBCAST_SLOW=1")
 PREFIX = f"fbtest-{os.getpid()}-"
 _names = itertools.count()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,8 +261,8 @@ def test_corrupt_second_slot_of_a_long_message():
 # ---------------------------------------------------------------- lost wake-ups
 
 
-def test_no_lost_wakeups_with_random_delays(nothing_left_in_dev_shm):
-    n = 1_000_000 if SLOW else 100_000
+@pytest.mark.parametrize("n", [100_000, pytest.param(1_000_000, marks=[pytest.mark.slow, slow_only])])
+def test_no_lost_wakeups_with_random_delays(nothing_left_in_dev_shm, n):
     # Spin 0: every wait sleeps in the futex. Random pauses of up to 20 us
     # sit between each check and its FUTEX_WAIT and between each publish or
     # release and its wake. A 2-slot ring keeps the writer sleeping on a
@@ -399,7 +401,7 @@ def test_reader_that_raises_then_closes_does_not_block_the_writer(nothing_left_i
 # ---------------------------------------------------------------- attach races
 
 
-@pytest.mark.parametrize("delay_s", [30.0 if SLOW else 3.0])
+@pytest.mark.parametrize("delay_s", [3.0, pytest.param(30.0, marks=[pytest.mark.slow, slow_only])])
 def test_late_reader_still_attaches_and_unlink_waits_for_it(nothing_left_in_dev_shm, delay_s):
     prompt = start_readers(nothing_left_in_dev_shm, 1, shm_peers.reader_late, 0.0)
     late = start_readers(nothing_left_in_dev_shm, 1, shm_peers.reader_late, delay_s)
