@@ -67,7 +67,7 @@ void ShmChannel::send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& po
                                           std::to_string(n_slots) + " slots: " + why;
                             });
     uint32_t n = uint32_t(std::min(sb, nbytes - off));
-    std::memcpy(p, data + off, n);
+    if (n) std::memcpy(p, data + off, n);  // an empty tensor's data may be null
     h->msg_seq = seq;
     h->msg_len = nbytes;
     h->index = uint32_t(i);
