@@ -282,7 +282,7 @@ WaitPolicy shm_policy(const std::optional<double>& timeout_s) {
     if (*next_warn < 0) *next_warn = shm_warn_interval_s();
     if (w.waited_s >= *next_warn) {
       *next_warn = w.waited_s + shm_warn_interval_s();
-      std::string msg = "fastbcast: still " + w.describe() + " after " + std::to_string(int(w.waited_s)) + " s";
+      std::string msg = w.describe() + " after " + std::to_string(int(w.waited_s)) + " s";
       try {
         py::module_::import("logging").attr("getLogger")("fastbcast").attr("warning")("%s", msg);
       } catch (py::error_already_set& e) {

@@ -344,8 +344,8 @@ std::unique_ptr<ShmRing> ShmRing::attach(const std::string& name, int reader, co
     if (policy.on_slice && Clock::now() - last_hook >= std::chrono::milliseconds(100)) {
       last_hook = Clock::now();
       policy.on_slice(WaitInfo{waited, [&] {
-                                 return "waiting for the writer (global rank " + std::to_string(ranks[0]) +
-                                        ") to create /dev/shm/" + name;
+                                 return "fastbcast: " + me + " is still waiting for the writer (global rank " +
+                                        std::to_string(ranks[0]) + ") to create /dev/shm/" + name;
                                }});
     }
     usleep(nap_us);
@@ -452,7 +452,7 @@ void ShmRing::wait(WakeLine* line, const WaitPolicy& policy, Ready ready, Check 
       // Only between slices: a wait that a wake ends at once costs no
       // liveness check and no GIL.
       check_peers();
-      if (policy.on_slice) policy.on_slice(WaitInfo{waited, describe});
+      if (policy.on_slice) policy.on_slice(WaitInfo{waited, [&] { return who() + " is still " + describe(); }});
     }
     double left_s = 1e9;
     if (policy.timeout_s >= 0) {

@@ -170,7 +170,9 @@ struct WaitStats {
 // What a blocked wait is waiting for, for the caller's hook (logging).
 struct WaitInfo {
   double waited_s;
-  std::function<std::string()> describe;  // "waiting for the writer ... slot 3"
+  // "fastbcast shm ring 'x': global rank 2 (reader 1) is still waiting for
+  // the writer (global rank 0) to publish slot 3"
+  std::function<std::string()> describe;
 };
 using WaitHook = std::function<void(const WaitInfo&)>;
 

@@ -610,5 +610,6 @@ def test_idle_reader_cpu_long_wait_log_and_ctrl_c(nothing_left_in_dev_shm):
     assert time.monotonic() - t0 < 1.0 and interrupted
     print(f"idle reader: {cpu * 1e3:.2f} ms CPU in {wall:.2f} s ({100 * cpu / wall:.3f}% of a core)")
     assert cpu / wall < 0.01
-    assert any(f"waiting for the writer (global rank {ranks[0]}) to publish slot 0" in m for m in logs), logs
+    assert any(f"global rank {ranks[1]} (reader 0) is still waiting for the writer (global rank {ranks[0]}) "
+               "to publish slot 0 after" in m for m in logs), logs
     w.close()
