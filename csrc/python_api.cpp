@@ -340,7 +340,7 @@ void bind_shm(py::module_& m) {
 
   using Ch = ShmChannel;
   py::class_<Ch, std::shared_ptr<Ch>>(m, "ShmChannel",
-                                      "One writer's shared-memory ring to its readers (see RING_API in csrc/shm_ring.h)")
+                                      "One writer's shared-memory ring to its readers: csrc/shm_ring.h (layout, ordering, waiting), csrc/shm_channel.h (messages)")
       .def_static("create", &Ch::create, py::arg("name"), py::arg("ranks"), py::arg("pids"), py::arg("n_slots"),
                   py::arg("slot_bytes"))
       .def_static(
