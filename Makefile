@@ -75,11 +75,12 @@ bench-codec: build
 wheel: $(DEPS)
 	$(PY) -m pip wheel . --no-build-isolation --no-deps -w dist/
 
-# ASan + UBSan build of the codec, run over the codec tests and the corpus.
+# ASan + UBSan build of the codec, run over the codec tests and the corpus,
+# and the shared-memory channel's receive path fed hostile slots.
 # It builds in a copy of the tree (build/sanitize) so the normal in-place
 # build stays untouched; the sanitizer runtimes load before Python itself.
 SAN_TESTS ?= tests/test_codec.py tests/test_codec_hostile.py tests/test_codec_props.py tests/test_corpus.py \
-	tests/test_reliability_codec.py tests/test_codec_pickle_oracle.py
+	tests/test_reliability_codec.py tests/test_codec_pickle_oracle.py tests/test_shm_fuzz.py
 sanitize: $(DEPS)
 	rm -rf build/sanitize && mkdir -p build/sanitize
 	cp -r csrc fastbcast tests setup.py pyproject.toml build/sanitize/

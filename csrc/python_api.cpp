@@ -327,7 +327,7 @@ WaitPolicy shm_policy(const std::optional<double>& timeout_s) {
     if (*next_warn < 0) *next_warn = shm_warn_interval_s();
     if (w.waited_s >= *next_warn) {
       *next_warn = w.waited_s + shm_warn_interval_s();
-      std::string msg = "fastbcast: still " + w.describe() + " after " + std::to_string(int(w.waited_s)) + " s";
+      std::string msg = w.describe() + " after " + std::to_string(int(w.waited_s)) + " s";
       try {
         py::module_::import("logging").attr("getLogger")("fastbcast").attr("warning")("%s", msg);
       } catch (py::error_already_set& e) {
@@ -385,7 +385,7 @@ void bind_shm(py::module_& m) {
 
   using Ch = ShmChannel;
   py::class_<Ch, std::shared_ptr<Ch>>(m, "ShmChannel",
-                                      "One writer's shared-memory ring to its readers (see RING_API in csrc/shm_ring.h)")
+                                      "One writer's shared-memory ring to its readers: csrc/shm_ring.h (layout, ordering, waiting), csrc/shm_channel.h (messages)")
       .def_static("create", &Ch::create, py::arg("name"), py::arg("ranks"), py::arg("pids"), py::arg("n_slots"),
                   py::arg("slot_bytes"))
       .def_static(

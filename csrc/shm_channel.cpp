@@ -53,6 +53,7 @@ void ShmChannel::corrupt(const std::string& what) {
 
 void ShmChannel::send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& policy) {
   check_usable(true);
+  ring_->check_readers();
   const uint64_t sb = ring_->slot_bytes();
   const uint64_t n_slots = nbytes == 0 ? 1 : (nbytes + sb - 1) / sb;
   const uint64_t seq = msg_seq_ + 1;
@@ -66,7 +67,7 @@ void ShmChannel::send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& po
                                           std::to_string(n_slots) + " slots: " + why;
                             });
     uint32_t n = uint32_t(std::min(sb, nbytes - off));
-    std::memcpy(p, data + off, n);
+    if (n) std::memcpy(p, data + off, n);  // an empty tensor's data may be null
     h->msg_seq = seq;
     h->msg_len = nbytes;
     h->index = uint32_t(i);

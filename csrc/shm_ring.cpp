@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -24,6 +26,7 @@ namespace fastbcast {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr uint64_t kBusySpinNs = 5000;  // pure spin before the yielding part
 
 // Bumped in every forked child, so an object can tell it was inherited.
 uint64_t g_fork_gen = 0;
@@ -114,7 +117,7 @@ struct AsleepGuard {
 const ShmTuning& ShmTuning::get() {
   static const ShmTuning t = [] {
     ShmTuning v;
-    v.spin_ns = env_u64("FASTBCAST_SHM_SPIN_US", 100) * 1000;
+    v.spin_ns = env_u64("FASTBCAST_SHM_SPIN_US", 50) * 1000;
     v.slice_ms = uint32_t(std::clamp<uint64_t>(env_u64("FASTBCAST_SHM_TEST_SLICE_MS", 100), 1, 60000));
     v.test_delay_us = uint32_t(std::min<uint64_t>(env_u64("FASTBCAST_SHM_TEST_DELAY_US", 0), 1000000));
     return v;
@@ -142,6 +145,25 @@ bool pid_alive(pid_t pid) {
   if (!paren || paren[1] != ' ') return true;
   char state = paren[2];
   return state != 'Z' && state != 'X';
+}
+
+void ShmRing::watch_peers() {
+  pidfds_.assign(pids_.size(), -1);
+  for (size_t i = 0; i < pids_.size(); ++i) {
+    bool mine = is_writer() ? i > 0 : i == 0;  // the writer watches readers, a reader the writer
+    if (!mine || pids_[i] == getpid()) continue;
+#ifdef SYS_pidfd_open
+    pidfds_[i] = int(syscall(SYS_pidfd_open, pids_[i], 0));  // -1 (ESRCH, ENOSYS): fall back to kill/proc
+#endif
+    if (pidfds_[i] >= 0 && is_writer()) reader_polls_.push_back(pollfd{pidfds_[i], POLLIN, 0});
+  }
+}
+
+bool ShmRing::peer_dead(int peer) const {
+  int fd = pidfds_.empty() ? -1 : pidfds_[peer];
+  if (fd < 0) return !pid_alive(pids_[peer]);
+  pollfd p{fd, POLLIN, 0};
+  return poll(&p, 1, 0) > 0;
 }
 
 size_t ShmRing::ctrl_bytes_for(uint32_t n_readers, uint32_t n_slots) {
@@ -214,6 +236,7 @@ std::unique_ptr<ShmRing> ShmRing::create(const std::string& name, const std::vec
   ring->ranks_ = ranks;
   ring->pids_ = pids;
   ring->creator_ = true;
+  ring->watch_peers();
   SegmentHeader* h = ring->hdr_;  // fresh tmpfs pages are zero
   h->version = kShmVersion;
   h->n_readers = n_readers;
@@ -296,6 +319,7 @@ std::unique_ptr<ShmRing> ShmRing::attach(const std::string& name, int reader, co
           ring->ranks_ = ranks;
           ring->pids_ = pids;
           ring->reader_ = reader;
+          ring->watch_peers();
           ReaderLine* rl = &ring->rlines_[reader];
           uint32_t zero = 0;
           if (!__atomic_compare_exchange_n(&rl->attached, &zero, 1u, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
@@ -320,8 +344,8 @@ std::unique_ptr<ShmRing> ShmRing::attach(const std::string& name, int reader, co
     if (policy.on_slice && Clock::now() - last_hook >= std::chrono::milliseconds(100)) {
       last_hook = Clock::now();
       policy.on_slice(WaitInfo{waited, [&] {
-                                 return "waiting for the writer (global rank " + std::to_string(ranks[0]) +
-                                        ") to create /dev/shm/" + name;
+                                 return "fastbcast: " + me + " is still waiting for the writer (global rank " +
+                                        std::to_string(ranks[0]) + ") to create /dev/shm/" + name;
                                }});
     }
     usleep(nap_us);
@@ -329,7 +353,11 @@ std::unique_ptr<ShmRing> ShmRing::attach(const std::string& name, int reader, co
   }
 }
 
-ShmRing::~ShmRing() { close(); }
+ShmRing::~ShmRing() {
+  close();
+  for (int fd : pidfds_)
+    if (fd >= 0) ::close(fd);
+}
 
 bool ShmRing::foreign() const { return fork_gen_ != g_fork_gen; }
 
@@ -341,10 +369,15 @@ std::string ShmRing::who() const {
 bool ShmRing::writer_gone(std::string* why) const {
   std::string w = "the writer (global rank " + std::to_string(ranks_[0]) + ", pid " + std::to_string(pids_[0]) + ")";
   if (load_acq(&wline_->closed)) {
-    *why = w + " closed the channel";
+    uint32_t f = load_rlx(&wline_->failed_peer);  // from the segment: checked before use
+    if (f >= 1 && f <= n_readers_)
+      *why = w + " gave up on the channel because reader global rank " + std::to_string(ranks_[f]) +
+             " died or closed its end";
+    else
+      *why = w + " closed the channel";
     return true;
   }
-  if (!pid_alive(pids_[0])) {
+  if (peer_dead(0)) {
     *why = w + " died";
     return true;
   }
@@ -357,11 +390,35 @@ bool ShmRing::reader_gone(int i, std::string* why) const {
     *why = r + " closed its end";
     return true;
   }
-  if (!pid_alive(pids_[i + 1])) {
+  if (peer_dead(i + 1)) {
     *why = r + " died";
     return true;
   }
   return false;
+}
+
+void ShmRing::give_up(int reader, const std::string& msg) {
+  // Every other reader waits on this writer, not on the dead one: closing
+  // with the reason ends their waits within a slice.
+  if (!closed_) {
+    __atomic_store_n(&wline_->failed_peer, uint32_t(reader + 1), __ATOMIC_RELAXED);
+    store_rel(&wline_->closed, 1u);
+    notify(pub_, true);
+  }
+  throw ShmPeerDied(msg);
+}
+
+void ShmRing::check_readers() {
+  // Only the cheap signs here: the closed flags, and one poll() over the
+  // readers' pidfds. Where pidfds are missing (Linux < 5.3) a dead reader is
+  // found once the writer waits for it.
+  std::string why;
+  for (uint32_t i = 0; i < n_readers_; ++i)
+    if (load_acq(&rlines_[i].closed) && reader_gone(int(i), &why))
+      give_up(int(i), who() + ": " + why + "; nothing more can be sent on this channel");
+  if (reader_polls_.empty() || poll(reader_polls_.data(), reader_polls_.size(), 0) <= 0) return;
+  for (uint32_t i = 0; i < n_readers_; ++i)
+    if (reader_gone(int(i), &why)) give_up(int(i), who() + ": " + why + "; nothing more can be sent on this channel");
 }
 
 template <class Ready, class Check>
@@ -371,10 +428,22 @@ void ShmRing::wait(WakeLine* line, const WaitPolicy& policy, Ready ready, Check 
   const ShmTuning& tune = ShmTuning::get();
   auto start = Clock::now();
   if (tune.spin_ns) {
+    // Busy for the first few microseconds (the peer is usually running on
+    // another core), then yielding: when cores are oversubscribed the peer
+    // we wait for may need this very core, and a pure spin would hold it
+    // off for the whole spin time.
+    bool yielding = false;
     for (uint64_t spins = 1;; ++spins) {
-      cpu_relax();
+      if (yielding)
+        sched_yield();
+      else
+        cpu_relax();
       if (ready()) return;
-      if ((spins & 63) == 0 && uint64_t((Clock::now() - start).count()) >= tune.spin_ns) break;
+      if ((spins & 15) == 0) {
+        uint64_t ns = uint64_t((Clock::now() - start).count());
+        if (ns >= tune.spin_ns) break;
+        yielding = ns >= kBusySpinNs;
+      }
     }
   }
   for (bool first = true;; first = false) {
@@ -383,7 +452,7 @@ void ShmRing::wait(WakeLine* line, const WaitPolicy& policy, Ready ready, Check 
       // Only between slices: a wait that a wake ends at once costs no
       // liveness check and no GIL.
       check_peers();
-      if (policy.on_slice) policy.on_slice(WaitInfo{waited, describe});
+      if (policy.on_slice) policy.on_slice(WaitInfo{waited, [&] { return who() + " is still " + describe(); }});
     }
     double left_s = 1e9;
     if (policy.timeout_s >= 0) {
@@ -449,7 +518,7 @@ void ShmRing::wait_attached(const WaitPolicy& policy) {
         std::string why;
         for (uint32_t i = 0; i < n_readers_; ++i)
           if (!load_acq(&rlines_[i].attached) && reader_gone(int(i), &why))
-            throw ShmPeerDied(who() + ": " + why + " before it attached");
+            give_up(int(i), who() + ": " + why + " before it attached");
       },
       [&] {
         int i = std::max(first_missing(), 0);
@@ -487,8 +556,8 @@ SlotHeader* ShmRing::acquire_write(const WaitPolicy& policy, uint8_t** payload) 
           std::string why;
           for (uint32_t i = 0; i < n_readers_; ++i)
             if (load_acq(&rlines_[i].released) < need && reader_gone(int(i), &why))
-              throw ShmPeerDied(who() + ": " + why + " while the writer was waiting for it to release slot " +
-                                std::to_string(pos));
+              give_up(int(i), who() + ": " + why + " while the writer was waiting for it to release slot " +
+                                  std::to_string(pos));
         },
         [&] {
           int i = 0;

@@ -8,9 +8,9 @@
 //
 //   0      SegmentHeader   magic, version, geometry, creator pid,
 //                          ranks[kMaxPeers], pids[kMaxPeers] (index 0 = writer)
-//   +      WakeLine        pub_word, readers_asleep            (readers sleep)
-//   +      WakeLine        rel_word, writer_asleep             (writer sleeps)
-//   +      WriterLine      closed
+//   +      WakeLine "pub"  word, asleep      (readers sleep here)
+//   +      WakeLine "rel"  word, asleep      (the writer sleeps here)
+//   +      WriterLine      closed, failed_peer
 //   +      ReaderLine x n_readers: released, attached, closed, pid
 //   +      SlotHeader x n_slots:   seq, msg_seq, msg_len, index, nbytes
 //   ctrl   payload x n_slots, slot_bytes each        (ctrl = page-rounded)
@@ -45,11 +45,26 @@
 //      wakes) its FUTEX_WAIT. No wake-up is lost, and nobody makes a
 //      syscall while nobody sleeps.
 //
-// Waiting: spin for FASTBCAST_SHM_SPIN_US, then sleep in FUTEX_WAIT slices
-// of at most 100 ms. Between slices the waiter checks the peers it waits for
-// (kill(pid, 0) and /proc/<pid>/stat for zombies, and their `closed` flag),
-// its deadline, and calls the caller's hook (signals, long-wait logging).
-// A peer's death is therefore seen within one slice.
+// Waiting: spin for FASTBCAST_SHM_SPIN_US (default 50: busy for 5 us, then
+// yielding the core), then sleep in FUTEX_WAIT slices of at most 100 ms.
+// Between slices the waiter checks the peers it waits for (a pidfd per peer,
+// which polls readable once the process has exited, zombie or not; kill(pid,
+// 0) and /proc/<pid>/stat where pidfds are missing; and their `closed`
+// flag), its deadline, and calls the caller's hook (signals, long-wait
+// logging). A peer's death is therefore seen within one slice. The writer
+// also checks every reader (one poll() over the pidfds) before each message,
+// so a dead reader fails the next send even when the ring has room; it then
+// marks the segment closed with failed_peer set, which ends every reader's
+// wait.
+//
+// Lifecycle: the writer creates the name with O_CREAT|O_EXCL, mode 0600, and
+// reserves every page with posix_fallocate (a full tmpfs fails here, not
+// with SIGBUS later); the protocol unlinks it once every reader attached, so
+// a SIGKILL afterwards leaves nothing in /dev/shm. Only the creating process
+// unlinks, and only the name it created; close() by the creator unlinks a
+// name still there. A process forked from a user of the ring inherits the
+// mapping but may only unmap it (a fork generation counter, bumped in
+// pthread_atfork's child hook, tells it apart).
 //
 // Everything read from the segment is treated like bytes from a socket:
 // geometry is validated once at attach and then kept in this process; a
@@ -57,6 +72,7 @@
 // used as an offset without a check.
 #pragma once
 
+#include <poll.h>
 #include <sys/types.h>
 
 #include <cstddef>
@@ -74,10 +90,14 @@ constexpr uint32_t kShmVersion = 1;
 constexpr int kShmMaxPeers = 128;  // writer + 127 readers
 constexpr uint32_t kShmMaxSlots = 4096;
 constexpr uint64_t kShmMaxSlotBytes = uint64_t(1) << 30;
-// Defaults the protocol passes (chosen by measurement, see RELIABILITY.md):
-// 8 slots of 2 MiB less one page, so the whole segment stays within 16 MiB.
-constexpr uint32_t kShmDefaultSlots = 8;
-constexpr uint64_t kShmDefaultSlotBytes = (uint64_t(2) << 20) - 4096;
+// Defaults the protocol passes: 16 slots of 1 MiB less one page, so the
+// whole segment (with up to 127 readers' control lines) stays within 16 MiB
+// and fits Docker's 64 MiB /dev/shm. Finer slots than 8 x 2 MiB let several
+// readers copy a long message in a closer pipeline; any message up to a
+// slot (every per-step scheduler message) still arrives zero-copy.
+// benchmarks/bench_shm_ring.py measures the alternatives.
+constexpr uint32_t kShmDefaultSlots = 16;
+constexpr uint64_t kShmDefaultSlotBytes = (uint64_t(1) << 20) - 4096;
 
 // ---- errors (translated to Python types in python_api.cpp) ----
 struct ShmPeerDied : std::runtime_error {
@@ -119,6 +139,9 @@ struct alignas(64) WakeLine {
 };
 struct alignas(64) WriterLine {
   uint32_t closed;
+  // 1 + the index of the reader whose death (or close) made the writer give
+  // up, so the other readers can say why; 0 if it closed normally.
+  uint32_t failed_peer;
 };
 struct alignas(64) ReaderLine {
   uint64_t released;  // slots 0 .. released-1 are released by this reader
@@ -147,7 +170,9 @@ struct WaitStats {
 // What a blocked wait is waiting for, for the caller's hook (logging).
 struct WaitInfo {
   double waited_s;
-  std::function<std::string()> describe;  // "waiting for the writer ... slot 3"
+  // "fastbcast shm ring 'x': global rank 2 (reader 1) is still waiting for
+  // the writer (global rank 0) to publish slot 3"
+  std::function<std::string()> describe;
 };
 using WaitHook = std::function<void(const WaitInfo&)>;
 
@@ -191,6 +216,9 @@ class ShmRing {
   // Waits until the next slot may be written; returns its header and payload.
   SlotHeader* acquire_write(const WaitPolicy& policy, uint8_t** payload);
   void publish();  // publishes the slot acquire_write returned
+  // Throws ShmPeerDied (and closes the channel for every reader) if a reader
+  // died or closed its end. About a microsecond.
+  void check_readers();
   void unlink();   // creator process only; idempotent
 
   // ---- reader ----
@@ -224,8 +252,11 @@ class ShmRing {
   static size_t ctrl_bytes_for(uint32_t n_readers, uint32_t n_slots);
   void bind(std::shared_ptr<ShmMapping> map, uint32_t n_readers, uint32_t n_slots, uint64_t slot_bytes);
   std::string who() const;
+  bool peer_dead(int peer) const;
   bool writer_gone(std::string* why) const;
   bool reader_gone(int i, std::string* why) const;
+  [[noreturn]] void give_up(int reader, const std::string& msg);
+  void watch_peers();
   template <class Ready, class Check>
   void wait(WakeLine* line, const WaitPolicy& policy, Ready ready, Check check_peers,
             const std::function<std::string()>& describe);
@@ -249,6 +280,8 @@ class ShmRing {
   uint64_t min_released_ = 0;  // writer's cached minimum over the readers
   bool creator_ = false, unlinked_ = false, closed_ = false;
   bool held_ = false;  // reader: read_next returned a slot not yet released
+  std::vector<int> pidfds_;  // per peer (0 = writer); -1: not watched by pidfd
+  std::vector<pollfd> reader_polls_;  // writer: the readers' pidfds, for one poll()
   uint64_t fork_gen_ = 0;
   WaitStats stats_;
 };

@@ -202,7 +202,7 @@ def reader_late(conn, delay_s):
     time.sleep(delay_s)
     ch = _C.ShmChannel.attach(cfg["name"], cfg["reader"], cfg["ranks"], cfg["pids"], 60.0)
     conn.send(("attached",))
-    return ch.recv(30).numpy().tobytes()
+    return ch.recv(120).numpy().tobytes()  # the writer sends once the latest reader attached
 
 
 def reader_idle(conn):

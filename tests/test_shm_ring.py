@@ -5,8 +5,9 @@ passed in directly; no torch.distributed. Every test ends with /dev/shm
 holding nothing of ours (the autouse fixture checks), and every fault test
 bounds how long the fault takes to surface.
 
-FASTBCAST_SLOW=1 runs the long versions: 10^6 messages for lost wake-ups
-(10^5 otherwise) and a reader 30 s late (3 s otherwise).
+FASTBCAST_SLOW=1 also runs the long versions (marked slow, skipped without
+it): 10^6 messages for lost wake-ups (about 4 minutes on 2 busy cores; 10^5
+always run) and a reader 30 s late (3 s always run).
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import errno
 import gc
 import hashlib
 import itertools
-import mmap
 import os
-import resource
 import shutil
 import signal
 import struct
@@ -34,6 +33,7 @@ from shm_peers import Peer, check_message, make_message
 import shm_peers
 
 SLOW = os.environ.get("FASTBCAST_SLOW") == "1"
+slow_only = pytest.mark.skipif(not SLOW, reason="the long version; run with FASTBCAST_SLOW=1")
 PREFIX = f"fbtest-{os.getpid()}-"
 _names = itertools.count()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,8 +261,8 @@ def test_corrupt_second_slot_of_a_long_message():
 # ---------------------------------------------------------------- lost wake-ups
 
 
-def test_no_lost_wakeups_with_random_delays(nothing_left_in_dev_shm):
-    n = 1_000_000 if SLOW else 100_000
+@pytest.mark.parametrize("n", [100_000, pytest.param(1_000_000, marks=[pytest.mark.slow, slow_only])])
+def test_no_lost_wakeups_with_random_delays(nothing_left_in_dev_shm, n):
     # Spin 0: every wait sleeps in the futex. Random pauses of up to 20 us
     # sit between each check and its FUTEX_WAIT and between each publish or
     # release and its wake. A 2-slot ring keeps the writer sleeping on a
@@ -308,9 +308,11 @@ def test_reader_killed_while_holding_a_slot(nothing_left_in_dev_shm):
     dead[0].kill()
     took = _assert_writer_sees_death(w, ranks[2], 4)
     assert took < 1.0
-    w.close()  # the surviving reader is told the writer closed
-    n, kind, text, _ = live[0].result(30)
-    assert kind == "ShmPeerError" and "closed the channel" in text and f"global rank {ranks[0]}" in text
+    # The writer gave up on the channel, and the surviving reader is told why.
+    n, kind, text, since_last = live[0].result(30)
+    assert kind == "ShmPeerError" and since_last < 1.5, text
+    assert f"writer (global rank {ranks[0]}" in text and f"because reader global rank {ranks[2]} died" in text
+    w.close()
     assert_new_channel_works()
 
 
@@ -340,10 +342,10 @@ def test_reader_killed_before_attaching(nothing_left_in_dev_shm):
         w.wait_attached()
     assert time.monotonic() - t0 < 1.0
     assert os.path.exists(f"/dev/shm/{name}")  # not every reader attached: still named
-    w.close()  # the creator's close unlinks what it made, and tells the attached reader
+    w.close()  # the creator's close unlinks what it made
     assert not os.path.exists(f"/dev/shm/{name}")
-    n, kind, text, _ = readers[0].result(30)
-    assert kind == "ShmPeerError" and "closed the channel" in text
+    n, kind, text, _ = readers[0].result(30)  # the attached reader is told why
+    assert kind == "ShmPeerError" and "because reader global rank 9 died" in text
     assert_new_channel_works()
 
 
@@ -399,7 +401,7 @@ def test_reader_that_raises_then_closes_does_not_block_the_writer(nothing_left_i
 # ---------------------------------------------------------------- attach races
 
 
-@pytest.mark.parametrize("delay_s", [30.0 if SLOW else 3.0])
+@pytest.mark.parametrize("delay_s", [3.0, pytest.param(30.0, marks=[pytest.mark.slow, slow_only])])
 def test_late_reader_still_attaches_and_unlink_waits_for_it(nothing_left_in_dev_shm, delay_s):
     prompt = start_readers(nothing_left_in_dev_shm, 1, shm_peers.reader_late, 0.0)
     late = start_readers(nothing_left_in_dev_shm, 1, shm_peers.reader_late, delay_s)
@@ -608,37 +610,6 @@ def test_idle_reader_cpu_long_wait_log_and_ctrl_c(nothing_left_in_dev_shm):
     assert time.monotonic() - t0 < 1.0 and interrupted
     print(f"idle reader: {cpu * 1e3:.2f} ms CPU in {wall:.2f} s ({100 * cpu / wall:.3f}% of a core)")
     assert cpu / wall < 0.01
-    assert any(f"waiting for the writer (global rank {ranks[0]}) to publish slot 0" in m for m in logs), logs
+    assert any(f"global rank {ranks[1]} (reader 0) is still waiting for the writer (global rank {ranks[0]}) "
+               "to publish slot 0 after" in m for m in logs), logs
     w.close()
-
-
-# ---------------------------------------------------------------- corrupt segment
-
-
-def test_scribbled_segment_never_crashes():
-    import random
-
-    rnd = random.Random(7)
-    for trial in range(30):
-        name = unique_name()
-        pid = os.getpid()
-        w = _C.ShmChannel.create(name, [0, 1], [pid, pid], 4, 256)
-        r = _C.ShmChannel.attach(name, 0, [0, 1], [pid, pid], 1.0)
-        with open(f"/dev/shm/{name}", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
-            w.unlink()
-            w.send(payload(100), 100)
-            w.send(payload(700), 700)
-            for _ in range(rnd.choice([1, 8, 64, 4096])):
-                m[rnd.randrange(len(m))] = rnd.randrange(256)
-            outcomes = []
-            for _ in range(3):
-                try:
-                    outcomes.append(r.recv(0.05).numel())
-                except (ValueError, TimeoutError, RuntimeError) as e:  # DecodeError, ShmTimeoutError, ShmPeerError
-                    outcomes.append(type(e).__name__)
-            try:
-                w.send(payload(10), 10, 0.05)
-            except (ValueError, TimeoutError, RuntimeError):
-                pass
-        w.close()
-        r.close()
