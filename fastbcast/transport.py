@@ -112,6 +112,8 @@ def _host(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
+#: The longest a rank waits to map a ring that its source has made.
+ATTACH_TIMEOUT_S = 60.0
 #: Receive buffers up to this size are kept for the next call.
 KEEP_RECV_BUFFER = 16 << 20
 
@@ -445,9 +447,12 @@ class GroupState:
         err = int(made.item())
         if not err and not route.is_src:
             try:
+                # The segment exists (the source said so) and stays named until
+                # every rank has answered, so the wait is short; bounded all
+                # the same, and a failure here is this rank's answer.
                 ch = _shm_call(_C.ShmChannel.attach, name, order.index(route.group_rank) - 1, ranks, pids,
-                               _left(deadline))
-            except (OSError, ValueError) as e:
+                               min(_left(deadline) or ATTACH_TIMEOUT_S, ATTACH_TIMEOUT_S))
+            except (OSError, ValueError, TransportError) as e:
                 err = getattr(e, "errno", None) or errno_mod.EIO
         every = torch.empty(route.size, dtype=torch.int64, device=dev)
         collective(all_gather, every, route, deadline, "attaching the shared-memory ring",
