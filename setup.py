@@ -66,7 +66,7 @@ write_build_info(cuda, sanitize)
 cxx = ["-O0", "-g"] if debug else ["-O3"]
 cxx += ["-Wall", "-Wno-unused-function", "-Wno-missing-field-initializers", "-fvisibility=hidden"]
 # Python's own CFLAGS carry -g: without stripping, the .so is mostly debug
-# information (17.5 MB against about 2 MB).
+# information (17.5 MB against 0.4 MB for the CPU build).
 ldflags = [] if debug or sanitize else ["-Wl,--strip-debug"]
 if sanitize:
     cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-fno-sanitize-recover=undefined"]
