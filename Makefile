@@ -40,9 +40,10 @@ run: build
 
 # The release pairs users run, each in its own venv layered on .venv: it sees
 # .venv's packages (torch, triton, ray, ...) after its own, so only the
-# packages that differ are installed there, with --no-deps (about 170 MB and
-# 15 s each from a cold pip cache). .venv-sglang0512: sglang 0.5.12 (verl
-# 0.9.1's pin). .venv-verl061: verl 0.6.1 with sglang 0.5.5.
+# packages that differ are installed there, with --no-deps (about 200 MB
+# each; 100-160 s each from a cold pip cache on a busy 2-core machine, venv
+# creation included). .venv-sglang0512: sglang 0.5.12 (verl 0.9.1's pin).
+# .venv-verl061: verl 0.6.1 with sglang 0.5.5. Their tests take about 2 min.
 RELEASES := sglang0512 verl061
 RELEASE_TESTS_sglang0512 := tests/test_integration_sglang_release.py
 RELEASE_TESTS_verl061 := tests/test_integration_verl.py

@@ -18,6 +18,7 @@ site-packages, and registers the SGLang plugin entry point.
 import glob
 import os
 import re
+import shutil
 
 import torch
 from setuptools import find_packages, setup
@@ -65,7 +66,7 @@ write_build_info(cuda, sanitize)
 cxx = ["-O0", "-g"] if debug else ["-O3"]
 cxx += ["-Wall", "-Wno-unused-function", "-Wno-missing-field-initializers", "-fvisibility=hidden"]
 # Python's own CFLAGS carry -g: without stripping, the .so is mostly debug
-# information (17.5 MB against about 2 MB).
+# information (17.5 MB against 0.4 MB for the CPU build).
 ldflags = [] if debug or sanitize else ["-Wl,--strip-debug"]
 if sanitize:
     cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-fno-sanitize-recover=undefined"]
@@ -97,6 +98,22 @@ class BuildPyWithStartupHook(build_py):
         return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, STARTUP_HOOK)]
 
 
+cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithStartupHook}
+try:
+    from setuptools.command.editable_wheel import editable_wheel
+except ImportError:  # setuptools < 64: no PEP 660 editable installs
+    editable_wheel = None
+if editable_wheel is not None and hasattr(editable_wheel, "_install_namespaces"):
+    class EditableWheelWithStartupHook(editable_wheel):
+        """`pip install -e .` builds a wheel of .pth files only; put the hook's among them."""
+
+        def _install_namespaces(self, installation_dir, pth_prefix):
+            super()._install_namespaces(installation_dir, pth_prefix)
+            shutil.copy(os.path.join(HERE, STARTUP_HOOK), installation_dir)
+
+    cmdclass["editable_wheel"] = EditableWheelWithStartupHook
+
+
 setup(
     name="fastbcast",
     version=read_version(),
@@ -105,7 +122,7 @@ setup(
     packages=find_packages(include=["fastbcast", "fastbcast.*"]),
     py_modules=["fastbcast_autopatch"],
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithStartupHook},
+    cmdclass=cmdclass,
     entry_points={"sglang.srt.plugins": ["fastbcast = fastbcast.integrations.sglang:plugin"]},
     python_requires=">=3.10",
     install_requires=[torch_range(torch.__version__)],

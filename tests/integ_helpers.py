@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 
 INSTALL_HINT = ("install the integration extras: pip install -c constraints.txt -r requirements-integrations.txt "
@@ -47,6 +46,26 @@ def require(*dist_names: str) -> None:
     missing = [d for d in dist_names if not installed(d)]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed; {INSTALL_HINT}", allow_module_level=True)
+
+
+def require_shipped_sglang(dist_name: str = "verl") -> None:
+    """Skip the calling test module unless the installed sglang is the one ``dist_name`` pins.
+
+    verl pins sglang exactly for its SGLang rollout (``sglang[...]==X; extra ==
+    "sglang"``); its rollout module does not import next to another release,
+    and no user runs such a pair. `make test-releases` builds the pair.
+    """
+    import importlib.metadata
+    import re
+
+    import pytest
+    pins = [m.group(1) for r in importlib.metadata.requires(dist_name) or ()
+            if (m := re.match(r"sglang(?:\[[^]]*\])?==([^;\s]+)\s*;.*extra\s*==\s*.sglang.", r))]
+    have = importlib.metadata.version("sglang") if installed("sglang") else None
+    if pins and have != pins[0]:
+        pytest.skip(f"{dist_name} {importlib.metadata.version(dist_name)} pins sglang {pins[0]} for its rollout, "
+                    f"installed: {have}; `make test-releases` runs verl 0.6.1 with sglang 0.5.5",
+                    allow_module_level=True)
 
 
 def ensure_torchvision_importable() -> None:

@@ -117,7 +117,7 @@ def _sglang_rank(rank: int, world_size: int) -> dict:
     check(fb_sglang.patch() == names, "second patch() returned other modules")
     check(fb_sglang.is_patched() and fb_sglang.original() is original, "is_patched()/original()")
     info = [r.getMessage() for r in records if r.levelno == logging.INFO and r.getMessage().startswith("patched ")]
-    check(len(info) == 1, f"expected one INFO line, got {info}")
+    check(len(info) == 2 and "point_to_point_pyobj" in info[1], f"expected one INFO line per function, got {info}")
     res["info"] = info
     for m in LOADED_BEFORE + (LEGACY_VERL,):
         check(sys.modules[m].broadcast_pyobj is fb_sglang.broadcast_pyobj, f"{m} not patched")

@@ -29,11 +29,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import integ_helpers as H
 
-H.require("verl")
+H.require("verl", "sglang")
+H.require_shipped_sglang("verl")
 
 from distributed import run_distributed  # noqa: E402
 
@@ -42,7 +41,6 @@ REPO_ROOT = os.path.dirname(TESTS_DIR)
 
 
 def test_verl_rollout_mesh_dp2_tp2_gloo():
-    H.require("sglang")
     results = run_distributed(H.verl_mesh_checks, 4, 2, 2, "cpu", False, timeout=600)
     H.assert_verl_mesh_checks(results, dp=2, tp=2)
 
@@ -91,8 +89,6 @@ _ROLLOUT_SCRIPT = textwrap.dedent("""
 
 
 def test_patch_real_rollout_module_before_and_after_import():
-    if not H.installed("sglang"):
-        pytest.skip(f"verl's rollout module needs sglang; {H.INSTALL_HINT}")
     path = [p for p in (REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH")) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     p = subprocess.run([sys.executable, "-c", _ROLLOUT_SCRIPT], env=env, capture_output=True, text=True,

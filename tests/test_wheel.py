@@ -53,6 +53,12 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         names = z.namelist()
         assert any(n.startswith("fastbcast/_C") and n.endswith(".so") for n in names), names
         assert "fastbcast/_build_info.py" in names
+        # The startup hook lands at the top of site-packages, where .pth files are read.
+        assert "fastbcast-autopatch.pth" in names and "fastbcast_autopatch.py" in names, names
+        so = next(i for i in z.infolist() if i.filename.startswith("fastbcast/_C"))
+        assert so.file_size < 4 << 20, f"{so.filename}: {so.file_size} bytes (debug symbols not stripped?)"
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+        assert "[sglang.srt.plugins]\nfastbcast = fastbcast.integrations.sglang:plugin" in entry_points
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     major, minor = torch.__version__.split(".")[:2]
@@ -77,3 +83,11 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "wheel-ok" in out.stdout
     assert sysconfig.get_paths()["purelib"] not in out.stdout
+    # The installed hook: idle without FASTBCAST_PATCH, armed with it.
+    probe = "import sys; print('fastbcast_autopatch' in sys.modules, 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FASTBCAST_PATCH")}
+    for value, want in ((None, "False False"), ("sglang", "True False")):
+        run_env = dict(env, **({"FASTBCAST_PATCH": value} if value else {}))
+        out = subprocess.run([str(vpy), "-c", probe], cwd=str(tmp_path), capture_output=True, text=True,
+                             timeout=120, env=run_env)
+        assert out.returncode == 0 and out.stdout.strip() == want, (value, out.stdout, out.stderr)
