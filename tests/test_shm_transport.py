@@ -26,6 +26,7 @@ import pytest
 import torch.distributed as dist
 
 from distributed import run_distributed, run_distributed_may_die
+from test_reliability import _expect
 
 SLACK_S = 4.0          # scheduling slack on a loaded 2-core box
 
@@ -47,17 +48,6 @@ def _ours() -> set[str]:
 def _group(ranks, timeout=30):
     # Only the members call it: in the fault tests some ranks are dead.
     return dist.new_group(sorted(ranks), timeout=datetime.timedelta(seconds=timeout), use_local_synchronization=True)
-
-
-def _expect(exc, fn, *args, **kwargs):
-    started = time.monotonic()
-    try:
-        fn(*args, **kwargs)
-    except exc as e:
-        return e, time.monotonic() - started
-    except BaseException as e:
-        raise AssertionError(f"expected {exc.__name__}, got {type(e).__name__}: {e}") from e
-    raise AssertionError(f"expected {exc.__name__}, nothing was raised")
 
 
 class _Warnings(logging.Handler):
