@@ -1009,7 +1009,7 @@ class Encoder {
 
   static PyObject* loaded_attr_borrowed(const char* module, const char* name) {
     PyObject* m = PyDict_GetItemString(PyImport_GetModuleDict(), module);
-    return m ? PyDict_GetItemString(PyModule_GetDict(m), name) : nullptr;
+    return m && PyModule_Check(m) ? PyDict_GetItemString(PyModule_GetDict(m), name) : nullptr;
   }
 
   bool write_plain_object(PyObject* o, TypeInfo* info, int depth) {

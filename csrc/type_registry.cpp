@@ -7,9 +7,11 @@ namespace fastbcast {
 namespace {
 
 // A module already loaded by the process, or NULL. Never imports: a package
-// the process has not loaded cannot own the object being encoded.
+// the process has not loaded cannot own the object being encoded. An entry
+// that is not a module (sys.modules["numpy"] = None blocks an import) is none.
 PyObject* loaded_module(const char* name) {
-  return PyDict_GetItemString(PyImport_GetModuleDict(), name);  // borrowed
+  PyObject* m = PyDict_GetItemString(PyImport_GetModuleDict(), name);  // borrowed
+  return m && PyModule_Check(m) ? m : nullptr;
 }
 
 PyObject* loaded_attr(const char* module, const char* attr) {

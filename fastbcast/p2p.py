@@ -118,7 +118,7 @@ def point_to_point_pyobj(data: list, rank: int, group=None, src: int = 0, dst: i
         if len(data) == 0:
             return transport.send([torch.zeros(1, dtype=torch.long)], dst, group, async_send)
         try:
-            payload = codec.encode(data, allow_pickle=allow)
+            payload = codec.encode(data, allow_pickle=allow, trusted=trusted)
         except Exception as e:
             # The receiver is already waiting for a size: a negative one says
             # "an error message of that many bytes follows" so it raises too.
@@ -138,5 +138,5 @@ def point_to_point_pyobj(data: list, rank: int, group=None, src: int = 0, dst: i
         if n < 0:
             raise BroadcastError(f"point_to_point_pyobj: rank {src} could not send its object: "
                                  f"{bytes(buf.numpy()).decode(errors='replace')}")
-        return codec.decode(buf, allow_pickle=allow, trusted=tuple(trusted))
+        return codec.decode(buf, allow_pickle=allow, trusted=trusted)
     return []

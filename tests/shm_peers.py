@@ -228,9 +228,11 @@ def reader_idle(conn):
     os.environ["FASTBCAST_SHM_WARN_S"] = "0.3"
     with contextlib.suppress(_C.ShmTimeoutError):
         ch.recv(1.0)
-    conn.send(("waiting",))
     interrupted = False
     try:
+        # SIGINT may come before recv() is entered on a loaded machine: it
+        # must count as interrupting the wait all the same.
+        conn.send(("waiting",))
         ch.recv()
     except KeyboardInterrupt:
         interrupted = True

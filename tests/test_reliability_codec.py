@@ -376,3 +376,20 @@ def test_register_mode_counts_what_it_pins():
     env = dict(os.environ, FASTBCAST_PINNED="register")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_blocked_module_in_sys_modules_is_not_a_module():
+    # `sys.modules["numpy"] = None` (how tests and sandboxes block an import)
+    # leaves None where the codec looks for loaded modules: it must be taken
+    # as "not loaded", not dereferenced (it crashed register() and encode).
+    import subprocess
+    code = ("import sys; sys.modules['numpy'] = None; sys.modules['pydantic'] = None\n"
+            "import dataclasses, msgspec, fastbcast\n"
+            "class S(msgspec.Struct):\n    a: int\n"
+            "@dataclasses.dataclass\nclass D:\n    b: int\n"
+            "fastbcast.register(S, D)\n"
+            "out = fastbcast.decode(fastbcast.encode([S(1), D(2), 3.5]))\n"
+            "assert out == [S(1), D(2), 3.5], out\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])
