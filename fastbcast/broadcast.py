@@ -60,8 +60,8 @@ def _env_int(name: str, default: int) -> int:
 #: Bytes of the first collective, per backend; FASTBCAST_FIRST_CHUNK sets
 #: every backend's. Objects up to first_chunk - 40 bytes encoded need no
 #: other collective. gloo pays for every byte of it on every call (an idle
-#: SGLang step broadcasts `[]`), NCCL's cost is flat up to far beyond 64 KiB;
-#: BENCHMARKS.md has the measurement.
+#: SGLang step broadcasts `[]`); NCCL was no faster with 4 KiB, and 64 KiB
+#: carries a whole scheduler step in one collective (BENCHMARKS.md, section 0).
 DEFAULT_FIRST_CHUNKS = {"gloo": 4 << 10, "nccl": 64 << 10}
 DEFAULT_FIRST_CHUNK = _env_int("FASTBCAST_FIRST_CHUNK", 0) or None
 #: Bytes of each following collective (FASTBCAST_CHUNK).
