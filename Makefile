@@ -46,7 +46,8 @@ run: build
 # .venv-verl061: verl 0.6.1 with sglang 0.5.5. Their tests take about 2 min.
 RELEASES := sglang0512 verl061
 RELEASE_TESTS_sglang0512 := tests/test_integration_sglang_release.py
-RELEASE_TESTS_verl061 := tests/test_integration_verl.py
+# (the pickle oracle's verl payloads need verl, which only this venv has)
+RELEASE_TESTS_verl061 := tests/test_integration_verl.py tests/test_codec_pickle_oracle.py -k verl
 $(VENV)-%/.deps-installed: requirements-integrations-%.txt $(DEPS)
 	rm -rf $(VENV)-$*
 	$(PYTHON) -m venv --system-site-packages $(VENV)-$*
