@@ -31,6 +31,7 @@ Failure handling (RELIABILITY.md has the whole table and the tests):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import threading
@@ -105,6 +106,15 @@ class BroadcastTimeoutError(BroadcastError):
 # destroy_process_group leaves it. Checking membership costs a dict lookup
 # where _require_live's public calls cost microseconds on every broadcast.
 _PG_MAP = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_map", None)
+
+
+def _count_failed_call(group) -> None:
+    """A call refused on this rank before anything was sent (a bad src or
+    rank=) still counts as one of the group's calls. The other ranks' calls
+    may have gone on: if the source's did, its frame now waits for this
+    rank, and this rank's next call must find it out of step and raise
+    instead of returning that frame as the next call's object."""
+    GroupState.of(group).seq += 1
 
 
 def _plain(key: tuple) -> bool:
@@ -292,8 +302,12 @@ class Broadcaster:
         key = (src, src_group_rank, rank)
         route = self._routes.get(key) if _plain(key) else None
         if route is None:
-            route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
-                            src=src, src_group_rank=src_group_rank, rank=rank)
+            try:
+                route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
+                                src=src, src_group_rank=src_group_rank, rank=rank)
+            except (ValueError, TypeError):
+                _count_failed_call(self.group)
+                raise
             if _plain(key) and len(self._routes) < 1024:
                 self._routes[key] = route
         if not self._lock.acquire(blocking=False):
@@ -341,7 +355,7 @@ class Broadcaster:
         """At the first broadcast: the group's shared state, and the
         transport (agreed with the other ranks unless "collective" was asked
         for; every rank must ask for the same)."""
-        self._state = GroupState.of(route)
+        self._state = GroupState.of(route.group)
         collective_t = CollectiveTransport(self.device, self.first_chunk, self.chunk)
         if self._requested != "collective":
             try:
@@ -498,7 +512,12 @@ def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | No
     if mesh is not None:
         # The mesh decides the default source (its slice's first rank, which
         # need not be the group's lowest rank), so resolve it here.
-        route = resolve(mesh=mesh, dim=dim, src=src, src_group_rank=src_group_rank, rank=rank)
+        try:
+            route = resolve(mesh=mesh, dim=dim, src=src, src_group_rank=src_group_rank, rank=rank)
+        except (ValueError, TypeError):
+            with contextlib.suppress(Exception):
+                _count_failed_call(resolve(mesh=mesh, dim=dim).group)
+            raise
         group, src, src_group_rank = route.group, route.src, None
     b = _cached(group, device, compat=compat, allow_pickle=allow_pickle, trusted=_prefixes(trusted),
                 timeout=_seconds(timeout), max_bytes=max_bytes, transport=transport)

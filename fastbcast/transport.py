@@ -363,11 +363,11 @@ class GroupState:
         self.rings: dict[int, object] = {}     # source group rank -> ShmChannel, or None: use the collective
 
     @classmethod
-    def of(cls, route: Route) -> "GroupState":
-        """The group's state on this rank (made empty the first time)."""
+    def of(cls, group) -> "GroupState":
+        """The state of `group` (None: the world) on this rank, made empty the first time."""
         if cls._all is None:
             cls._all = weakref.WeakKeyDictionary()
-        key = route.group if route.group is not None else dist.group.WORLD
+        key = group if group is not None else dist.group.WORLD
         state = cls._all.get(key)
         if state is None:
             state = cls._all[key] = cls()

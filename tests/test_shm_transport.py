@@ -346,3 +346,40 @@ def test_killed_writer_mid_stream():
         assert "global rank 0" in out["error"], out
         assert out["took"] < 1.0 + SLACK_S + (1.0 if r == 1 else 0), out
     assert _ours() <= before, f"left in /dev/shm: {_ours() - before}"
+
+
+def _wrong_rank_on_one_rank_only(rank, world):
+    """Each rank passes rank=0 once: right on the source (global rank 0),
+    wrong on rank 1, which raises ValueError while the source sends. That
+    refused call still counts: rank 1's next call finds the source's frame
+    out of step and raises instead of returning it, and the source learns
+    of it at a later call instead of running one message ahead for good."""
+    fb = _fb()
+    out = {}
+    for transport in ("shm", "collective"):
+        b = fb.Broadcaster(dist.new_group([0, 1]), transport=transport, timeout=5)
+        if rank == 1:
+            e = _expect(ValueError, b.broadcast, None, src=0, rank=0)[0]
+            assert "not this process" in str(e), str(e)
+            e = _expect(fb.BroadcastError, b.broadcast, None, src=0, rank=1)[0]
+            assert "out of step" in str(e), str(e)
+            out[transport] = "receiver raised"
+            continue
+        assert b.broadcast(["step0"], src=0, rank=0) == ["step0"]
+        try:
+            # The ring lets the source run up to 16 messages ahead; rank 1
+            # closes its end when it finds the mismatch, and the source's
+            # next send after that raises.
+            for step in range(1, 200):
+                b.broadcast([f"step{step}"], src=0, rank=0)
+                time.sleep(0.01)
+            out[transport] = "source ran ahead"
+        except fb.BroadcastError:
+            out[transport] = "source raised"
+    return out
+
+
+def test_wrong_rank_on_one_rank_only_is_not_silent():
+    res = run_distributed_may_die(_wrong_rank_on_one_rank_only, 2, timeout=120)
+    assert res[1] == ("ok", {"shm": "receiver raised", "collective": "receiver raised"}), res[1]
+    assert res[0] == ("ok", {"shm": "source raised", "collective": "source raised"}), res[0]
