@@ -254,10 +254,13 @@ class Broadcaster:
         self._requested = requested
         self._state: GroupState | None = None       # shared by every Broadcaster on the group
         self._transport = None                      # decided at the first broadcast
-        #: The transport in use, "shm" or "collective"; None until the first broadcast.
-        self.transport: str | None = None
 
     # ---- public ---------------------------------------------------------
+    @property
+    def transport(self) -> str | None:
+        """The transport in use, "shm" or "collective"; None until the first broadcast."""
+        return None if self._transport is None else self._transport.name
+
     def broadcast(self, obj: Any = None, *, src: int | None = None, src_group_rank: int | None = None,
                   rank: int | None = None) -> Any:
         """Sends `obj` from the source to every rank of the group.
@@ -366,9 +369,9 @@ class Broadcaster:
                 raise ValueError(f"transport='shm' cannot be used on group {list(route.ranks)}: "
                                  f"{self._state.no_shm}")
             if not self._state.no_shm:
-                self._transport, self.transport = ShmTransport(self._state, collective_t), "shm"
+                self._transport = ShmTransport(self._state, collective_t)
                 return
-        self._transport, self.transport = collective_t, "collective"
+        self._transport = collective_t
 
     def _raise_transport(self, error: TransportError, route: Route, what: str):
         """Turns a transport failure into BroadcastError(Timeout). The ranks
