@@ -37,7 +37,8 @@ class Encoder {
   }
 
   bool run(PyObject* obj, Encoded* out) {
-    size_t first = std::max({opts_.min_capacity, opts_.reserve + g_last_size, PinnedPool::kMinBlock});
+    size_t first = opts_.scratch ? opts_.reserve + 1
+                                 : std::max({opts_.min_capacity, opts_.reserve + g_last_size, PinnedPool::kMinBlock});
     if (!set_block(first)) return false;
     len_ = opts_.reserve;
     if (!enc(obj, 0)) {
@@ -46,6 +47,7 @@ class Encoder {
     }
     g_last_size = len_ - opts_.reserve;
     out->block = std::move(block_);
+    out->data = data_;
     out->len = len_;
     out->device_len = device_len_;
     return true;
@@ -54,6 +56,19 @@ class Encoder {
  private:
   // ---- buffer -----------------------------------------------------------
   bool set_block(size_t min_bytes) {
+    if (opts_.scratch && min_bytes <= opts_.scratch_limit) {
+      // The caller's memory: a small frame costs no pool block (and no
+      // tensor); resize keeps what was written so far.
+      try {
+        if (opts_.scratch->size() < min_bytes) opts_.scratch->resize(std::min(opts_.scratch_limit, 2 * min_bytes));
+      } catch (const std::bad_alloc&) {
+        PyErr_NoMemory();
+        return false;
+      }
+      data_ = opts_.scratch->data();
+      cap_ = opts_.scratch->size();
+      return true;
+    }
     at::Tensor b;
     try {
       b = PinnedPool::instance().acquire(min_bytes);

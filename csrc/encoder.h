@@ -21,10 +21,15 @@ struct EncodeOptions {
   // pointing into one device buffer laid out 16-byte aligned. NULL: a CUDA
   // tensor is a TypeError.
   std::vector<at::Tensor>* cuda_tensors = nullptr;
+  // When set, the value is written here while it needs no more than
+  // scratch_limit bytes, and into a pool block beyond that.
+  std::vector<uint8_t>* scratch = nullptr;
+  size_t scratch_limit = 0;
 };
 
 struct Encoded {
-  at::Tensor block;          // a whole pool block; bytes [0, len) are valid
+  at::Tensor block;          // a whole pool block, or undefined when the bytes are in opts.scratch
+  uint8_t* data = nullptr;   // bytes [0, len) of the encoding, in block or scratch
   size_t len = 0;            // reserve + value bytes
   uint64_t device_len = 0;   // bytes of the device buffer the CUDA refs point into
 };

@@ -103,23 +103,36 @@ py::object decode(py::handle buf, bool allow_pickle, const py::object& trusted) 
 // at least min_capacity bytes long. Returns (block, frame_bytes,
 // cuda_tensors, device_len). `trusted` is what the receivers trust: the
 // source writes natively only classes they may rebuild.
-py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
-                       bool compat, bool allow_pickle, bool collect_cuda, size_t min_capacity,
-                       const py::object& trusted) {
-  std::vector<at::Tensor> cuda;
+// Header + value in one pool block of at least min_capacity bytes; CUDA
+// tensors go to *cuda when it is given.
+Encoded encode_frame_block(PyObject* obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+                           bool compat, bool allow_pickle, size_t min_capacity, const py::object& trusted,
+                           std::vector<at::Tensor>* cuda, std::vector<uint8_t>* scratch = nullptr,
+                           size_t scratch_limit = 0) {
   EncodeOptions opts = encode_options(compat, allow_pickle, trusted);
   opts.reserve = kHeaderBytes;
   opts.min_capacity = min_capacity;
-  opts.cuda_tensors = collect_cuda ? &cuda : nullptr;
-  Encoded e = encode_or_throw(obj.ptr(), opts);
+  opts.cuda_tensors = cuda;
+  opts.scratch = scratch;
+  opts.scratch_limit = scratch_limit;
+  Encoded e = encode_or_throw(obj, opts);
   FrameHeader h;
-  h.flags = cuda.empty() ? 0 : FLAG_CUDA;
+  h.flags = cuda && !cuda->empty() ? FLAG_CUDA : 0;
   h.payload_len = e.len - kHeaderBytes;
   h.first_chunk = first_chunk;
   h.chunk = chunk;
   h.device_len = e.device_len;
   h.seq = seq;
-  write_header(e.block.data_ptr<uint8_t>(), h, version);
+  write_header(e.data, h, version);
+  return e;
+}
+
+py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+                       bool compat, bool allow_pickle, bool collect_cuda, size_t min_capacity,
+                       const py::object& trusted) {
+  std::vector<at::Tensor> cuda;
+  Encoded e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle, min_capacity,
+                                 trusted, collect_cuda ? &cuda : nullptr);
   py::list tensors;
   for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
   return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len);
@@ -305,6 +318,7 @@ namespace {
 
 PyObject* g_shm_peer_error = nullptr;
 PyObject* g_shm_timeout_error = nullptr;
+PyObject* g_not_inline = nullptr;  // recv_object's "use recv()" answer, kept for the life of the process
 
 // Read when a wait first outlasts a slice, not once per process: a short
 // wait never looks, and a test can change it between waits.
@@ -380,6 +394,8 @@ void bind_shm(py::module_& m) {
       Py_XDECREF(args);
     }
   });
+  g_not_inline = py::module_::import("builtins").attr("object")().release().ptr();
+  m.attr("SHM_NOT_INLINE") = py::reinterpret_borrow<py::object>(g_not_inline);
   m.attr("SHM_DEFAULT_SLOTS") = kShmDefaultSlots;
   m.attr("SHM_DEFAULT_SLOT_BYTES") = kShmDefaultSlotBytes;
 
@@ -423,6 +439,70 @@ void bind_shm(py::module_& m) {
             at::Tensor t = without_gil([&] { return c.recv(p); });
             return steal(THPVariable_Wrap(t));
           },
+          py::arg("timeout_s") = py::none())
+      .def(
+          "send_object",
+          [](Ch& c, py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+             bool compat, bool allow_pickle, bool collect_cuda, const py::object& trusted, uint64_t max_bytes,
+             std::optional<double> timeout_s) -> py::object {
+            // The per-step path: encode and send in one call, with no tensor
+            // made for the frame. A frame that needs more than one slot,
+            // carries CUDA tensors or is over max_bytes comes back as
+            // encode_frame's tuple, unsent, for the caller's general path.
+            const uint64_t slot = c.ring().slot_bytes();
+            std::vector<at::Tensor> cuda;
+            Encoded e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle, 0,
+                                           trusted, collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
+            if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) {
+              if (!e.block.defined()) {  // still in scratch: the general path needs a tensor
+                e.block = PinnedPool::instance().acquire(e.len);
+                std::memcpy(e.block.data_ptr<uint8_t>(), e.data, e.len);
+              }
+              py::list tensors;
+              for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
+              return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len);
+            }
+            WaitPolicy p = shm_policy(timeout_s);
+            without_gil([&] { c.send(e.data, e.len, p); });
+            return py::none();
+          },
+          py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq"),
+          py::arg("compat"), py::arg("allow_pickle"), py::arg("collect_cuda"), py::arg("trusted"),
+          py::arg("max_bytes"), py::arg("timeout_s") = py::none(),
+          "Encodes obj as a frame (arguments as encode_frame) and, if it fits one slot, has no CUDA tensors and "
+          "is within max_bytes, sends it and returns None. Otherwise returns encode_frame's (block, frame_bytes, "
+          "cuda_tensors, device_len), unsent. Encode errors raise before anything is sent; `sending` tells a "
+          "failure of the send itself apart.")
+      .def_property_readonly("sending", &Ch::sending,
+                             "True while a send is unfinished: set when a send starts, cleared when it returns.")
+      .def(
+          "recv_object",
+          [](Ch& c, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle, const py::object& trusted,
+             std::optional<double> timeout_s) -> py::object {
+            // The per-step path: a plain frame of this version and call
+            // number that sits in one slot is decoded straight from the
+            // ring. Anything else (an error or CUDA frame, another version
+            // or call number, a longer or oversized frame) stays pending and
+            // SHM_NOT_INLINE is returned: recv() then hands it to the
+            // caller's general path, which says what is wrong.
+            WaitPolicy p = shm_policy(timeout_s);
+            uint64_t len = 0;
+            const uint8_t* data = without_gil([&] { return c.peek(p, &len); });
+            FrameHeader h;
+            std::string err;
+            if (!data || !read_header(data, len, version, &h, &err) || h.version != version || h.flags != 0 ||
+                h.seq != seq || h.frame_len != len || h.payload_len > max_bytes)
+              return py::reinterpret_borrow<py::object>(g_not_inline);
+            c.take_inline();
+            // A receiver that fails to decode still releases its slot.
+            struct Release {
+              Ch& c;
+              ~Release() { c.release(); }
+            } done{c};
+            DecodeOptions opts = decode_options(allow_pickle, trusted);
+            return steal(decode_object(data + kHeaderBytes, h.payload_len, opts, kHeaderBytes));
+          },
+          py::arg("version"), py::arg("seq"), py::arg("max_bytes"), py::arg("allow_pickle"), py::arg("trusted"),
           py::arg("timeout_s") = py::none())
       .def("release", &Ch::release)
       .def("close", &Ch::close)

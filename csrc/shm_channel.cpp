@@ -53,6 +53,7 @@ void ShmChannel::corrupt(const std::string& what) {
 
 void ShmChannel::send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& policy) {
   check_usable(true);
+  sending_ = true;
   ring_->check_readers();
   const uint64_t sb = ring_->slot_bytes();
   const uint64_t n_slots = nbytes == 0 ? 1 : (nbytes + sb - 1) / sb;
@@ -76,6 +77,55 @@ void ShmChannel::send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& po
     off += n;
   }
   msg_seq_ = seq;
+  sending_ = false;
+}
+
+void ShmChannel::check_slot(const SlotHeader& s, uint64_t seq, uint64_t index, uint64_t msg_len,
+                            uint64_t remaining) {
+  const uint64_t sb = ring_->slot_bytes();
+  if (s.msg_seq != seq)
+    corrupt("slot of message " + std::to_string(s.msg_seq) + " where message " + std::to_string(seq) +
+            " was expected (a message was skipped or repeated)");
+  if (s.index != index)
+    corrupt("slot " + std::to_string(s.index) + " of a message where slot " + std::to_string(index) +
+            " was expected");
+  if (s.msg_len != msg_len)
+    corrupt("message length changed from " + std::to_string(msg_len) + " to " + std::to_string(s.msg_len) +
+            " within one message");
+  if (s.nbytes != std::min(sb, remaining))
+    corrupt("slot says it holds " + std::to_string(s.nbytes) + " bytes, but " + std::to_string(remaining) +
+            " of the " + std::to_string(msg_len) + "-byte message remain and a slot holds " + std::to_string(sb));
+}
+
+SlotHeader ShmChannel::first_slot(const WaitPolicy& policy, const uint8_t** p) {
+  if (pending_) {
+    pending_ = false;
+    *p = pending_p_;
+    return pending_h_;
+  }
+  SlotHeader h = ring_->read_next(policy, p);
+  if (h.msg_len > kMaxMessage) corrupt("message length " + std::to_string(h.msg_len) + " is impossible");
+  check_slot(h, msg_seq_ + 1, 0, h.msg_len, h.msg_len);
+  return h;
+}
+
+const uint8_t* ShmChannel::peek(const WaitPolicy& policy, uint64_t* len) {
+  check_usable(false);
+  release();
+  const uint8_t* p;
+  pending_h_ = first_slot(policy, &p);
+  pending_p_ = p;
+  pending_ = true;
+  *len = pending_h_.msg_len;
+  return pending_h_.msg_len <= ring_->slot_bytes() ? p : nullptr;
+}
+
+void ShmChannel::take_inline() {
+  if (!pending_ || pending_h_.msg_len > ring_->slot_bytes())
+    throw std::logic_error("fastbcast: take_inline() without a one-slot message from peek()");
+  pending_ = false;
+  holding_ = true;
+  ++msg_seq_;
 }
 
 at::Tensor ShmChannel::recv(const WaitPolicy& policy) {
@@ -84,23 +134,10 @@ at::Tensor ShmChannel::recv(const WaitPolicy& policy) {
   const uint64_t sb = ring_->slot_bytes();
   const uint64_t seq = msg_seq_ + 1;
   const uint8_t* p;
-  SlotHeader h = ring_->read_next(policy, &p);
+  SlotHeader h = first_slot(policy, &p);
   auto check = [&](const SlotHeader& s, uint64_t index, uint64_t msg_len, uint64_t remaining) {
-    if (s.msg_seq != seq)
-      corrupt("slot of message " + std::to_string(s.msg_seq) + " where message " + std::to_string(seq) +
-              " was expected (a message was skipped or repeated)");
-    if (s.index != index)
-      corrupt("slot " + std::to_string(s.index) + " of a message where slot " + std::to_string(index) +
-              " was expected");
-    if (s.msg_len != msg_len)
-      corrupt("message length changed from " + std::to_string(msg_len) + " to " + std::to_string(s.msg_len) +
-              " within one message");
-    if (s.nbytes != std::min(sb, remaining))
-      corrupt("slot says it holds " + std::to_string(s.nbytes) + " bytes, but " + std::to_string(remaining) +
-              " of the " + std::to_string(msg_len) + "-byte message remain and a slot holds " + std::to_string(sb));
+    check_slot(s, seq, index, msg_len, remaining);
   };
-  if (h.msg_len > kMaxMessage) corrupt("message length " + std::to_string(h.msg_len) + " is impossible");
-  check(h, 0, h.msg_len, h.msg_len);
   const uint64_t len = h.msg_len;
   if (len <= sb) {
     msg_seq_ = seq;

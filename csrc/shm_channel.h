@@ -35,8 +35,20 @@ class ShmChannel {
   void send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& policy);
   // Reader: the next whole message (uint8, 1-D).
   at::Tensor recv(const WaitPolicy& policy);
+  // Reader: waits for the next message's first slot without taking the
+  // message: the next recv() or take_inline() returns it. Returns its
+  // payload if the whole message sits in that slot, else nullptr; *len is
+  // the message's length either way.
+  const uint8_t* peek(const WaitPolicy& policy, uint64_t* len);
+  // Reader: takes the one-slot message peek() returned; its slot stays held
+  // (the pointer valid) until release(). This is how a small message is
+  // decoded straight from the ring, with no tensor made for it.
+  void take_inline();
   void release();
   void close();
+  bool sending() const { return sending_; }
+  // Writer: memory a small frame is encoded into before it is sent.
+  std::vector<uint8_t>& scratch() { return scratch_; }
 
   ShmRing& ring() { return *ring_; }
 
@@ -44,11 +56,19 @@ class ShmChannel {
   explicit ShmChannel(std::unique_ptr<ShmRing> r) : ring_(std::move(r)) {}
   void check_usable(bool writer) const;
   [[noreturn]] void corrupt(const std::string& what);
+  void check_slot(const SlotHeader& s, uint64_t seq, uint64_t index, uint64_t msg_len, uint64_t remaining);
+  // The first slot of the next message: the one peek() left, or a new one.
+  SlotHeader first_slot(const WaitPolicy& policy, const uint8_t** payload);
 
   std::unique_ptr<ShmRing> ring_;
   uint64_t msg_seq_ = 0;  // writer: messages sent; reader: messages received
   bool holding_ = false;  // reader: a one-slot message's slot is still held
+  bool pending_ = false;  // reader: peek() read the next message's first slot
+  SlotHeader pending_h_{};
+  const uint8_t* pending_p_ = nullptr;
   std::string broken_;    // why this end can no longer be used
+  bool sending_ = false;  // writer: inside send(), or a send() that threw
+  std::vector<uint8_t> scratch_;
 };
 
 }  // namespace fastbcast

@@ -46,7 +46,7 @@ from .codec import _prefixes
 from ._version import FORMAT_VERSION
 from .mesh import Route, resolve
 from .transport import (CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport, TransportError,
-                        TransportTimeout)
+                        TransportTimeout, _left, shm_failure)
 
 __all__ = ["Broadcaster", "BroadcastError", "BroadcastTimeoutError", "broadcast", "broadcast_pyobj",
            "DEFAULT_FIRST_CHUNKS", "DEFAULT_CHUNK", "DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT", "DEFAULT_TRANSPORT"]
@@ -303,7 +303,7 @@ class Broadcaster:
         if _PG_MAP is None or self._pg not in _PG_MAP:
             _require_live(self.group)
         key = (src, src_group_rank, rank)
-        route = self._routes.get(key) if _plain(key) else None
+        route = self._routes.get(key)   # only plain keys are ever stored: a tensor key misses
         if route is None:
             try:
                 route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
@@ -398,10 +398,21 @@ class Broadcaster:
     def _send(self, obj, route: Route, deadline):
         t = self._transport
         t.settle()
+        ch = t.inline_channel(route, deadline)
         try:
-            block, used, cuda_tensors, device_len = _C.encode_frame(
-                obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat, self.allow_pickle,
-                self.device.type == "cuda", t.min_capacity, self.trusted)
+            if ch is not None:
+                # One call encodes and sends a frame that fits one slot; a
+                # bigger one (or one with CUDA tensors) comes back encoded.
+                sent = ch.send_object(obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq,
+                                      self.compat, self.allow_pickle, self.device.type == "cuda", self.trusted,
+                                      self.max_bytes, _left(deadline))
+                if sent is None:
+                    return obj
+                block, used, cuda_tensors, device_len = sent
+            else:
+                block, used, cuda_tensors, device_len = _C.encode_frame(
+                    obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat,
+                    self.allow_pickle, self.device.type == "cuda", t.min_capacity, self.trusted)
             size = used - _C.HEADER_BYTES + device_len
             if size > self.max_bytes:
                 del block, cuda_tensors
@@ -409,6 +420,8 @@ class Broadcaster:
                     f"the object encodes to {size} bytes, over this Broadcaster's max_bytes={self.max_bytes} "
                     f"(Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); nothing was sent")
         except BaseException as e:
+            if ch is not None and ch.sending:
+                raise shm_failure(e) from e   # the send itself failed, not the encode
             # Receivers are already waiting for a frame: tell them.
             msg = f"source (global rank {route.src}) failed to encode: {type(e).__name__}: {e}"
             block, used = _C.error_frame(msg, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq,
@@ -422,6 +435,17 @@ class Broadcaster:
 
     def _recv(self, route: Route, deadline):
         t = self._transport
+        ch = t.inline_channel(route, deadline)
+        if ch is not None:
+            # A plain frame of this call in one slot is decoded in place by
+            # one call; anything else stays pending for t.recv below.
+            try:
+                obj = ch.recv_object(FORMAT_VERSION, self._state.seq, self.max_bytes, self.allow_pickle,
+                                     self.trusted, _left(deadline))
+            except (_C.ShmTimeoutError, _C.ShmPeerError) as e:
+                raise shm_failure(e) from e
+            if obj is not _C.SHM_NOT_INLINE:
+                return obj
         frame, (version, flags, _, payload_len, _, _, device_len, seq) = t.recv(route, deadline, self.max_bytes)
         try:
             device_len = device_len if flags & _C.FLAG_CUDA else 0

@@ -154,6 +154,9 @@ class CollectiveTransport:
             collective(dist.broadcast, buf[off:min(off + c, total)], route, deadline,
                        f"collective {i + 2} of {n}", src=route.src)
 
+    def inline_channel(self, route: Route, deadline):
+        return None  # every frame takes send()/recv()
+
     def settle(self) -> None:
         # The previous source call's H2D copy may still read its host block;
         # wait for it before the block can go back to the pool.
@@ -491,6 +494,12 @@ class ShmTransport:
         self.collective = collective
         self._held = None
 
+    def inline_channel(self, route: Route, deadline):
+        """The ring of route's source, when it carries this source's frames:
+        small frames then go through its send_object / recv_object, one
+        call each, with no tensor made for them."""
+        return self.state.ring(route, self.collective, deadline)
+
     def send(self, block: torch.Tensor, nbytes: int, route: Route, deadline) -> None:
         ch = self.state.ring(route, self.collective, deadline)
         if ch is None:
@@ -537,7 +546,14 @@ def _padded(block: torch.Tensor, nbytes: int, first_chunk: int) -> torch.Tensor:
 def _shm_call(fn, *args):
     try:
         return fn(*args)
-    except _C.ShmTimeoutError as e:
-        raise TransportTimeout(str(e)) from e
-    except _C.ShmPeerError as e:
-        raise TransportError(str(e)) from e
+    except (_C.ShmTimeoutError, _C.ShmPeerError) as e:
+        raise shm_failure(e) from e
+
+
+def shm_failure(e: BaseException) -> BaseException:
+    """What a shared-memory channel's exception means to the protocol."""
+    if isinstance(e, _C.ShmTimeoutError):
+        return TransportTimeout(str(e))
+    if isinstance(e, _C.ShmPeerError):
+        return TransportError(str(e))
+    return e

@@ -179,6 +179,108 @@ def test_one_slot_message_is_a_view_held_until_release():
     gc.collect()
 
 
+# ---------------------------------------------------------------- one-call path
+# send_object / recv_object: the per-step path of the broadcast protocol
+# (encode + send, and receive + decode, one call each, no tensor made).
+
+def _frame_args(seq, **kw):
+    from fastbcast._version import FORMAT_VERSION
+    a = dict(first_chunk=4096, chunk=1 << 26, version=FORMAT_VERSION, seq=seq, compat=False, allow_pickle=False,
+             collect_cuda=False, trusted=(), max_bytes=1 << 30)
+    a.update(kw)
+    return a
+
+
+def _recv_object(r, seq, allow_pickle=False, max_bytes=1 << 30):
+    from fastbcast._version import FORMAT_VERSION
+    return r.recv_object(FORMAT_VERSION, seq, max_bytes, allow_pickle, (), 1.0)
+
+
+def test_one_call_path_releases_every_slot():
+    """More messages than slots, each sent and decoded by one call: every
+    slot is released (a send would otherwise time out on a full ring)."""
+    w, r = local_pair(n_slots=4, slot_bytes=4096)
+    for seq in range(1, 4 * 3 + 1):
+        obj = [seq, "x" * seq, {"k": (seq,)}]
+        assert w.send_object(obj, timeout_s=1.0, **_frame_args(seq)) is None
+        assert not w.sending
+        assert _recv_object(r, seq) == obj
+    w.close()
+    r.close()
+
+
+def test_one_call_path_decode_error_still_releases_the_slot():
+    """A receiver that raises while decoding (here: a pickle it does not
+    accept) releases its slot, so the writer is never blocked by it."""
+    w, r = local_pair(n_slots=4, slot_bytes=4096)
+    for seq in range(1, 4 * 3 + 1):
+        assert w.send_object([threading.Lock], timeout_s=1.0, **_frame_args(seq, allow_pickle=True)) is None
+        with pytest.raises(_C.DecodeError, match="pickle"):
+            _recv_object(r, seq)
+    assert w.send_object("still fine", timeout_s=1.0, **_frame_args(13)) is None
+    assert _recv_object(r, 13) == "still fine"
+    w.close()
+    r.close()
+
+
+@pytest.mark.parametrize("case", ["other_seq", "over_max_bytes", "error_frame", "several_slots"])
+def test_one_call_path_leaves_other_frames_for_recv(case):
+    """A frame the one-call path does not take stays pending, whole, for
+    recv() (which the protocol's general path then reads and explains)."""
+    from fastbcast._version import FORMAT_VERSION
+    w, r = local_pair(n_slots=4, slot_bytes=256)
+    seq, max_bytes, obj = 1, 1 << 30, ["x" * 50]
+    if case == "error_frame":
+        block, n = _C.error_frame("the source failed", 4096, 1 << 26, FORMAT_VERSION, seq, 4096, 0)
+        w.send(block, n, 1.0)
+    elif case == "several_slots":
+        obj = ["y" * 600]
+        sent = w.send_object(obj, timeout_s=1.0, **_frame_args(seq))
+        assert sent is not None                         # too big for a slot: handed back, unsent
+        block, n, cuda, device_len = sent
+        assert n > 256 and cuda == [] and device_len == 0
+        w.send(block, n, 1.0)
+    else:
+        assert w.send_object(obj, timeout_s=1.0, **_frame_args(seq)) is None
+        if case == "other_seq":
+            seq = 2
+        else:
+            max_bytes = 10
+    assert _recv_object(r, seq, max_bytes=max_bytes) is _C.SHM_NOT_INLINE
+    assert _recv_object(r, seq, max_bytes=max_bytes) is _C.SHM_NOT_INLINE   # still pending, not consumed
+    frame = r.recv(1.0)
+    version, flags, frame_len, payload_len, *_ = _C.read_header(frame, FORMAT_VERSION)
+    assert frame_len == frame.numel()
+    if case == "error_frame":
+        assert flags & _C.FLAG_ERROR and _C.frame_message(frame, payload_len) == "the source failed"
+    else:
+        assert _C.decode_frame(frame, payload_len) == obj
+    r.release()
+    # and the stream goes on in step
+    assert w.send_object("next", timeout_s=1.0, **_frame_args(2)) is None
+    assert _recv_object(r, 2) == "next"
+    w.close()
+    r.close()
+
+
+def test_one_call_path_over_max_bytes_is_handed_back():
+    w, r = local_pair(n_slots=4, slot_bytes=4096)
+    sent = w.send_object(["z" * 100], timeout_s=1.0, **_frame_args(1, max_bytes=50))
+    assert sent is not None and sent[1] > 100 and sent[0].numel() >= sent[1]
+    assert _C.decode_frame(sent[0], sent[1] - _C.HEADER_BYTES) == ["z" * 100]
+    w.close()
+    r.close()
+
+
+def test_one_call_path_corrupt_slot_is_a_decode_error():
+    w, r = local_pair(n_slots=4, slot_bytes=256)
+    w._inject(SLOT_HEADER.pack(0, 7, 10, 0, 10), True)
+    with pytest.raises(_C.DecodeError, match="message 7 where message 1"):
+        _recv_object(r, 1)
+    w.close()
+    r.close()
+
+
 # ---------------------------------------------------------------- order
 
 
