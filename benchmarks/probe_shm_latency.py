@@ -80,6 +80,20 @@ def _worker(rank, world, port, path, args):
             v[post(rank)] = i
             call(None)
             v[out(rank)] = clock()
+    if args.idle_s:
+        # One more call after an idle stretch: the CPU each process used
+        # (all its threads) while its receivers waited with no message.
+        dist.barrier()
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        if rank == 0:
+            time.sleep(args.idle_s)
+        call(payload if rank == 0 else None)
+        used = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+        shares = [None] * world
+        dist.all_gather_object(shares, used)
+        if rank == 0:
+            print(f"idle {args.idle_s:g} s, world {world}: CPU of each rank's process while waiting: "
+                  + ", ".join(f"rank {r} {100 * u:.2f} %" for r, u in enumerate(shares)), flush=True)
     if rank == 0:
         lat = [[(e[r] - s) / 1000 for r in range(world)] for s, e in zip(starts, ends)]
         worst = sorted(max(row[1:]) for row in lat)
@@ -100,6 +114,8 @@ def main():
     p.add_argument("--samples", type=int, default=5000)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--gap-us", type=float, default=0.0, help="source waits this long after every receiver is in")
+    p.add_argument("--idle-s", type=float, default=0.0,
+                   help="then one call after the source idles this long: each rank's CPU use while it waited")
     p.add_argument("--method", choices=("fastbcast", "pickle"), default="fastbcast")
     args = p.parse_args()
     fd, path = tempfile.mkstemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)

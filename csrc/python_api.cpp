@@ -434,12 +434,14 @@ void bind_shm(py::module_& m) {
           py::arg("buf"), py::arg("nbytes"), py::arg("timeout_s") = py::none())
       .def(
           "recv",
-          [](Ch& c, std::optional<double> timeout_s) {
+          [](Ch& c, std::optional<double> timeout_s, std::optional<uint64_t> max_len) {
             WaitPolicy p = shm_policy(timeout_s);
-            at::Tensor t = without_gil([&] { return c.recv(p); });
+            at::Tensor t = without_gil([&] { return c.recv(p, max_len.value_or(UINT64_MAX)); });
             return steal(THPVariable_Wrap(t));
           },
-          py::arg("timeout_s") = py::none())
+          py::arg("timeout_s") = py::none(), py::arg("max_len") = py::none(),
+          "The next message. One longer than max_len (and than a slot) is drained: its first max_len bytes "
+          "come back, the rest is released uncopied.")
       .def(
           "send_object",
           [](Ch& c, py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,

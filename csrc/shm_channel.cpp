@@ -128,7 +128,7 @@ void ShmChannel::take_inline() {
   ++msg_seq_;
 }
 
-at::Tensor ShmChannel::recv(const WaitPolicy& policy) {
+at::Tensor ShmChannel::recv(const WaitPolicy& policy, uint64_t max_len) {
   check_usable(false);
   release();
   const uint64_t sb = ring_->slot_bytes();
@@ -149,11 +149,14 @@ at::Tensor ShmChannel::recv(const WaitPolicy& policy) {
   auto mid = [&](const char* why) {
     if (broken_.empty()) broken_ = std::string("a receive stopped inside a message: ") + why;
   };
-  at::Tensor block = guarded([&] { return PinnedPool::instance().acquire(len); }, mid);
+  // A message over max_len is drained: only its first max_len bytes are
+  // kept, the rest of its slots are released unread.
+  const uint64_t keep_len = std::min(len, max_len);
+  at::Tensor block = guarded([&] { return PinnedPool::instance().acquire(keep_len); }, mid);
   uint8_t* dst = block.data_ptr<uint8_t>();
   uint64_t off = 0;
   for (uint64_t i = 0;; ++i) {
-    std::memcpy(dst + off, p, h.nbytes);
+    if (off < keep_len) std::memcpy(dst + off, p, std::min<uint64_t>(h.nbytes, keep_len - off));
     off += h.nbytes;
     ring_->release();
     if (off == len) break;
@@ -161,7 +164,7 @@ at::Tensor ShmChannel::recv(const WaitPolicy& policy) {
     check(h, i + 1, len, len - off);
   }
   msg_seq_ = seq;
-  return block.narrow(0, 0, int64_t(len));
+  return block.narrow(0, 0, int64_t(keep_len));
 }
 
 void ShmChannel::release() {

@@ -33,8 +33,10 @@ class ShmChannel {
 
   // Writer: returns once the last slot is published.
   void send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& policy);
-  // Reader: the next whole message (uint8, 1-D).
-  at::Tensor recv(const WaitPolicy& policy);
+  // Reader: the next whole message (uint8, 1-D). A message longer than
+  // max_len (and than one slot) is received without being copied beyond its
+  // first max_len bytes, which are all that is returned.
+  at::Tensor recv(const WaitPolicy& policy, uint64_t max_len = UINT64_MAX);
   // Reader: waits for the next message's first slot without taking the
   // message: the next recv() or take_inline() returns it. Returns its
   // payload if the whole message sits in that slot, else nullptr; *len is

@@ -511,9 +511,11 @@ class ShmTransport:
         ch = self.state.ring(route, self.collective, deadline)
         if ch is None:
             return self.collective.recv(route, deadline, max_bytes)
-        buf = _shm_call(ch.recv, _left(deadline))
+        # A frame over max_bytes is drained in the ring, not copied.
+        buf = _shm_call(ch.recv, _left(deadline), max_bytes + _C.HEADER_BYTES)
         self._held = ch
-        return buf, read_header(buf, route)
+        header = read_header(buf, route)
+        return (buf if buf.numel() >= header[2] else None), header
 
     def release(self) -> None:
         if self._held is not None:

@@ -281,6 +281,24 @@ def test_one_call_path_corrupt_slot_is_a_decode_error():
     r.close()
 
 
+def test_recv_drains_a_message_over_max_len_without_copying_it():
+    """A receiver's max_bytes on shared memory: a message over it is
+    drained slot by slot; only its first max_len bytes are copied out."""
+    w, r = local_pair(n_slots=4, slot_bytes=256)
+    data = payload(10 * 256 + 7, seed=5)
+    t = threading.Thread(target=lambda: w.send(data, data.numel(), 10.0))
+    t.start()
+    got = r.recv(5.0, 100)
+    t.join()
+    assert got.numel() == 100 and torch.equal(got, data[:100])
+    r.release()
+    small = payload(300, seed=6)
+    w.send(small, small.numel(), 1.0)           # the stream goes on in step
+    assert torch.equal(r.recv(1.0, 1000), small)
+    w.close()
+    r.close()
+
+
 # ---------------------------------------------------------------- order
 
 

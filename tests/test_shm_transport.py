@@ -190,6 +190,29 @@ def _check_slot_boundaries(rank, world):
 
 
 @check
+def _check_receiver_max_bytes_drains_in_the_ring(rank, world):
+    """A receiver with a smaller max_bytes than a 3 MiB frame (several
+    slots) raises BroadcastError after draining it in the ring, without a
+    buffer for the frame; the source and the others are unaffected, and the
+    next call works."""
+    fb = _fb()
+    g = _group(range(world))
+    cap = 100_000 if rank == 1 else None
+    b = fb.Broadcaster(g, max_bytes=cap)
+    b.broadcast("setup" if rank == 0 else None, src=0)
+    big = bytes(range(256)) * (3 << 12)          # 3 MiB, the same on every rank
+    pool_before = fb.pool_stats()["bytes"]
+    if rank == 1:
+        e = _expect(fb.BroadcastError, b.broadcast, None, src=0)[0]
+        assert "max_bytes=100000" in str(e), str(e)
+        assert fb.pool_stats()["bytes"] - pool_before < 1 << 20, (pool_before, fb.pool_stats())
+    else:
+        got = b.broadcast(big if rank == 0 else None, src=0)
+        assert rank == 0 or got == big
+    assert b.broadcast(["next", 1] if rank == 2 else None, src=2) == ["next", 1]
+
+
+@check
 def _check_10000_calls_flat(rank, world):
     """10,000 calls of the per-step shape: RSS, the pool and /dev/shm stay flat."""
     fb = _fb()
