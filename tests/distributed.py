@@ -33,7 +33,8 @@ import traceback
 
 import torch
 
-__all__ = ["run_distributed", "run_distributed_may_die", "free_port", "gpu_count", "requires_gpus"]
+__all__ = ["run_distributed", "run_distributed_may_die", "free_port", "gpu_count", "requires_gpus", "run_checks",
+           "expect_check_ok"]
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -350,3 +351,58 @@ def run_distributed_may_die(fn, world: int, *args, timeout: float = 120) -> dict
             else:
                 out[r] = ("died", p.exitcode)
         return out
+
+
+# ---------------------------------------------------------------------------
+# Many checks in one spawned world
+# ---------------------------------------------------------------------------
+# Spawning a world costs seconds, so a test module runs all its checks in one
+# world (a module-scoped fixture calls run_distributed(fn, ...) where fn calls
+# run_checks), and each test function reports one check with expect_check_ok.
+
+def run_checks(rank: int, checks: dict, names, outdir: str, barrier_each: bool = False) -> dict:
+    """On one rank: runs checks[name](rank, world_size) for each name in
+    order, writing '<outdir>/<name>.rank<r>' with 'ok <seconds>' (then the
+    value's repr, if any) or the traceback. Returns {name: value}. A failing
+    check does not stop the others. barrier_each: a barrier after each check
+    (when checks must not overlap across ranks)."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size()
+    results = {}
+    for name in names:
+        started = time.monotonic()
+        try:
+            value = checks[name](rank, world_size)
+            status = f"ok {time.monotonic() - started:.2f}" + ("" if value is None else f"\n{value!r}")
+        except BaseException:
+            value, status = None, traceback.format_exc() + f"\n(after {time.monotonic() - started:.1f} s)"
+        results[name] = value
+        path = os.path.join(outdir, f"{name}.rank{rank}")
+        with open(path + ".tmp", "w") as f:
+            f.write(status)
+        os.replace(path + ".tmp", path)
+        if barrier_each:
+            dist.barrier()
+    return results
+
+
+def expect_check_ok(outdir: str, world_size: int, name: str, run_error: str | None = None) -> None:
+    """Fails the calling test unless every rank wrote 'ok' for check `name`;
+    the message holds each failing rank's traceback, and the run's own error
+    (from run_distributed) if it failed."""
+    import pytest
+
+    problems = []
+    for r in range(world_size):
+        path = os.path.join(outdir, f"{name}.rank{r}")
+        if not os.path.exists(path):
+            problems.append(f"--- rank {r}: no result (the run ended before this check)")
+            continue
+        with open(path) as f:
+            text = f.read()
+        if not text.startswith("ok "):
+            problems.append(f"--- rank {r}:\n{text}")
+    if problems:
+        detail = "\n".join(problems) + (f"\n=== the run itself failed:\n{run_error[:6000]}" if run_error else "")
+        pytest.fail(f"check {name!r} failed:\n{detail}", pytrace=False)

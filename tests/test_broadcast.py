@@ -29,7 +29,6 @@ import os
 import pickle
 import sys
 import time
-import traceback
 
 import numpy as np
 import pytest
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import bcast_types as bt
-from distributed import CountBroadcasts, run_distributed
+from distributed import CountBroadcasts, expect_check_ok, run_checks, run_distributed
 
 WORLD = 4
 CHECK_TIMEOUT_S = 30          # collective timeout of the per-check groups
@@ -710,23 +709,10 @@ def _check_chunk_size_mismatch(rank, world):
 
 
 def _run_checks(rank, world_size, outdir, names, transport):
-    """Runs the named checks in order with `transport` as every
-    Broadcaster's default; writes '<name>.rank<r>' files with 'ok <seconds>'
-    or the traceback."""
+    """The checks, with `transport` as every Broadcaster's default."""
     _bmod().DEFAULT_TRANSPORT = transport
     bt.register_all()
-    for name in names:
-        started = time.monotonic()
-        try:
-            CHECKS[name](rank, world_size)
-            status = "ok"
-        except BaseException:
-            status = traceback.format_exc()
-        took = time.monotonic() - started
-        path = os.path.join(outdir, f"{name}.rank{rank}")
-        with open(path + ".tmp", "w") as f:
-            f.write(f"ok {took:.2f}" if status == "ok" else f"{status}\n(after {took:.1f} s)")
-        os.replace(path + ".tmp", path)
+    run_checks(rank, CHECKS, names, outdir)
     dist.barrier()
     return rank
 
@@ -749,21 +735,7 @@ def four_rank_run(tmp_path_factory, request):
 
 def _expect_ok(run, name):
     outdir, error, _ = run
-    problems = []
-    for r in range(WORLD):
-        path = os.path.join(outdir, f"{name}.rank{r}")
-        if not os.path.exists(path):
-            problems.append(f"--- rank {r}: no result (the run ended before this check)")
-            continue
-        with open(path) as f:
-            text = f.read()
-        if not text.startswith("ok "):
-            problems.append(f"--- rank {r}:\n{text}")
-    if problems:
-        detail = "\n".join(problems)
-        if error:
-            detail += f"\n=== the run itself failed:\n{error[:6000]}"
-        pytest.fail(f"check {name!r} failed:\n{detail}", pytrace=False)
+    expect_check_ok(outdir, WORLD, name, error)
 
 
 def test_world_every_source_function_and_broadcaster(four_rank_run):

@@ -32,13 +32,12 @@ import signal
 import sys
 import threading
 import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import CountBroadcasts, run_distributed, run_distributed_may_die
+from distributed import CountBroadcasts, expect_check_ok, run_checks, run_distributed, run_distributed_may_die
 
 WORLD = 2
 TIMEOUT_S = 1.5          # fastbcast's timeout= in the checks that expect it to fire
@@ -401,20 +400,7 @@ def _collective_only():
 
 def _run_checks(rank, world_size, outdir, names):
     _collective_only()
-    results = {}
-    for name in names:
-        started = time.monotonic()
-        try:
-            value = CHECKS[name](rank, world_size)
-            status = f"ok {time.monotonic() - started:.2f}"
-        except BaseException:
-            value, status = None, traceback.format_exc() + f"\n(after {time.monotonic() - started:.1f} s)"
-        results[name] = value
-        path = os.path.join(outdir, f"{name}.rank{rank}")
-        with open(path + ".tmp", "w") as f:
-            f.write(status)
-        os.replace(path + ".tmp", path)
-    return results
+    return run_checks(rank, CHECKS, names, outdir)
 
 
 @pytest.fixture(scope="module")
@@ -437,19 +423,7 @@ def two_rank_run(tmp_path_factory):
 
 def _expect_ok(run, name):
     outdir, error, _ = run
-    problems = []
-    for r in range(WORLD):
-        path = os.path.join(outdir, f"{name}.rank{r}")
-        if not os.path.exists(path):
-            problems.append(f"--- rank {r}: no result (the run ended before this check)")
-            continue
-        with open(path) as f:
-            text = f.read()
-        if not text.startswith("ok "):
-            problems.append(f"--- rank {r}:\n{text}")
-    if problems:
-        detail = "\n".join(problems) + (f"\n=== the run itself failed:\n{error[:6000]}" if error else "")
-        pytest.fail(f"check {name!r} failed:\n{detail}", pytrace=False)
+    expect_check_ok(outdir, WORLD, name, error)
 
 
 def test_src_disagreement_two_sources_times_out(two_rank_run):

@@ -19,13 +19,12 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import zlib
 
 import pytest
 import torch.distributed as dist
 
-from distributed import run_distributed, run_distributed_may_die
+from distributed import expect_check_ok, run_checks, run_distributed, run_distributed_may_die
 from test_reliability import _expect
 
 SLACK_S = 4.0          # scheduling slack on a loaded 2-core box
@@ -249,16 +248,7 @@ def _check_stalled_source_times_out(rank, world):
 
 
 def _run_checks(rank, world_size, outdir, names):
-    for name in names:
-        started = time.monotonic()
-        try:
-            value = CHECKS[name](rank, world_size)
-            status = f"ok {time.monotonic() - started:.2f}"
-        except BaseException:
-            value, status = None, traceback.format_exc() + f"\n(after {time.monotonic() - started:.1f} s)"
-        with open(os.path.join(outdir, f"{name}.rank{rank}"), "w") as f:
-            f.write(status if value is None else f"{status}\n{value!r}")
-        dist.barrier()
+    run_checks(rank, CHECKS, names, outdir, barrier_each=True)
     return rank
 
 
@@ -276,18 +266,7 @@ def shm_run(tmp_path_factory):
 
 def _expect_ok(run, name):
     outdir, error, before = run
-    problems = []
-    for r in range(4):
-        path = os.path.join(outdir, f"{name}.rank{r}")
-        if not os.path.exists(path):
-            problems.append(f"--- rank {r}: no result")
-            continue
-        text = open(path).read()
-        if not text.startswith("ok "):
-            problems.append(f"--- rank {r}:\n{text}")
-    if problems:
-        pytest.fail(f"check {name!r} failed:\n" + "\n".join(problems) + (f"\n=== run:\n{error[:4000]}" if error else ""),
-                    pytrace=False)
+    expect_check_ok(outdir, 4, name, error)
     assert _ours() <= before, f"left in /dev/shm: {_ours() - before}"
 
 
