@@ -51,10 +51,13 @@ timing (--timing):
   stamps (default when every rank is on this host): before each sample every
   receiver marks, in a small shared file, that it is entering the call; the
   source waits for all marks (plus --gap-us), reads the clock and calls. Each
-  rank reads the clock again when it holds the object and drops it; one
-  all_reduce after the call exchanges the stamps. Sample = max over ranks of
-  the end stamp - the source's start stamp. No collective and no barrier skew
-  inside the timed region, so microsecond payloads are measured as they are.
+  rank reads the clock again when it holds the object and drops it, and the
+  ranks exchange their stamps through the same file (--exchange board: no
+  collective between samples, back-to-back calls like SGLang's idle steps)
+  or with one gloo all_reduce (--exchange allreduce: every sample follows a
+  collective). Sample = max over ranks of the end stamp - the source's start
+  stamp. No collective and no barrier skew inside the timed region, so
+  microsecond payloads are measured as they are.
   barrier: gloo barrier, each rank times its call, MAX over ranks. Used when
   the ranks span hosts (no shared clock); its barrier exit skew (tens of us)
   is inside every sample.
@@ -130,6 +133,9 @@ def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> 
     p.add_argument("--timing", choices=("auto", "stamps", "barrier"), default="auto",
                    help="the clock of a sample (see timing below; default auto: stamps when "
                         "every rank is on this host, else barrier)")
+    p.add_argument("--exchange", choices=("board", "allreduce"), default="board",
+                   help="with stamps, how the ranks exchange their stamps after each sample: through the "
+                        "shared file (default: no collective between samples) or one gloo all_reduce")
     p.add_argument("--gap-us", type=float, default=0.0,
                    help="with stamps, how long the source waits after every receiver is "
                         "inside the call (default 0)")
@@ -218,7 +224,8 @@ def build_config(args: argparse.Namespace, argv: List[str]):
         seconds=pick(args.seconds, 1.0, 0.1), warmup=max(1, pick(args.warmup, 3, 1)),
         min_reps=max(1, pick(args.min_reps, 3, 2)), max_reps=max(1, pick(args.max_reps, 1000, 100)),
         out=args.out, quick=q, plot=not args.no_plot, progress=args.progress,
-        timeout_s=args.timeout, argv=argv, timing=args.timing, gap_us=max(0.0, args.gap_us))
+        timeout_s=args.timeout, argv=argv, timing=args.timing, gap_us=max(0.0, args.gap_us),
+        exchange=args.exchange)
 
 
 def _spawn(cfg) -> int:

@@ -74,7 +74,9 @@ def new_record(cfg, ctx, timing: str) -> Dict[str, Any]:
 _TIMING = {
     "stamps": "source's CLOCK_MONOTONIC stamp at the start of its call -> max over ranks of "
               "the stamp when the rank holds the object; receivers already inside the call "
-              "when the source starts; no collective in the timed region",
+              "when the source starts; no collective in the timed region, nor between samples",
+    "stamps-allreduce": "as stamps, but the stamps are exchanged by a gloo all_reduce after each sample, "
+                        "so every sample follows a collective",
     "barrier": "gloo barrier -> each rank times its call (and CUDA sync) -> max over ranks "
                "via all_reduce(MAX); includes the barrier's exit skew",
 }

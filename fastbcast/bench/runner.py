@@ -18,8 +18,13 @@ receivers are already waiting when the source begins, as in a step loop
 where every rank reaches the broadcast together, and no rank's lateness or
 a barrier's exit skew is counted. ``--gap-us`` makes receivers wait longer
 (e.g. long enough to fall asleep) before the source starts. After the call
-each rank drops its result, and one all_reduce (outside the timed region)
-exchanges the stamps.
+each rank drops its result and writes its stamps into the same file, and
+reads everyone's once all are there (``--exchange board``, the default), so
+consecutive samples are back-to-back calls with no collective between them,
+like SGLang's idle steps. ``--exchange allreduce`` exchanges the stamps with
+one gloo all_reduce instead (outside the timed region, but every sample then
+follows a gloo collective; that costs small payloads tens of microseconds at
+worlds 4 and 8, see BENCHMARKS.md).
 
 ``barrier`` (ranks on several hosts, or ``--timing barrier``): all ranks
 leave a gloo barrier, each times its own call, and a MAX all_reduce gives the
@@ -81,6 +86,7 @@ class Config:
     argv: List[str]
     timing: str = "auto"  # "auto", "stamps" or "barrier"
     gap_us: float = 0.0
+    exchange: str = "board"  # stamps clock: how the stamps travel ("board" or "allreduce")
 
 
 def payload_bytes(obj: Any) -> Dict[str, Any]:
@@ -136,9 +142,13 @@ class _StampTimer(_Timer):
 
     name = "stamps"
 
-    def __init__(self, ctx: Context, cuda: bool, board: "_Board", gap_us: float, timeout_s: float):
+    def __init__(self, ctx: Context, cuda: bool, board: "_Board", gap_us: float, timeout_s: float,
+                 exchange: str = "board"):
         super().__init__(ctx, cuda)
         self.board = board
+        self.exchange = exchange
+        if exchange != "board":
+            self.name = "stamps-allreduce"
         self.gap_ns = int(gap_us * 1000)
         self.timeout_ns = int(timeout_s * 1e9)
         self.stamps = torch.zeros(2 * ctx.world_size, dtype=torch.int64)
@@ -165,6 +175,9 @@ class _StampTimer(_Timer):
         t_out = clock()
         if not keep:
             result = None
+        if self.exchange == "board":
+            ins, outs = board.exchange(ctx.rank, seq, t_in, t_out, self.timeout_ns)
+            return result, (max(outs) - ins[ctx.src]) / 1e9
         st = self.stamps
         st.zero_()
         st[2 * ctx.rank] = t_in
@@ -189,6 +202,24 @@ class _Board:
     def post(self, rank: int, seq: int) -> None:
         self.view[(rank + 1) * self.stride] = seq
 
+    def exchange(self, rank: int, seq: int, t_in: int, t_out: int, timeout_ns: int):
+        """Every rank's (start, end) stamps of sample `seq`: each rank writes
+        its own (the sample number last; x86 keeps stores in order), then
+        reads the others' once all are written. Returns (starts, ends)."""
+        view, stride, base = self.view, self.stride, (self.world + 1) * self.stride
+        mine = base + rank * stride
+        view[mine + 1] = t_in
+        view[mine + 2] = t_out
+        view[mine] = seq
+        deadline = time.perf_counter_ns() + timeout_ns
+        for r in range(self.world):
+            while view[base + r * stride] < seq:
+                os.sched_yield()
+                if time.perf_counter_ns() > deadline:
+                    raise TimeoutError("rank %d did not finish sample %d" % (r, seq))
+        lines = [base + r * stride for r in range(self.world)]
+        return [view[i + 1] for i in lines], [view[i + 2] for i in lines]
+
     def wait_all(self, seq: int, src: int, timeout_ns: int) -> None:
         view, stride = self.view, self.stride
         others = [(r + 1) * stride for r in range(self.world) if r != src]
@@ -205,7 +236,7 @@ class _Board:
     def open(ctx: Context) -> Optional["_Board"]:
         """A board every rank mapped, or None (on every rank) if some rank could not:
         ranks on other hosts, or no shared /dev/shm or temp dir between them."""
-        size = _LINE * (ctx.world_size + 1)
+        size = _LINE * (2 * ctx.world_size + 1)  # sample numbers, then each rank's stamps
         token = secrets.randbits(62)
         path = None
         if ctx.rank == 0:
@@ -429,7 +460,7 @@ def _make_timer(cfg: Config, ctx: Context) -> _Timer:
             sys.stderr.write("note: ranks do not share a host clock and folder; timing with "
                              "the barrier clock (coarser: see --help)\n")
         return _Timer(ctx, cuda)
-    return _StampTimer(ctx, cuda, board, cfg.gap_us, cfg.timeout_s)
+    return _StampTimer(ctx, cuda, board, cfg.gap_us, cfg.timeout_s, cfg.exchange)
 
 
 def _run(cfg: Config, ctx: Context) -> None:
