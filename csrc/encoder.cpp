@@ -16,11 +16,6 @@ namespace fastbcast {
 
 namespace {
 
-// Size of the previous encoding in this process: the first block is chosen at
-// least this big, so a steady stream of similar payloads never regrows (each
-// regrow copies what was written so far). A documented cache, not state that
-// changes results.
-size_t g_last_size = 0;
 // Numbers each encode, so a TypeInfo can say which message its class table
 // slot belongs to.
 uint64_t g_epoch = 0;
@@ -37,14 +32,16 @@ class Encoder {
   }
 
   bool run(PyObject* obj, Encoded* out) {
-    size_t first = std::max({opts_.min_capacity, opts_.reserve + g_last_size, PinnedPool::kMinBlock});
+    // No process-wide size hint: a caller that sends similar payloads in a
+    // row (a Broadcaster) passes its own through min_capacity, so one large
+    // encode never makes every later small one take a large block.
+    size_t first = std::max({opts_.min_capacity, opts_.reserve, PinnedPool::kMinBlock});
     if (!set_block(first)) return false;
     len_ = opts_.reserve;
     if (!enc(obj, 0)) {
       if (!pending_is_fatal()) add_path_to_error();
       return false;
     }
-    g_last_size = len_ - opts_.reserve;
     out->block = std::move(block_);
     out->len = len_;
     out->device_len = device_len_;

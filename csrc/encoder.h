@@ -16,7 +16,8 @@ struct EncodeOptions {
   bool allow_pickle = false;  // unsupported leaves travel as EXT_PICKLE
   PyObject* trusted = nullptr;  // tuple of module prefixes (borrowed) or NULL: classes under them travel natively
   size_t reserve = 0;         // bytes left free in front of the value (room for a frame header)
-  size_t min_capacity = 0;    // the block is at least this big (a broadcast's first chunk)
+  size_t min_capacity = 0;    // the block is at least this big (a broadcast's first chunk, or its caller's
+                              // size hint: the previous frame's size on that Broadcaster)
   // Broadcast only: CUDA tensors are appended here and written as EXT_CUDA_REF
   // pointing into one device buffer laid out 16-byte aligned. NULL: a CUDA
   // tensor is a TypeError.

@@ -254,6 +254,7 @@ class Broadcaster:
         self._requested = requested
         self._state: GroupState | None = None       # shared by every Broadcaster on the group
         self._transport = None                      # decided at the first broadcast
+        self._size_hint = 0                         # bytes of this source's previous frame (the first block's size)
 
     # ---- public ---------------------------------------------------------
     @property
@@ -401,7 +402,8 @@ class Broadcaster:
         try:
             block, used, cuda_tensors, device_len = _C.encode_frame(
                 obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat, self.allow_pickle,
-                self.device.type == "cuda", t.min_capacity, self.trusted)
+                self.device.type == "cuda", max(t.min_capacity, self._size_hint), self.trusted)
+            self._size_hint = used
             size = used - _C.HEADER_BYTES + device_len
             if size > self.max_bytes:
                 del block, cuda_tensors
