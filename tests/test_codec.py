@@ -1545,7 +1545,8 @@ def test_small_encodes_after_a_large_one_take_small_blocks():
     busy = fastbcast.pool_stats()["busy_bytes"]
     small = [encode({"a": 1}) for _ in range(3)]
     held = fastbcast.pool_stats()["busy_bytes"] - busy
-    assert held == 3 * fastbcast.pool_stats()["min_block"], held
+    # Each takes a new minimum block or an idle block of at most 1 MiB.
+    assert held <= 3 << 20, held
     assert [decode(b) for b in small] == [{"a": 1}] * 3
 
 
