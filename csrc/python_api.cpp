@@ -10,6 +10,7 @@
 #include "encoder.h"
 #include "frame.h"
 #include "pinned_pool.h"
+#include "stream.h"
 #include "type_registry.h"
 #include "wire.h"
 
@@ -17,6 +18,7 @@ namespace py = pybind11;
 
 namespace fastbcast {
 void bind_shm(py::module_& m);  // the shared-memory block at the end of this file
+void bind_stream(py::module_& m);  // streamed frames, after encode/decode
 }
 
 namespace fastbcast {
@@ -201,6 +203,129 @@ py::object pack_device(const py::list& tensors, uint64_t device_len, const py::o
   return steal(THPVariable_Wrap(pack_device_buffer(ts, device_len, py::cast<at::Device>(device))));
 }
 
+// ---- streamed frames (stream.h) ----
+// The Python objects a stream's options borrow are held next to it.
+struct PyStreamEncoder {
+  py::object obj, trusted;
+  std::unique_ptr<StreamEncoder> enc;
+};
+
+struct PyStreamDecoder {
+  py::object trusted;
+  std::unique_ptr<StreamDecoder> dec;
+};
+
+py::tuple message_tuple(StreamMessage& m, bool flag) {
+  py::list tensors;
+  for (auto& t : m.cuda) tensors.append(steal(THPVariable_Wrap(t)));
+  return py::make_tuple(steal(THPVariable_Wrap(m.block)), m.len, tensors, m.device_len, flag);
+}
+
+const at::Tensor* device_or_null(const py::object& device_buffer, at::Tensor* keep) {
+  if (device_buffer.is_none()) return nullptr;
+  if (!THPVariable_Check(device_buffer.ptr())) throw py::type_error("device_buffer must be a tensor");
+  *keep = THPVariable_Unpack(device_buffer.ptr());
+  return keep;
+}
+
+}  // namespace
+
+void bind_stream(py::module_& m) {
+  py::class_<PyStreamEncoder>(m, "StreamEncoder", "The source's side of a streamed frame (csrc/stream.h)")
+      .def(py::init([](py::handle obj, uint64_t segment_bytes, bool compat, bool allow_pickle, bool collect_cuda,
+                       const py::object& trusted) {
+             PyTypeObject* t = Py_TYPE(obj.ptr());
+             if (t != &PyList_Type && t != &PyTuple_Type && t != &PyDict_Type)
+               throw py::type_error("a stream carries an exact list, tuple or dict");
+             auto* s = new PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr};
+             s->enc = std::make_unique<StreamEncoder>(obj.ptr(), segment_bytes,
+                                                      encode_options(compat, allow_pickle, s->trusted), collect_cuda);
+             return s;
+           }),
+           py::arg("obj"), py::arg("segment_bytes"), py::arg("compat") = false, py::arg("allow_pickle") = false,
+           py::arg("collect_cuda") = false, py::arg("trusted") = py::none())
+      .def(
+          "first",
+          [](PyStreamEncoder& s, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+             size_t min_capacity) {
+            FrameHeader h;
+            h.first_chunk = first_chunk;
+            h.chunk = chunk;
+            h.seq = seq;
+            StreamMessage msg;
+            bool streaming = false;
+            if (!s.enc->first(h, version, min_capacity, &msg, &streaming)) throw py::error_already_set();
+            return message_tuple(msg, streaming);
+          },
+          py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq"), py::arg("min_capacity"),
+          "Message 0: (block, nbytes, cuda_tensors, device_len, streaming); not streaming: an ordinary frame.")
+      .def(
+          "next",
+          [](PyStreamEncoder& s) {
+            StreamMessage msg;
+            if (!s.enc->next(&msg)) throw py::error_already_set();
+            return message_tuple(msg, msg.last);
+          },
+          "The next segment: (block, nbytes, cuda_tensors, device_len, last).")
+      .def(
+          "error_segment",
+          [](PyStreamEncoder& s, const std::string& message) {
+            StreamMessage msg = s.enc->error_segment(message);
+            return py::make_tuple(steal(THPVariable_Wrap(msg.block)), msg.len);
+          },
+          py::arg("message"), "A segment that ends the stream with an error: (block, nbytes).")
+      .def_property_readonly("segment_bytes", [](PyStreamEncoder& s) { return s.enc->segment_bytes(); });
+
+  py::class_<PyStreamDecoder>(m, "StreamDecoder", "A receiver's side of a streamed frame (csrc/stream.h)")
+      .def(py::init([](py::handle frame, uint64_t payload_len, bool allow_pickle, const py::object& trusted) {
+             const at::Tensor& t = host_bytes(frame, "frame");
+             auto* s = new PyStreamDecoder{trusted, nullptr};
+             s->dec = std::make_unique<StreamDecoder>(decode_options(allow_pickle, s->trusted));
+             if (!s->dec->open(t.data_ptr<uint8_t>(), size_t(t.numel()), payload_len)) {
+               delete s;
+               throw py::error_already_set();
+             }
+             return s;
+           }),
+           py::arg("frame"), py::arg("payload_len"), py::arg("allow_pickle") = false, py::arg("trusted") = py::none())
+      .def_property_readonly("segment_bytes", [](PyStreamDecoder& s) { return s.dec->segment_bytes(); })
+      .def(
+          "segment",
+          [](PyStreamDecoder& s, py::handle buf) {
+            const at::Tensor& t = host_bytes(buf, "message");
+            uint64_t len, dev;
+            uint16_t flags;
+            if (!s.dec->segment(t.data_ptr<uint8_t>(), size_t(t.numel()), &len, &dev, &flags))
+              throw py::error_already_set();
+            return py::make_tuple(len, dev, flags);
+          },
+          py::arg("buf"), "The next segment's header, from its message's first bytes: (message_len, device_len, flags).")
+      .def(
+          "decode",
+          [](PyStreamDecoder& s, py::handle buf, const py::object& device_buffer) {
+            const at::Tensor& t = host_bytes(buf, "message");
+            at::Tensor keep;
+            if (!s.dec->decode(t.data_ptr<uint8_t>(), size_t(t.numel()), device_or_null(device_buffer, &keep)))
+              throw py::error_already_set();
+          },
+          py::arg("buf"), py::arg("device_buffer") = py::none())
+      .def(
+          "error_text",
+          [](PyStreamDecoder& s, py::handle buf) {
+            const at::Tensor& t = host_bytes(buf, "message");
+            std::string text = s.dec->error_text(t.data_ptr<uint8_t>(), size_t(t.numel()));
+            return steal(PyUnicode_DecodeUTF8(text.data(), Py_ssize_t(text.size()), "replace"));
+          },
+          py::arg("buf"))
+      .def("result", [](PyStreamDecoder& s) { return steal(s.dec->result()); });
+  m.attr("FLAG_STREAM") = int(FLAG_STREAM);
+  m.attr("SEG_ERROR") = int(SEG_ERROR);
+  m.attr("SEG_LAST") = int(SEG_LAST);
+  m.attr("SEG_CUDA") = int(SEG_CUDA);
+}
+
+namespace {
+
 py::dict pool_stats() {
   PoolStats s = PinnedPool::instance().stats();
   py::dict d;
@@ -290,6 +415,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("FLAG_ERROR") = int(FLAG_ERROR);
   m.attr("FLAG_CUDA") = int(FLAG_CUDA);
   m.attr("DEVICE_ALIGN") = kDeviceAlign;
+  bind_stream(m);
   bind_shm(m);
 }
 
