@@ -107,7 +107,7 @@ py::object decode(py::handle buf, bool allow_pickle, const py::object& trusted) 
 // source writes natively only classes they may rebuild.
 py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
                        bool compat, bool allow_pickle, bool collect_cuda, size_t min_capacity,
-                       const py::object& trusted) {
+                       const py::object& trusted, bool stream_slot = false) {
   std::vector<at::Tensor> cuda;
   EncodeOptions opts = encode_options(compat, allow_pickle, trusted);
   opts.reserve = kHeaderBytes;
@@ -124,6 +124,7 @@ py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uin
   write_header(e.block.data_ptr<uint8_t>(), h, version);
   py::list tensors;
   for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
+  if (stream_slot) return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
   return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len);
 }
 
@@ -219,6 +220,42 @@ py::tuple message_tuple(StreamMessage& m, bool flag) {
   py::list tensors;
   for (auto& t : m.cuda) tensors.append(steal(THPVariable_Wrap(t)));
   return py::make_tuple(steal(THPVariable_Wrap(m.block)), m.len, tensors, m.device_len, flag);
+}
+
+py::object stream_or_none(std::unique_ptr<PyStreamEncoder> s, bool streaming) {
+  if (!streaming) return py::none();
+  return py::cast(s.release(), py::return_value_policy::take_ownership);
+}
+
+// encode_frame, or message 0 of a stream (FORMAT.md section 3.1) when obj is
+// a list (not of ints), tuple or dict of two items or more and stream_bytes
+// is not 0. Returns (block, frame_bytes, cuda_tensors, device_len, stream):
+// stream is the StreamEncoder of the messages still to send, None when the
+// frame is an ordinary one.
+py::tuple encode_frame_or_stream(py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
+                                 uint16_t version, uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda,
+                                 size_t min_capacity, const py::object& trusted) {
+  PyObject* o = obj.ptr();
+  PyTypeObject* t = Py_TYPE(o);
+  bool streamable = stream_bytes &&
+                    ((t == &PyList_Type && PyList_GET_SIZE(o) > 1 && !PyLong_CheckExact(PyList_GET_ITEM(o, 0))) ||
+                     (t == &PyTuple_Type && PyTuple_GET_SIZE(o) > 1) || (t == &PyDict_Type && PyDict_GET_SIZE(o) > 1));
+  if (!streamable) {
+    return encode_frame(obj, first_chunk, chunk, version, seq, compat, allow_pickle, collect_cuda, min_capacity,
+                        trusted, true);
+  }
+  auto s = std::make_unique<PyStreamEncoder>(PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr});
+  s->enc = std::make_unique<StreamEncoder>(o, stream_bytes, encode_options(compat, allow_pickle, s->trusted),
+                                           collect_cuda);
+  FrameHeader h;
+  h.first_chunk = first_chunk;
+  h.chunk = chunk;
+  h.seq = seq;
+  StreamMessage msg;
+  bool streaming = false;
+  if (!s->enc->first(h, version, min_capacity, &msg, &streaming)) throw py::error_already_set();
+  py::tuple m = message_tuple(msg, false);
+  return py::make_tuple(m[0], m[1], m[2], m[3], stream_or_none(std::move(s), streaming));
 }
 
 const at::Tensor* device_or_null(const py::object& device_buffer, at::Tensor* keep) {
@@ -318,6 +355,10 @@ void bind_stream(py::module_& m) {
           },
           py::arg("buf"))
       .def("result", [](PyStreamDecoder& s) { return steal(s.dec->result()); });
+  m.def("encode_frame_or_stream", &encode_frame_or_stream, py::arg("obj"), py::arg("stream_bytes"),
+        py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq") = 0, py::arg("compat") = false,
+        py::arg("allow_pickle") = false, py::arg("collect_cuda") = false, py::arg("min_capacity") = 0,
+        py::arg("trusted") = py::none());
   m.attr("FLAG_STREAM") = int(FLAG_STREAM);
   m.attr("SEG_ERROR") = int(SEG_ERROR);
   m.attr("SEG_LAST") = int(SEG_LAST);
@@ -383,7 +424,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_into", &encode_into, py::arg("obj"), py::arg("out"), py::arg("offset") = 0,
         py::arg("compat") = false, py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
   m.def("decode", &decode, py::arg("buf"), py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
-  m.def("encode_frame", &encode_frame, py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
+  m.def("encode_frame",
+        [](py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq, bool compat,
+           bool allow_pickle, bool collect_cuda, size_t min_capacity, const py::object& trusted) {
+          return encode_frame(obj, first_chunk, chunk, version, seq, compat, allow_pickle, collect_cuda, min_capacity,
+                              trusted);
+        },
+        py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
         py::arg("seq") = 0, py::arg("compat") = false, py::arg("allow_pickle") = false,
         py::arg("collect_cuda") = false, py::arg("min_capacity") = 0, py::arg("trusted") = py::none());
   m.def("error_frame", &error_frame, py::arg("message"), py::arg("first_chunk"), py::arg("chunk"),

@@ -14,8 +14,13 @@ constexpr size_t segment_at(uint32_t index) {
   return index == 0 ? kHeaderBytes + kStreamPrologueBytes : 0;
 }
 
-// The MessagePack header of the whole container, for a message 0 that
-// turned out to be an ordinary frame. Returns its length.
+// Bytes of the container's MessagePack header (container_header).
+size_t container_header_len(StreamKind kind, uint64_t n) {
+  return (kind == STREAM_TUPLE ? 6 : 0) + (n < 16 ? 1 : n <= 0xffff ? 3 : 5);
+}
+
+// The MessagePack header of the whole container, in front of its items in an
+// ordinary frame. Returns its length.
 size_t container_header(uint8_t* p, StreamKind kind, uint64_t n, size_t body_len) {
   size_t h = 0;
   if (kind == STREAM_TUPLE) {  // the TUPLE ext around an array
@@ -114,6 +119,10 @@ bool StreamEncoder::segment(size_t min_bytes, size_t room, StreamMessage* out) {
       break;
     }
   }
+  return close(items, carry_from, out);
+}
+
+bool StreamEncoder::close(uint64_t items, size_t carry_from, StreamMessage* out) {
   out->block = session_.block();
   out->len = carry_from ? carry_from : session_.len();
   out->device_len = session_.take_device_len();
@@ -133,29 +142,54 @@ bool StreamEncoder::segment(size_t min_bytes, size_t room, StreamMessage* out) {
   return true;
 }
 
+// Message 0 starts as an ordinary frame (the container's header, then its
+// items), so a container that ends within segment_bytes costs what
+// encode_object would. Only when it passes segment_bytes with items left do
+// the items move behind the prologue and segment header.
 bool StreamEncoder::first(FrameHeader h, uint16_t version, size_t min_capacity, StreamMessage* out,
                           bool* streaming) {
   if (n_ > 0xffffffffULL) {
     PyErr_SetString(PyExc_ValueError, "container longer than MessagePack allows (2^32-1)");
     return false;
   }
-  if (!segment(min_capacity, kStreamBodyOffset, out)) return false;
-  uint8_t* d = out->block.data_ptr<uint8_t>();
-  *streaming = !out->last;
-  h.flags = out->cuda.empty() ? 0 : FLAG_CUDA;
-  h.device_len = out->device_len;
+  const size_t body_at = kHeaderBytes + container_header_len(kind_, n_);
+  const size_t shift = kStreamBodyOffset - body_at;  // what streaming adds in front of the items
+  if (!session_.open(min_capacity, body_at)) return false;
+  size_t before = body_at, n_cuda = 0;
+  uint64_t items = 0;
+  while (next_ < n_) {
+    before = session_.len();
+    n_cuda = cuda_.size();
+    if (!encode_next()) return false;
+    ++items;
+    if (session_.len() + shift >= segment_bytes_ && next_ < n_) break;
+  }
+  *streaming = next_ < n_;
   if (!*streaming) {
-    // The ordinary frame: the container's header right after the frame
-    // header, the items moved up behind it.
-    size_t body = out->len - kStreamBodyOffset;
-    size_t hl = container_header(d + kHeaderBytes, kind_, n_, body);
-    std::memmove(d + kHeaderBytes + hl, d + kStreamBodyOffset, body);
-    out->len = kHeaderBytes + hl + body;
+    out->block = session_.block();
+    out->len = session_.len();
+    out->device_len = session_.take_device_len();
+    out->cuda = std::move(cuda_);
+    out->items = items;
+    out->last = true;
+    uint8_t* d = out->block.data_ptr<uint8_t>();
+    container_header(d + kHeaderBytes, kind_, n_, out->len - body_at);
+    h.flags = out->cuda.empty() ? 0 : FLAG_CUDA;
+    h.device_len = out->device_len;
     h.payload_len = out->len - kHeaderBytes;
     write_header(d, h, version);
     return true;
   }
-  h.flags |= FLAG_STREAM;
+  const size_t end = session_.len();
+  static const uint8_t kZeros[kStreamBodyOffset] = {};
+  if (!session_.append(kZeros, shift)) return false;
+  std::memmove(session_.data() + kStreamBodyOffset, session_.data() + body_at, end - body_at);
+  before += shift;
+  bool carry = session_.len() > segment_bytes_ && items > 1 && cuda_.size() == n_cuda;
+  if (!close(items, carry ? before : 0, out)) return false;
+  uint8_t* d = out->block.data_ptr<uint8_t>();
+  h.flags = (out->cuda.empty() ? 0 : FLAG_CUDA) | FLAG_STREAM;
+  h.device_len = out->device_len;
   h.payload_len = out->len - kHeaderBytes;
   write_header(d, h, version);
   uint8_t* pro = d + kHeaderBytes;

@@ -47,8 +47,9 @@ class StreamEncoder {
   StreamEncoder& operator=(const StreamEncoder&) = delete;
 
   // Message 0 in a block of at least min_capacity. If the whole container
-  // fits within segment_bytes (or is one item), it is an ordinary frame
-  // (no FLAG_STREAM) and *streaming is false. false: Python error set.
+  // ends within segment_bytes (or its last item takes it past), it is an
+  // ordinary frame (no FLAG_STREAM), byte for byte what encode_object
+  // writes, and *streaming is false. false: Python error set.
   bool first(FrameHeader h, uint16_t version, size_t min_capacity, StreamMessage* out, bool* streaming);
   // The next segment; out->last on the final one. false: Python error set.
   bool next(StreamMessage* out);
@@ -60,6 +61,9 @@ class StreamEncoder {
  private:
   bool encode_next();
   bool segment(size_t min_bytes, size_t room, StreamMessage* out);
+  // Hands out the current block as a segment of `items` items; from
+  // carry_from (if not 0) on, its bytes move to the next segment's block.
+  bool close(uint64_t items, size_t carry_from, StreamMessage* out);
 
   PyObject* obj_;
   StreamKind kind_;

@@ -103,6 +103,10 @@ class BroadcastTimeoutError(BroadcastError):
     refuses further use; destroy and recreate the group."""
 
 
+# What may travel as a stream (fastbcast.stream); checked here so that `[]`,
+# an idle step, goes straight to encode_frame.
+_CONTAINERS = (list, tuple, dict)
+
 # torch's registry of live process groups: a group destroyed with
 # destroy_process_group leaves it. Checking membership costs a dict lookup
 # where _require_live's public calls cost microseconds on every broadcast.
@@ -265,6 +269,7 @@ class Broadcaster:
         self._state: GroupState | None = None       # shared by every Broadcaster on the group
         self._transport = None                      # decided at the first broadcast
         self._size_hint = 0                         # bytes of this source's previous frame (the first block's size)
+        self._stream_segment = None                 # bytes of a stream's messages, once the transport is known
 
     # ---- public ---------------------------------------------------------
     @property
@@ -411,9 +416,9 @@ class Broadcaster:
         t.settle()
         stream = None
         try:
-            if self.stream_bytes and streaming.streamable(obj):
-                stream, (block, used, cuda_tensors, device_len) = streaming.first(
-                    self, obj, route, max(t.min_capacity, self._size_hint))
+            if self.stream_bytes and type(obj) in _CONTAINERS and len(obj) > 1:
+                block, used, cuda_tensors, device_len, stream = streaming.encode(
+                    self, obj, max(t.min_capacity, self._size_hint))
             else:
                 block, used, cuda_tensors, device_len = _C.encode_frame(
                     obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat,

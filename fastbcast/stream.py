@@ -37,34 +37,27 @@ from .mesh import Route
 from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _left, _shm_call, _to_host,
                         collective, post, shm_geometry, wait)
 
-__all__ = ["DEFAULT_STREAM_BYTES", "streamable", "first", "send_rest", "receive"]
+__all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
 
 #: Bytes of each message of a streamed frame (FASTBCAST_STREAM_BYTES; 0 turns
 #: streaming off). Only a container whose encoding passes it is streamed.
 DEFAULT_STREAM_BYTES = int(os.environ.get("FASTBCAST_STREAM_BYTES") or (1 << 20))
 
 
-def streamable(obj) -> bool:
-    """Whether `obj` may travel as a stream: a list, tuple or dict of at
-    least two items (a list of ints goes whole, as one INT_BLOCK)."""
-    t = type(obj)
-    if t is list:
-        return len(obj) > 1 and type(obj[0]) is not int
-    return (t is tuple or t is dict) and len(obj) > 1
-
-
-def first(b, obj, route: Route, min_capacity: int):
-    """Source: message 0 of `obj` for Broadcaster `b`. Returns (encoder or
-    None, (block, nbytes, cuda_tensors, device_len)); the encoder is None
-    when the frame is an ordinary one."""
-    t = b._transport
-    segment = b.stream_bytes
-    if isinstance(t, ShmTransport):
-        segment = min(segment, shm_geometry()[1])   # a message per slot: readers decode it in place
-    enc = _C.StreamEncoder(obj, segment, b.compat, b.allow_pickle, b.device.type == "cuda", b.trusted)
-    block, used, cuda_tensors, device_len, streaming = enc.first(b.first_chunk, b.chunk, FORMAT_VERSION,
-                                                                b._state.seq, min_capacity)
-    return (enc if streaming else None), (block, used, cuda_tensors, device_len)
+def encode(b, obj, min_capacity: int) -> tuple:
+    """Source: the frame of `obj` for Broadcaster `b`, or message 0 of its
+    stream (a list (not of ints), tuple or dict of two items or more whose
+    encoding passes the segment size). Returns (block, nbytes, cuda_tensors,
+    device_len, encoder): the encoder of the messages still to send, or None
+    for an ordinary frame."""
+    segment = b._stream_segment
+    if segment is None:
+        segment = b.stream_bytes
+        if isinstance(b._transport, ShmTransport):
+            segment = min(segment, shm_geometry()[1])   # a message per slot: readers decode it in place
+        b._stream_segment = segment
+    return _C.encode_frame_or_stream(obj, segment, b.first_chunk, b.chunk, FORMAT_VERSION, b._state.seq, b.compat,
+                                     b.allow_pickle, b.device.type == "cuda", min_capacity, b.trusted)
 
 
 def send_rest(b, enc, sent: int, route: Route, deadline) -> None:

@@ -125,6 +125,23 @@ def test_small_containers_are_ordinary_frames_with_the_same_bytes():
         assert _decode(msgs) == obj
 
 
+def test_the_broadcast_entry_point_streams_only_large_containers():
+    for obj in ([], [1], list(range(100)), "text", {"a": 1}, [{"x": i} for i in range(100)], [1, "a"] * 5000):
+        block, used, _, _, stream = _C.encode_frame_or_stream(obj, 1 << 20, 4096, CHUNK, FORMAT_VERSION, 1)
+        ref, ref_used, _, _ = _C.encode_frame(obj, 4096, CHUNK, FORMAT_VERSION, 1)
+        assert stream is None and bytes(block[:used]) == bytes(ref[:ref_used])
+    big = [{"x": i, "s": "y" * 100} for i in range(20000)]
+    block, used, _, _, stream = _C.encode_frame_or_stream(big, 1 << 16, 4096, CHUNK, FORMAT_VERSION, 1)
+    assert stream is not None and stream.segment_bytes == 1 << 16 and used <= 1 << 16
+    msgs = [block[:used].clone()]
+    while True:
+        block, used, _, _, last = stream.next()
+        msgs.append(block[:used].clone())
+        if last:
+            break
+    assert _decode(msgs) == big
+
+
 def test_one_item_over_segment_bytes_is_an_ordinary_frame():
     obj = [_bin(3 * S)]
     streaming, msgs = _messages(obj)
