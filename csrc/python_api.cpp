@@ -222,6 +222,17 @@ py::tuple message_tuple(StreamMessage& m, bool flag) {
   return py::make_tuple(steal(THPVariable_Wrap(m.block)), m.len, tensors, m.device_len, flag);
 }
 
+StreamMessage stream_first(PyStreamEncoder& s, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+                           size_t min_capacity, bool* streaming) {
+  FrameHeader h;
+  h.first_chunk = first_chunk;
+  h.chunk = chunk;
+  h.seq = seq;
+  StreamMessage msg;
+  if (!s.enc->first(h, version, min_capacity, &msg, streaming)) throw py::error_already_set();
+  return msg;
+}
+
 py::object stream_or_none(std::unique_ptr<PyStreamEncoder> s, bool streaming) {
   if (!streaming) return py::none();
   return py::cast(s.release(), py::return_value_policy::take_ownership);
@@ -247,13 +258,8 @@ py::tuple encode_frame_or_stream(py::handle obj, uint64_t stream_bytes, uint32_t
   auto s = std::make_unique<PyStreamEncoder>(PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr});
   s->enc = std::make_unique<StreamEncoder>(o, stream_bytes, encode_options(compat, allow_pickle, s->trusted),
                                            collect_cuda);
-  FrameHeader h;
-  h.first_chunk = first_chunk;
-  h.chunk = chunk;
-  h.seq = seq;
-  StreamMessage msg;
   bool streaming = false;
-  if (!s->enc->first(h, version, min_capacity, &msg, &streaming)) throw py::error_already_set();
+  StreamMessage msg = stream_first(*s, first_chunk, chunk, version, seq, min_capacity, &streaming);
   py::tuple m = message_tuple(msg, false);
   return py::make_tuple(m[0], m[1], m[2], m[3], stream_or_none(std::move(s), streaming));
 }
@@ -285,13 +291,8 @@ void bind_stream(py::module_& m) {
           "first",
           [](PyStreamEncoder& s, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
              size_t min_capacity) {
-            FrameHeader h;
-            h.first_chunk = first_chunk;
-            h.chunk = chunk;
-            h.seq = seq;
-            StreamMessage msg;
             bool streaming = false;
-            if (!s.enc->first(h, version, min_capacity, &msg, &streaming)) throw py::error_already_set();
+            StreamMessage msg = stream_first(s, first_chunk, chunk, version, seq, min_capacity, &streaming);
             return message_tuple(msg, streaming);
           },
           py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq"), py::arg("min_capacity"),

@@ -418,7 +418,7 @@ class Broadcaster:
         try:
             if self.stream_bytes and type(obj) in _CONTAINERS and len(obj) > 1:
                 block, used, cuda_tensors, device_len, stream = streaming.encode(
-                    self, obj, max(t.min_capacity, self._size_hint))
+                    self, obj, FORMAT_VERSION, max(t.min_capacity, self._size_hint))
             else:
                 block, used, cuda_tensors, device_len = _C.encode_frame(
                     obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat,

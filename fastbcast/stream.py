@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 
 from ._loader import _C
-from ._version import FORMAT_VERSION
 from .mesh import Route
 from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _left, _shm_call, _to_host,
                         collective, post, shm_geometry, wait)
@@ -44,7 +43,7 @@ __all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
 DEFAULT_STREAM_BYTES = int(os.environ.get("FASTBCAST_STREAM_BYTES") or (1 << 20))
 
 
-def encode(b, obj, min_capacity: int) -> tuple:
+def encode(b, obj, version: int, min_capacity: int) -> tuple:
     """Source: the frame of `obj` for Broadcaster `b`, or message 0 of its
     stream (a list (not of ints), tuple or dict of two items or more whose
     encoding passes the segment size). Returns (block, nbytes, cuda_tensors,
@@ -56,7 +55,7 @@ def encode(b, obj, min_capacity: int) -> tuple:
         if isinstance(b._transport, ShmTransport):
             segment = min(segment, shm_geometry()[1])   # a message per slot: readers decode it in place
         b._stream_segment = segment
-    return _C.encode_frame_or_stream(obj, segment, b.first_chunk, b.chunk, FORMAT_VERSION, b._state.seq, b.compat,
+    return _C.encode_frame_or_stream(obj, segment, b.first_chunk, b.chunk, version, b._state.seq, b.compat,
                                      b.allow_pickle, b.device.type == "cuda", min_capacity, b.trusted)
 
 
