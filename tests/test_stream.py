@@ -6,7 +6,9 @@ holds while it decodes."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
+import time
 
 import pytest
 import torch
@@ -32,6 +34,20 @@ fastbcast.register(Point)
 
 class Unregistered:
     """Receivers would not rebuild it: the source refuses it (TypeError)."""
+
+
+class SlowToEncode:
+    """Its __reduce__ sleeps on the source: a source stalled mid-stream."""
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def __reduce__(self):
+        time.sleep(self.delay)
+        return (SlowToEncode, (0,))
+
+
+fastbcast.register(SlowToEncode)
 
 
 def _bin(total: int) -> bytes:
@@ -296,3 +312,34 @@ def test_streams_over_gloo(transport):
 @pytest.mark.nccl
 def test_streams_over_nccl():
     _check_results(run_distributed(_stream_run, 2, "collective", backend="nccl", timeout=240), "collective")
+
+
+def _stalled_mid_stream(rank, world, transport):
+    import torch.distributed as dist
+
+    from fastbcast import Broadcaster, BroadcastError, BroadcastTimeoutError
+
+    g = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=20))
+    b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=1.5)
+    b.broadcast([1, 2] if rank == 0 else None, src=0)      # the transport is set up
+    obj = [_bin(S // 2 - 64) for _ in range(10)]
+    obj[6] = SlowToEncode(4.0)                             # segment 3 of 5
+    started = time.monotonic()
+    try:
+        b.broadcast(obj if rank == 0 else None, src=0)
+        outcome = "returned"
+    except BroadcastTimeoutError:
+        outcome = "timeout"
+    except BroadcastError as e:
+        outcome = f"error: {e}"
+    return outcome, time.monotonic() - started
+
+
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_a_source_stalled_mid_stream_ends_receivers_at_their_timeout(transport):
+    results = run_distributed(_stalled_mid_stream, 3, transport, timeout=120)
+    for outcome, seconds in results[1:]:
+        assert outcome == "timeout" and seconds < 1.5 + 2.0, results
+    # The source finds its receivers gone (or its own timeout); it does not hang.
+    assert results[0][1] < 4.0 + 1.5 + 5.0, results
+
