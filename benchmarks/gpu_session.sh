@@ -4,6 +4,16 @@
 #
 #   OUT=gpu-results bash benchmarks/gpu_session.sh tests     # NCCL tests + profile + 2-GPU table
 #   OUT=gpu-results bash benchmarks/gpu_session.sh bench     # the 4-GPU table
+#   OUT=gpu-results bash benchmarks/gpu_session.sh stream    # issue 12 on 2 GPUs (below)
+#
+# stream: the streaming tests (codec + NCCL), then for rollout_64x1k and
+# rollout_256x4k the phase profile and the designs side by side in one run
+# each (pickle design, fastbcast without streaming, with streaming per
+# segment size in STREAM_BYTES, default 256 KiB and 1 MiB; interleaved reps).
+# Under 4 minutes with the build. Read in $OUT/profile_stream.log, per
+# payload, "fastbcast stream on (N KiB): call / max(encode, decode) = R;
+# pickle design / this = Mx" (targets: R <= 1.2; M >= 10 for rollout_256x4k)
+# and the "fastbcast stream on (N KiB): call" rows (<= 3 ms for rollout_64x1k).
 #
 # Needs torch with CUDA, nccl, pybind11, ninja; msgspec/ormsgpack/tqdm for
 # the baselines (on a machine without network, carry them as wheels and put
@@ -27,5 +37,14 @@ case "${1:-tests}" in
   bench)
     timeout 420 python3 -m fastbcast.bench --backend nccl --world-size 4 --out "$OUT" 2>&1 \
       | tee "$OUT/bench4.log" | grep "^# summary"
+    ;;
+  stream)
+    timeout 100 python3 -m pytest tests/test_stream.py -q -rs -k "nccl or not gloo" 2>&1 \
+      | tee "$OUT/stream_tests.log" | tail -5
+    for p in rollout_64x1k rollout_256x4k; do
+      CUDA_VISIBLE_DEVICES=0,1 timeout 60 python3 benchmarks/profile_broadcast.py --world-size 2 --backend nccl \
+        --reps 10 --payloads "$p" --stream-bytes "${STREAM_BYTES:-262144,1048576}" 2>&1 | grep -v Warn \
+        | tee -a "$OUT/profile_stream.log"
+    done
     ;;
 esac

@@ -100,6 +100,22 @@ class Decoder {
     return o;
   }
 
+  // ---- one decoder, many inputs (DecoderSession) ------------------------
+  void rebase(const uint8_t* data, size_t len, size_t base) {
+    start_ = p_ = data;
+    end_ = data + len;
+    base_ = base;
+  }
+  // One item of a top-level container, at the depth array() gives it.
+  PyObject* top_value() { return dec(1); }
+  size_t remaining() const { return size_t(end_ - p_); }
+  PyObject* trailing() { return fail("%zu trailing bytes after the segment's values", left()); }
+  bool admit_top_key(PyObject* k) {
+    if (top_guard_.admit(k)) return true;
+    fail("more than %u map keys share one hash (a hash-flooding input)", HashGuard::kMaxSameHash);
+    return false;
+  }
+
  private:
   // ---- the one bounds-checked read primitive -----------------------------
   // Every read of n bytes goes through take(): it fails instead of reading
@@ -1042,9 +1058,49 @@ class Decoder {
   size_t base_;
   std::deque<Entry> table_;       // (a deque: entries stay put while nested instances add more) the message's class table, in order of definition
   std::vector<PyObject*> memo_;   // shared objects in order of first appearance (strong; NULL while rebuilt)
+  HashGuard top_guard_;           // a streamed dict's keys, across its segments
 };
 
 }  // namespace
+
+struct DecoderSession::Impl {
+  DecodeOptions opts;
+  Decoder dec;
+  explicit Impl(const DecodeOptions& o) : opts(o), dec(nullptr, 0, opts, 0) {}
+};
+
+DecoderSession::DecoderSession(const DecodeOptions& opts) : impl_(std::make_unique<Impl>(opts)) {}
+DecoderSession::~DecoderSession() = default;
+
+bool DecoderSession::values(const uint8_t* data, size_t len, size_t base, uint64_t count, PyObject* out,
+                            const at::Tensor* device_buffer) {
+  FB_ASSERT(g_decode_error, "DecodeError not initialised");
+  Impl& s = *impl_;
+  s.opts.device_buffer = device_buffer;
+  s.dec.rebase(data, len, base);
+  const bool dict = PyDict_Check(out);
+  // As in decode_object: nothing decoded can form a cycle, so the cyclic GC
+  // waits until the segment is done.
+  int gc_was_enabled = PyGC_Disable();
+  bool ok = true;
+  for (uint64_t i = 0; ok && i < count; ++i) {
+    Ref k(s.dec.top_value());
+    if (!k) {
+      ok = false;
+    } else if (dict) {
+      Ref v(s.dec.admit_top_key(k.p) ? s.dec.top_value() : nullptr);
+      ok = v && PyDict_SetItem(out, k.p, v.p) == 0;
+    } else {
+      ok = PyList_Append(out, k.p) == 0;
+    }
+  }
+  if (ok && s.dec.remaining()) ok = (s.dec.trailing(), false);
+  if (gc_was_enabled) PyGC_Enable();
+  s.opts.device_buffer = nullptr;
+  if (!ok && PyErr_Occurred() && !PyErr_ExceptionMatches(g_decode_error) && !pending_is_fatal())
+    raise_decode_error_from_pending("decoding failed");
+  return ok;
+}
 
 PyObject* decode_error_type() { return g_decode_error; }
 void set_decode_error_type(PyObject* cls) {

@@ -4,6 +4,7 @@
 #include <string>
 #include <deque>
 #include <unordered_map>
+#include <utility>
 
 #include "exception.h"
 #include "pinned_pool.h"
@@ -16,11 +17,6 @@ namespace fastbcast {
 
 namespace {
 
-// Size of the previous encoding in this process: the first block is chosen at
-// least this big, so a steady stream of similar payloads never regrows (each
-// regrow copies what was written so far). A documented cache, not state that
-// changes results.
-size_t g_last_size = 0;
 // Numbers each encode, so a TypeInfo can say which message its class table
 // slot belongs to.
 uint64_t g_epoch = 0;
@@ -37,21 +33,60 @@ class Encoder {
   }
 
   bool run(PyObject* obj, Encoded* out) {
+    // No process-wide size hint: a caller that sends similar payloads in a
+    // row (a Broadcaster) passes its own through min_capacity, so one large
+    // encode never makes every later small one take a large block.
     size_t first = opts_.scratch ? opts_.reserve + 1
-                                 : std::max({opts_.min_capacity, opts_.reserve + g_last_size, PinnedPool::kMinBlock});
+                                 : std::max({opts_.min_capacity, opts_.reserve, PinnedPool::kMinBlock});
     if (!set_block(first)) return false;
     len_ = opts_.reserve;
     if (!enc(obj, 0)) {
       if (!pending_is_fatal()) add_path_to_error();
       return false;
     }
-    g_last_size = len_ - opts_.reserve;
     out->block = std::move(block_);
     out->data = data_;
     out->len = len_;
     out->device_len = device_len_;
     return true;
   }
+
+  // ---- one encoder, many blocks (EncoderSession) -------------------------
+  bool open_block(size_t min_bytes, size_t room) {
+    block_ = at::Tensor();
+    len_ = 0;
+    if (!set_block(std::max({min_bytes, room, PinnedPool::kMinBlock}))) return false;
+    len_ = room;
+    return true;
+  }
+
+  // One item of a top-level container, at the depth write_list gives it.
+  bool top_item(PyObject* container, Py_ssize_t i, PyObject* item) {
+    stack_[0] = container;
+    Hold h(item);
+    if (enc(item, 1)) return true;
+    return top_failed(index_segment(i));
+  }
+
+  bool top_pair(PyObject* container, PyObject* k, PyObject* v) {
+    stack_[0] = container;
+    Hold hk(k), hv(v);
+    if (opts_.compat && !compat_key(k)) return top_failed(key_segment(k, true));
+    if (!enc(k, 1)) return top_failed(key_segment(k, true));
+    if (!enc(v, 1)) return top_failed(key_segment(k, false));
+    return true;
+  }
+
+  bool append(const uint8_t* p, size_t n) {
+    if (!reserve(n)) return false;
+    put_bytes(p, n);
+    return true;
+  }
+  uint8_t* data() { return data_; }
+  size_t len() const { return len_; }
+  void truncate(size_t n) { len_ = n; }
+  const at::Tensor& block() const { return block_; }
+  uint64_t take_device_len() { return std::exchange(device_len_, 0); }
 
  private:
   // ---- buffer -----------------------------------------------------------
@@ -1270,6 +1305,11 @@ class Encoder {
   }
 
   // ---- errors -----------------------------------------------------------
+  bool top_failed(bool) {
+    if (!pending_is_fatal()) add_path_to_error();
+    return false;
+  }
+
   bool unsupported(PyObject* o, const char* what) {
     if (std::strncmp(what, "unsupported", 11) == 0) PyErr_SetString(PyExc_TypeError, what);
     else PyErr_Format(PyExc_TypeError, "unsupported: %s", what);
@@ -1403,5 +1443,27 @@ bool encode_object(PyObject* obj, const EncodeOptions& opts, Encoded* out) {
   Encoder enc(opts);
   return enc.run(obj, out);
 }
+
+struct EncoderSession::Impl {
+  EncodeOptions opts;
+  Encoder enc;
+  explicit Impl(const EncodeOptions& o) : opts(o), enc(opts) {}
+};
+
+EncoderSession::EncoderSession(const EncodeOptions& opts) : impl_(std::make_unique<Impl>(opts)) {}
+EncoderSession::~EncoderSession() = default;
+bool EncoderSession::open(size_t min_bytes, size_t room) { return impl_->enc.open_block(min_bytes, room); }
+bool EncoderSession::item(PyObject* container, Py_ssize_t index, PyObject* value) {
+  return impl_->enc.top_item(container, index, value);
+}
+bool EncoderSession::pair(PyObject* container, PyObject* key, PyObject* value) {
+  return impl_->enc.top_pair(container, key, value);
+}
+bool EncoderSession::append(const uint8_t* p, size_t n) { return impl_->enc.append(p, n); }
+uint8_t* EncoderSession::data() { return impl_->enc.data(); }
+size_t EncoderSession::len() const { return impl_->enc.len(); }
+void EncoderSession::truncate(size_t n) { impl_->enc.truncate(n); }
+at::Tensor EncoderSession::block() const { return impl_->enc.block(); }
+uint64_t EncoderSession::take_device_len() { return impl_->enc.take_device_len(); }
 
 }  // namespace fastbcast

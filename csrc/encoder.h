@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstddef>
+#include <memory>
 #include <vector>
 
 namespace fastbcast {
@@ -16,7 +17,8 @@ struct EncodeOptions {
   bool allow_pickle = false;  // unsupported leaves travel as EXT_PICKLE
   PyObject* trusted = nullptr;  // tuple of module prefixes (borrowed) or NULL: classes under them travel natively
   size_t reserve = 0;         // bytes left free in front of the value (room for a frame header)
-  size_t min_capacity = 0;    // the block is at least this big (a broadcast's first chunk)
+  size_t min_capacity = 0;    // the block is at least this big (a broadcast's first chunk, or its caller's
+                              // size hint: the previous frame's size on that Broadcaster)
   // Broadcast only: CUDA tensors are appended here and written as EXT_CUDA_REF
   // pointing into one device buffer laid out 16-byte aligned. NULL: a CUDA
   // tensor is a TypeError.
@@ -41,6 +43,33 @@ struct Encoded {
 // an Exception (KeyboardInterrupt, SystemExit) raised by user code reaches
 // the caller unchanged.
 bool encode_object(PyObject* obj, const EncodeOptions& opts, Encoded* out);
+
+// One encoder whose memo and class table last across several blocks: the
+// segments of a streamed frame (stream.h). Each call encodes one item (or
+// key/value pair) of the top-level container at the end of the current
+// block; a failure sets the Python exception with the item's path, as
+// encode_object does. The options are copied; their `trusted` tuple and
+// `cuda_tensors` vector must outlive the session.
+class EncoderSession {
+ public:
+  explicit EncoderSession(const EncodeOptions& opts);
+  ~EncoderSession();
+  // A new block of at least min_bytes whose first `room` bytes are left free.
+  bool open(size_t min_bytes, size_t room);
+  bool item(PyObject* container, Py_ssize_t index, PyObject* value);
+  bool pair(PyObject* container, PyObject* key, PyObject* value);
+  bool append(const uint8_t* p, size_t n);
+  uint8_t* data();
+  size_t len() const;
+  void truncate(size_t n);
+  at::Tensor block() const;
+  // Bytes of CUDA tensors collected since the last call (their device buffer).
+  uint64_t take_device_len();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // 16-byte alignment of tensors inside the broadcast's device buffer.
 inline constexpr size_t kDeviceAlign = 16;

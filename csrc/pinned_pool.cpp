@@ -101,9 +101,16 @@ bool PinnedPool::idle(const at::Tensor& t) {
 
 at::Tensor PinnedPool::acquire(size_t min_bytes) {
   std::lock_guard<std::mutex> lock(mu_);
+  // An idle block far larger than asked for is left alone: handing it to a
+  // small object would keep it busy as long as that object lives (after one
+  // large encode, three small ones held 537 MB in issue 12). A new small
+  // block costs one allocation, once.
+  const size_t largest = std::max({round_up_pow2(min_bytes) * kMaxOversize, kReuseAnyBelow,
+                                   mode_ == PinMode::REGISTERED ? kHugePage : 0});
   at::Tensor* best = nullptr;
   for (auto& b : blocks_) {
-    if (size_t(b.numel()) >= min_bytes && idle(b) && (!best || b.numel() < best->numel())) best = &b;
+    size_t n = size_t(b.numel());
+    if (n >= min_bytes && n <= largest && idle(b) && (!best || b.numel() < best->numel())) best = &b;
   }
   // Hand out an alias (a new TensorImpl over the same storage), never the
   // pool's own handle: once torch has wrapped a TensorImpl in a Python object

@@ -50,6 +50,10 @@ class PinnedPool {
   void set_limit(size_t bytes);
 
   static constexpr size_t kMinBlock = size_t(64) << 10;
+  // acquire() reuses an idle block at most kMaxOversize times the rounded
+  // request, or any idle block up to kReuseAnyBelow.
+  static constexpr size_t kMaxOversize = 8;
+  static constexpr size_t kReuseAnyBelow = size_t(1) << 20;
 
  private:
   PinnedPool();

@@ -10,6 +10,7 @@
 #include "encoder.h"
 #include "frame.h"
 #include "pinned_pool.h"
+#include "stream.h"
 #include "type_registry.h"
 #include "wire.h"
 
@@ -17,6 +18,7 @@ namespace py = pybind11;
 
 namespace fastbcast {
 void bind_shm(py::module_& m);  // the shared-memory block at the end of this file
+void bind_stream(py::module_& m);  // streamed frames, after encode/decode
 }
 
 namespace fastbcast {
@@ -99,12 +101,10 @@ py::object decode(py::handle buf, bool allow_pickle, const py::object& trusted) 
   return steal(o);
 }
 
-// The source side of a broadcast: header + value in one pool block that is
-// at least min_capacity bytes long. Returns (block, frame_bytes,
-// cuda_tensors, device_len). `trusted` is what the receivers trust: the
-// source writes natively only classes they may rebuild.
-// Header + value in one pool block of at least min_capacity bytes; CUDA
-// tensors go to *cuda when it is given.
+// The source side of a broadcast: header + value in one pool block of at
+// least min_capacity bytes (or in *scratch while it fits scratch_limit).
+// CUDA tensors go to *cuda when it is given. `trusted` is what the receivers
+// trust: the source writes natively only classes they may rebuild.
 Encoded encode_frame_block(PyObject* obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
                            bool compat, bool allow_pickle, size_t min_capacity, const py::object& trusted,
                            std::vector<at::Tensor>* cuda, std::vector<uint8_t>* scratch = nullptr,
@@ -127,14 +127,17 @@ Encoded encode_frame_block(PyObject* obj, uint32_t first_chunk, uint32_t chunk, 
   return e;
 }
 
+// Returns (block, frame_bytes, cuda_tensors, device_len), and a fifth item,
+// None, with stream_slot (encode_frame_or_stream's shape).
 py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
                        bool compat, bool allow_pickle, bool collect_cuda, size_t min_capacity,
-                       const py::object& trusted) {
+                       const py::object& trusted, bool stream_slot = false) {
   std::vector<at::Tensor> cuda;
   Encoded e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle, min_capacity,
                                  trusted, collect_cuda ? &cuda : nullptr);
   py::list tensors;
   for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
+  if (stream_slot) return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
   return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len);
 }
 
@@ -214,6 +217,175 @@ py::object pack_device(const py::list& tensors, uint64_t device_len, const py::o
   return steal(THPVariable_Wrap(pack_device_buffer(ts, device_len, py::cast<at::Device>(device))));
 }
 
+// ---- streamed frames (stream.h) ----
+// The Python objects a stream's options borrow are held next to it.
+struct PyStreamEncoder {
+  py::object obj, trusted;
+  std::unique_ptr<StreamEncoder> enc;
+};
+
+struct PyStreamDecoder {
+  py::object trusted;
+  std::unique_ptr<StreamDecoder> dec;
+};
+
+py::tuple message_tuple(StreamMessage& m, bool flag) {
+  py::list tensors;
+  for (auto& t : m.cuda) tensors.append(steal(THPVariable_Wrap(t)));
+  return py::make_tuple(steal(THPVariable_Wrap(m.block)), m.len, tensors, m.device_len, flag);
+}
+
+StreamMessage stream_first(PyStreamEncoder& s, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+                           size_t min_capacity, bool* streaming) {
+  FrameHeader h;
+  h.first_chunk = first_chunk;
+  h.chunk = chunk;
+  h.seq = seq;
+  StreamMessage msg;
+  if (!s.enc->first(h, version, min_capacity, &msg, streaming)) throw py::error_already_set();
+  return msg;
+}
+
+py::object stream_or_none(std::unique_ptr<PyStreamEncoder> s, bool streaming) {
+  if (!streaming) return py::none();
+  return py::cast(s.release(), py::return_value_policy::take_ownership);
+}
+
+// Whether obj may become a stream: a list (not of ints), tuple or dict of two
+// items or more, and streaming is on (stream_bytes not 0).
+bool streamable(PyObject* o, uint64_t stream_bytes) {
+  PyTypeObject* t = Py_TYPE(o);
+  return stream_bytes &&
+         ((t == &PyList_Type && PyList_GET_SIZE(o) > 1 && !PyLong_CheckExact(PyList_GET_ITEM(o, 0))) ||
+          (t == &PyTuple_Type && PyTuple_GET_SIZE(o) > 1) || (t == &PyDict_Type && PyDict_GET_SIZE(o) > 1));
+}
+
+// encode_frame, or message 0 of a stream (FORMAT.md section 3.1) when obj is
+// a list (not of ints), tuple or dict of two items or more and stream_bytes
+// is not 0. Returns (block, frame_bytes, cuda_tensors, device_len, stream):
+// stream is the StreamEncoder of the messages still to send, None when the
+// frame is an ordinary one.
+py::tuple encode_frame_or_stream(py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
+                                 uint16_t version, uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda,
+                                 size_t min_capacity, const py::object& trusted) {
+  PyObject* o = obj.ptr();
+  if (!streamable(o, stream_bytes)) {
+    return encode_frame(obj, first_chunk, chunk, version, seq, compat, allow_pickle, collect_cuda, min_capacity,
+                        trusted, true);
+  }
+  auto s = std::make_unique<PyStreamEncoder>(PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr});
+  s->enc = std::make_unique<StreamEncoder>(o, stream_bytes, encode_options(compat, allow_pickle, s->trusted),
+                                           collect_cuda);
+  bool streaming = false;
+  StreamMessage msg = stream_first(*s, first_chunk, chunk, version, seq, min_capacity, &streaming);
+  py::tuple m = message_tuple(msg, false);
+  return py::make_tuple(m[0], m[1], m[2], m[3], stream_or_none(std::move(s), streaming));
+}
+
+const at::Tensor* device_or_null(const py::object& device_buffer, at::Tensor* keep) {
+  if (device_buffer.is_none()) return nullptr;
+  if (!THPVariable_Check(device_buffer.ptr())) throw py::type_error("device_buffer must be a tensor");
+  *keep = THPVariable_Unpack(device_buffer.ptr());
+  return keep;
+}
+
+}  // namespace
+
+void bind_stream(py::module_& m) {
+  py::class_<PyStreamEncoder>(m, "StreamEncoder", "The source's side of a streamed frame (csrc/stream.h)")
+      .def(py::init([](py::handle obj, uint64_t segment_bytes, bool compat, bool allow_pickle, bool collect_cuda,
+                       const py::object& trusted) {
+             PyTypeObject* t = Py_TYPE(obj.ptr());
+             if (t != &PyList_Type && t != &PyTuple_Type && t != &PyDict_Type)
+               throw py::type_error("a stream carries an exact list, tuple or dict");
+             auto* s = new PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr};
+             s->enc = std::make_unique<StreamEncoder>(obj.ptr(), segment_bytes,
+                                                      encode_options(compat, allow_pickle, s->trusted), collect_cuda);
+             return s;
+           }),
+           py::arg("obj"), py::arg("segment_bytes"), py::arg("compat") = false, py::arg("allow_pickle") = false,
+           py::arg("collect_cuda") = false, py::arg("trusted") = py::none())
+      .def(
+          "first",
+          [](PyStreamEncoder& s, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
+             size_t min_capacity) {
+            bool streaming = false;
+            StreamMessage msg = stream_first(s, first_chunk, chunk, version, seq, min_capacity, &streaming);
+            return message_tuple(msg, streaming);
+          },
+          py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq"), py::arg("min_capacity"),
+          "Message 0: (block, nbytes, cuda_tensors, device_len, streaming); not streaming: an ordinary frame.")
+      .def(
+          "next",
+          [](PyStreamEncoder& s) {
+            StreamMessage msg;
+            if (!s.enc->next(&msg)) throw py::error_already_set();
+            return message_tuple(msg, msg.last);
+          },
+          "The next segment: (block, nbytes, cuda_tensors, device_len, last).")
+      .def(
+          "error_segment",
+          [](PyStreamEncoder& s, const std::string& message) {
+            StreamMessage msg = s.enc->error_segment(message);
+            return py::make_tuple(steal(THPVariable_Wrap(msg.block)), msg.len);
+          },
+          py::arg("message"), "A segment that ends the stream with an error: (block, nbytes).")
+      .def_property_readonly("segment_bytes", [](PyStreamEncoder& s) { return s.enc->segment_bytes(); });
+
+  py::class_<PyStreamDecoder>(m, "StreamDecoder", "A receiver's side of a streamed frame (csrc/stream.h)")
+      .def(py::init([](py::handle frame, uint64_t payload_len, bool allow_pickle, const py::object& trusted) {
+             const at::Tensor& t = host_bytes(frame, "frame");
+             auto* s = new PyStreamDecoder{trusted, nullptr};
+             s->dec = std::make_unique<StreamDecoder>(decode_options(allow_pickle, s->trusted));
+             if (!s->dec->open(t.data_ptr<uint8_t>(), size_t(t.numel()), payload_len)) {
+               delete s;
+               throw py::error_already_set();
+             }
+             return s;
+           }),
+           py::arg("frame"), py::arg("payload_len"), py::arg("allow_pickle") = false, py::arg("trusted") = py::none())
+      .def_property_readonly("segment_bytes", [](PyStreamDecoder& s) { return s.dec->segment_bytes(); })
+      .def(
+          "segment",
+          [](PyStreamDecoder& s, py::handle buf) {
+            const at::Tensor& t = host_bytes(buf, "message");
+            uint64_t len, dev;
+            uint16_t flags;
+            if (!s.dec->segment(t.data_ptr<uint8_t>(), size_t(t.numel()), &len, &dev, &flags))
+              throw py::error_already_set();
+            return py::make_tuple(len, dev, flags);
+          },
+          py::arg("buf"), "The next segment's header, from its message's first bytes: (message_len, device_len, flags).")
+      .def(
+          "decode",
+          [](PyStreamDecoder& s, py::handle buf, const py::object& device_buffer) {
+            const at::Tensor& t = host_bytes(buf, "message");
+            at::Tensor keep;
+            if (!s.dec->decode(t.data_ptr<uint8_t>(), size_t(t.numel()), device_or_null(device_buffer, &keep)))
+              throw py::error_already_set();
+          },
+          py::arg("buf"), py::arg("device_buffer") = py::none())
+      .def(
+          "error_text",
+          [](PyStreamDecoder& s, py::handle buf) {
+            const at::Tensor& t = host_bytes(buf, "message");
+            std::string text = s.dec->error_text(t.data_ptr<uint8_t>(), size_t(t.numel()));
+            return steal(PyUnicode_DecodeUTF8(text.data(), Py_ssize_t(text.size()), "replace"));
+          },
+          py::arg("buf"))
+      .def("result", [](PyStreamDecoder& s) { return steal(s.dec->result()); });
+  m.def("encode_frame_or_stream", &encode_frame_or_stream, py::arg("obj"), py::arg("stream_bytes"),
+        py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq") = 0, py::arg("compat") = false,
+        py::arg("allow_pickle") = false, py::arg("collect_cuda") = false, py::arg("min_capacity") = 0,
+        py::arg("trusted") = py::none());
+  m.attr("FLAG_STREAM") = int(FLAG_STREAM);
+  m.attr("SEG_ERROR") = int(SEG_ERROR);
+  m.attr("SEG_LAST") = int(SEG_LAST);
+  m.attr("SEG_CUDA") = int(SEG_CUDA);
+}
+
+namespace {
+
 py::dict pool_stats() {
   PoolStats s = PinnedPool::instance().stats();
   py::dict d;
@@ -271,7 +443,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_into", &encode_into, py::arg("obj"), py::arg("out"), py::arg("offset") = 0,
         py::arg("compat") = false, py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
   m.def("decode", &decode, py::arg("buf"), py::arg("allow_pickle") = false, py::arg("trusted") = py::none());
-  m.def("encode_frame", &encode_frame, py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
+  m.def("encode_frame",
+        [](py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq, bool compat,
+           bool allow_pickle, bool collect_cuda, size_t min_capacity, const py::object& trusted) {
+          return encode_frame(obj, first_chunk, chunk, version, seq, compat, allow_pickle, collect_cuda, min_capacity,
+                              trusted);
+        },
+        py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
         py::arg("seq") = 0, py::arg("compat") = false, py::arg("allow_pickle") = false,
         py::arg("collect_cuda") = false, py::arg("min_capacity") = 0, py::arg("trusted") = py::none());
   m.def("error_frame", &error_frame, py::arg("message"), py::arg("first_chunk"), py::arg("chunk"),
@@ -303,6 +481,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("FLAG_ERROR") = int(FLAG_ERROR);
   m.attr("FLAG_CUDA") = int(FLAG_CUDA);
   m.attr("DEVICE_ALIGN") = kDeviceAlign;
+  bind_stream(m);
   bind_shm(m);
 }
 
@@ -444,37 +623,54 @@ void bind_shm(py::module_& m) {
           "come back, the rest is released uncopied.")
       .def(
           "send_object",
-          [](Ch& c, py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
-             bool compat, bool allow_pickle, bool collect_cuda, const py::object& trusted, uint64_t max_bytes,
-             std::optional<double> timeout_s) -> py::object {
+          [](Ch& c, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk, uint16_t version,
+             uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda, const py::object& trusted,
+             uint64_t max_bytes, std::optional<double> timeout_s) -> py::object {
             // The per-step path: encode and send in one call, with no tensor
             // made for the frame. A frame that needs more than one slot,
-            // carries CUDA tensors or is over max_bytes comes back as
-            // encode_frame's tuple, unsent, for the caller's general path.
+            // carries CUDA tensors or is over max_bytes, and message 0 of a
+            // stream, come back as encode_frame_or_stream's tuple, unsent,
+            // for the caller's general path.
             const uint64_t slot = c.ring().slot_bytes();
             std::vector<at::Tensor> cuda;
-            Encoded e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle, 0,
-                                           trusted, collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
-            if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) {
-              if (!e.block.defined()) {  // still in scratch: the general path needs a tensor
-                e.block = PinnedPool::instance().acquire(e.len);
-                std::memcpy(e.block.data_ptr<uint8_t>(), e.data, e.len);
+            Encoded e;
+            if (streamable(obj.ptr(), stream_bytes)) {
+              // Streams use the slot as their segment: readers decode each
+              // message in place.
+              py::tuple r = encode_frame_or_stream(obj, std::min(stream_bytes, slot), first_chunk, chunk, version,
+                                                   seq, compat, allow_pickle, collect_cuda, 0, trusted);
+              if (!r[4].is_none() || py::len(r[2]) || r[1].cast<uint64_t>() > slot ||
+                  r[1].cast<uint64_t>() - kHeaderBytes > max_bytes)
+                return std::move(r);
+              const at::Tensor& block = THPVariable_Unpack(r[0].ptr());
+              e.block = block;
+              e.data = block.data_ptr<uint8_t>();
+              e.len = r[1].cast<uint64_t>();
+            } else {
+              e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle, 0, trusted,
+                                     collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
+              if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) {
+                if (!e.block.defined()) {  // still in scratch: the general path needs a tensor
+                  e.block = PinnedPool::instance().acquire(e.len);
+                  std::memcpy(e.block.data_ptr<uint8_t>(), e.data, e.len);
+                }
+                py::list tensors;
+                for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
+                return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
               }
-              py::list tensors;
-              for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
-              return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len);
             }
             WaitPolicy p = shm_policy(timeout_s);
             without_gil([&] { c.send(e.data, e.len, p); });
             return py::none();
           },
-          py::arg("obj"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq"),
-          py::arg("compat"), py::arg("allow_pickle"), py::arg("collect_cuda"), py::arg("trusted"),
+          py::arg("obj"), py::arg("stream_bytes"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
+          py::arg("seq"), py::arg("compat"), py::arg("allow_pickle"), py::arg("collect_cuda"), py::arg("trusted"),
           py::arg("max_bytes"), py::arg("timeout_s") = py::none(),
-          "Encodes obj as a frame (arguments as encode_frame) and, if it fits one slot, has no CUDA tensors and "
-          "is within max_bytes, sends it and returns None. Otherwise returns encode_frame's (block, frame_bytes, "
-          "cuda_tensors, device_len), unsent. Encode errors raise before anything is sent; `sending` tells a "
-          "failure of the send itself apart.")
+          "Encodes obj as a frame (arguments as encode_frame_or_stream; a stream's segments are at most a slot) "
+          "and, if it fits one slot, has no CUDA tensors, is within max_bytes and is not a stream, sends it and "
+          "returns None. Otherwise returns encode_frame_or_stream's (block, frame_bytes, cuda_tensors, "
+          "device_len, stream), unsent. Encode errors raise before anything is sent; `sending` tells a failure "
+          "of the send itself apart.")
       .def_property_readonly("sending", &Ch::sending,
                              "True while a send is unfinished: set when a send starts, cleared when it returns.")
       .def(

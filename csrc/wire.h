@@ -119,7 +119,19 @@ inline void store_be64(uint8_t* p, uint64_t v) { store_le<uint64_t>(p, __builtin
 inline constexpr uint8_t kMagic[4] = {'F', 'B', 'C', 0x01};
 inline constexpr size_t kFixedHeaderBytes = 32;
 inline constexpr size_t kHeaderBytes = 40;  // where the value starts
-enum HeaderFlag : uint16_t { FLAG_ERROR = 1, FLAG_CUDA = 2 };
+enum HeaderFlag : uint16_t { FLAG_ERROR = 1, FLAG_CUDA = 2, FLAG_STREAM = 4 };
+
+// A streamed frame (FORMAT.md section 3.1, version 3): message 0 is the
+// header, the stream prologue and segment 0; every later message is one
+// segment. A segment header starts each segment.
+inline constexpr size_t kStreamPrologueBytes = 16;  // u8 kind, 3 zero, u32 segment_bytes, u64 items
+inline constexpr size_t kSegmentHeaderBytes = 32;   // u64 length, u64 device_len, u32 index, u32 items, u16 flags, 6 zero
+inline constexpr size_t kStreamBodyOffset = kHeaderBytes + kStreamPrologueBytes + kSegmentHeaderBytes;
+enum StreamKind : uint8_t { STREAM_LIST = 0, STREAM_TUPLE = 1, STREAM_DICT = 2 };
+enum SegmentFlag : uint16_t { SEG_ERROR = 1, SEG_LAST = 2, SEG_CUDA = 4 };
+// Bounds on a stream's segment_bytes; receivers allocate that much per message.
+inline constexpr uint64_t kMinSegmentBytes = 128;
+inline constexpr uint64_t kMaxSegmentBytes = uint64_t(1) << 30;
 
 struct FrameHeader {
   uint16_t version = 0;

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from ._loader import _C
 from .codec import _prefixes
 from ._version import FORMAT_VERSION
+from . import stream as streaming
 from .mesh import Route, resolve
 from .transport import (CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport, TransportError,
                         TransportTimeout, _left, shm_failure)
@@ -101,6 +102,10 @@ class BroadcastTimeoutError(BroadcastError):
     hold the unfinished collective, so the Broadcaster that raised this
     refuses further use; destroy and recreate the group."""
 
+
+# What may travel as a stream (fastbcast.stream); checked here so that `[]`,
+# an idle step, goes straight to encode_frame.
+_CONTAINERS = (list, tuple, dict)
 
 # torch's registry of live process groups: a group destroyed with
 # destroy_process_group leaves it. Checking membership costs a dict lookup
@@ -204,6 +209,11 @@ class Broadcaster:
             header announces more than its own max_bytes and raises
             BroadcastError (after receiving the rest, so the source is not
             left waiting).
+        stream_bytes: a list, tuple or dict whose encoding passes this many
+            bytes is sent as a stream of messages of about this size, each
+            sent while the next is encoded and decoded while the next is
+            in flight (default 1 MiB, or FASTBCAST_STREAM_BYTES; 0: never).
+            Set on the source; receivers follow the source's.
 
     Raises:
         ValueError: bad arguments.
@@ -212,7 +222,8 @@ class Broadcaster:
     def __init__(self, group=None, *, mesh=None, dim=None, device=None, transport: str | None = None,
                  first_chunk: int | None = None, chunk: int | None = None, compat: bool = False,
                  allow_pickle: bool = False, trusted: Iterable[str] | str = (),
-                 timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None):
+                 timeout: float | datetime.timedelta | None = None, max_bytes: int | None = None,
+                 stream_bytes: int | None = None):
         _require_live(group)
         route = resolve(mesh=mesh, dim=dim, group=group)
         self._mesh, self._dim = mesh, dim
@@ -247,6 +258,9 @@ class Broadcaster:
         self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
         if self.max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
+        self.stream_bytes = int(streaming.DEFAULT_STREAM_BYTES if stream_bytes is None else stream_bytes)
+        if self.stream_bytes < 0:
+            raise ValueError(f"stream_bytes must be >= 0, got {stream_bytes!r}")
         self._pg = route.group if route.group is not None else dist.group.WORLD
         self._routes: dict = {}                     # (src, src_group_rank, rank) -> Route, resolved once
         self._lock = threading.Lock()
@@ -254,6 +268,8 @@ class Broadcaster:
         self._requested = requested
         self._state: GroupState | None = None       # shared by every Broadcaster on the group
         self._transport = None                      # decided at the first broadcast
+        self._size_hint = 0                         # bytes of this source's previous frame (the first block's size)
+        self._stream_segment = None                 # bytes of a stream's messages, once the transport is known
 
     # ---- public ---------------------------------------------------------
     @property
@@ -399,20 +415,26 @@ class Broadcaster:
         t = self._transport
         t.settle()
         ch = t.inline_channel(route, deadline)
+        stream = None
         try:
             if ch is not None:
                 # One call encodes and sends a frame that fits one slot; a
-                # bigger one (or one with CUDA tensors) comes back encoded.
-                sent = ch.send_object(obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq,
-                                      self.compat, self.allow_pickle, self.device.type == "cuda", self.trusted,
-                                      self.max_bytes, _left(deadline))
+                # bigger one, one with CUDA tensors, or a stream's message 0
+                # comes back encoded, unsent.
+                sent = ch.send_object(obj, self.stream_bytes, self.first_chunk, self.chunk, FORMAT_VERSION,
+                                      self._state.seq, self.compat, self.allow_pickle, self.device.type == "cuda",
+                                      self.trusted, self.max_bytes, _left(deadline))
                 if sent is None:
                     return obj
-                block, used, cuda_tensors, device_len = sent
+                block, used, cuda_tensors, device_len, stream = sent
+            elif self.stream_bytes and type(obj) in _CONTAINERS and len(obj) > 1:
+                block, used, cuda_tensors, device_len, stream = streaming.encode(
+                    self, obj, FORMAT_VERSION, max(t.min_capacity, self._size_hint))
             else:
                 block, used, cuda_tensors, device_len = _C.encode_frame(
                     obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat,
-                    self.allow_pickle, self.device.type == "cuda", t.min_capacity, self.trusted)
+                    self.allow_pickle, self.device.type == "cuda", max(t.min_capacity, self._size_hint), self.trusted)
+            self._size_hint = used
             size = used - _C.HEADER_BYTES + device_len
             if size > self.max_bytes:
                 del block, cuda_tensors
@@ -431,6 +453,9 @@ class Broadcaster:
         t.send(block, used, route, deadline)
         if device_len:
             t.send_device(_C.pack_device(cuda_tensors, device_len, self.device), route, deadline)
+        if stream is not None:
+            del block, cuda_tensors
+            streaming.send_rest(self, stream, size, route, deadline)
         return obj
 
     def _recv(self, route: Route, deadline):
@@ -446,7 +471,8 @@ class Broadcaster:
                 raise shm_failure(e) from e
             if obj is not _C.SHM_NOT_INLINE:
                 return obj
-        frame, (version, flags, _, payload_len, _, _, device_len, seq) = t.recv(route, deadline, self.max_bytes)
+        frame, header = t.recv(route, deadline, self.max_bytes)
+        version, flags, _, payload_len, _, _, device_len, seq = header
         try:
             device_len = device_len if flags & _C.FLAG_CUDA else 0
             if version != FORMAT_VERSION:
@@ -455,6 +481,8 @@ class Broadcaster:
                     f"fastbcast format version mismatch: the source (global rank {route.src}) sent version "
                     f"{version}, this rank (global rank {route.rank}) speaks version {FORMAT_VERSION}. Install the "
                     f"same fastbcast on every rank.")
+            if flags & _C.FLAG_STREAM:
+                return self._recv_stream(t, frame, header, route, deadline)
             announced = payload_len + device_len
             if frame is None or announced > self.max_bytes:
                 t.recv_device(device_len, route, deadline)
@@ -465,17 +493,39 @@ class Broadcaster:
             device_buffer = t.recv_device(device_len, route, deadline) if flags & _C.FLAG_CUDA else None
             # Everything the source sent has been received: errors from here
             # on leave no rank waiting.
-            if seq != self._state.seq:
-                self._state.give_up(f"global rank {route.rank} made its call {self._state.seq} on this group while "
-                                    f"the source (global rank {route.src}) sent its call {seq}")
-                raise BroadcastError(
-                    f"calls out of step: {self._state.broken}. Every rank of a group must make the same broadcast calls "
-                    f"in the same order (a rank skipped a call or made an extra one).")
+            self._check_seq(seq, route)
             if flags & _C.FLAG_ERROR:
                 raise BroadcastError(_C.frame_message(frame, payload_len))
             return _C.decode_frame(frame, payload_len, device_buffer, self.allow_pickle, self.trusted)
         finally:
             t.release()
+
+
+    def _check_seq(self, seq: int, route: Route) -> None:
+        if seq != self._state.seq:
+            self._state.give_up(f"global rank {route.rank} made its call {self._state.seq} on this group while "
+                                f"the source (global rank {route.src}) sent its call {seq}")
+            raise BroadcastError(
+                f"calls out of step: {self._state.broken}. Every rank of a group must make the same broadcast calls "
+                f"in the same order (a rank skipped a call or made an extra one).")
+
+    def _recv_stream(self, t, frame, header: tuple, route: Route, deadline):
+        """A streamed frame (fastbcast.stream): the whole stream is received
+        before anything is raised, calls out of step first."""
+        failure = None
+        try:
+            obj = streaming.receive(self, t, frame, header, route, deadline, BroadcastError)
+        except TransportError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            self._state.give_up(f"global rank {route.rank} was interrupted inside a stream")
+            raise
+        except Exception as e:  # noqa: BLE001 - raised below, after the call-number check
+            failure = e
+        self._check_seq(header[7], route)
+        if failure is not None:
+            raise failure
+        return obj
 
 
 # Broadcaster per (group, device, options) for the one-line functions below:

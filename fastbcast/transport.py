@@ -86,9 +86,36 @@ def collective(op, tensor: torch.Tensor, route: Route, deadline: float | None, w
     except TransportError:
         raise
     except RuntimeError as e:
-        if deadline is not None and (time.monotonic() >= deadline - 1e-3 or "timed out" in str(e).lower()):
-            raise TransportTimeout(f"{what}: {e}") from e
-        raise TransportError(f"{what}: {type(e).__name__}: {e}") from e
+        raise _failure(e, deadline, what) from e
+
+
+def post(op, tensor: torch.Tensor, route: Route, what: str, **kwargs):
+    """Starts one collective without waiting for it; finish it with `wait`."""
+    try:
+        return op(tensor, group=route.group, async_op=True, **kwargs)
+    except RuntimeError as e:
+        raise _failure(e, None, what) from e
+
+
+def wait(work, deadline: float | None, what: str) -> None:
+    """Waits for a collective started with `post`, bounded by `deadline`.
+    (On NCCL without a deadline this only orders the current CUDA stream
+    after it.)"""
+    try:
+        if deadline is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=_left(deadline)))
+    except TransportError:
+        raise
+    except RuntimeError as e:
+        raise _failure(e, deadline, what) from e
+
+
+def _failure(e: RuntimeError, deadline: float | None, what: str) -> TransportError:
+    if deadline is not None and (time.monotonic() >= deadline - 1e-3 or "timed out" in str(e).lower()):
+        return TransportTimeout(f"{what}: {e}")
+    return TransportError(f"{what}: {type(e).__name__}: {e}")
 
 
 def read_header(buf: torch.Tensor, route: Route) -> tuple:
@@ -207,7 +234,9 @@ class CollectiveTransport:
             raise ProtocolMismatch(msg)
         total = max(total, f)
         announced = total - _C.HEADER_BYTES + (device_len if flags & _C.FLAG_CUDA else 0)
-        if version == FORMAT_VERSION and announced > max_bytes:
+        # A stream's first message is kept whole: the stream's layout is in
+        # it, and max_bytes applies to the whole stream (fastbcast.stream).
+        if version == FORMAT_VERSION and announced > max_bytes and not flags & _C.FLAG_STREAM:
             self._drain(route, deadline, total, self.chunk)
             return None, header
         if host.numel() < total:

@@ -1535,6 +1535,21 @@ def test_pool_reuses_blocks():
     assert fastbcast.pool_stats()["allocations"] - before <= 2
 
 
+def test_small_encodes_after_a_large_one_take_small_blocks():
+    # Issue 12: a process-wide last-size hint made every small encode after
+    # one large one take a block as big as that one (537 MB busy for three
+    # {"a": 1} after a 400 MB encode). Same measurement at 64 MB.
+    big = encode(b"L" * (64 << 20))
+    del big
+    gc.collect()
+    busy = fastbcast.pool_stats()["busy_bytes"]
+    small = [encode({"a": 1}) for _ in range(3)]
+    held = fastbcast.pool_stats()["busy_bytes"] - busy
+    # Each takes a new minimum block or an idle block of at most 1 MiB.
+    assert held <= 3 << 20, held
+    assert [decode(b) for b in small] == [{"a": 1}] * 3
+
+
 def test_held_result_keeps_its_block_busy():
     gc.collect()
     idle = fastbcast.pool_stats()["busy_blocks"]

@@ -185,8 +185,8 @@ def test_one_slot_message_is_a_view_held_until_release():
 
 def _frame_args(seq, **kw):
     from fastbcast._version import FORMAT_VERSION
-    a = dict(first_chunk=4096, chunk=1 << 26, version=FORMAT_VERSION, seq=seq, compat=False, allow_pickle=False,
-             collect_cuda=False, trusted=(), max_bytes=1 << 30)
+    a = dict(stream_bytes=0, first_chunk=4096, chunk=1 << 26, version=FORMAT_VERSION, seq=seq, compat=False,
+             allow_pickle=False, collect_cuda=False, trusted=(), max_bytes=1 << 30)
     a.update(kw)
     return a
 
@@ -237,8 +237,8 @@ def test_one_call_path_leaves_other_frames_for_recv(case):
         obj = ["y" * 600]
         sent = w.send_object(obj, timeout_s=1.0, **_frame_args(seq))
         assert sent is not None                         # too big for a slot: handed back, unsent
-        block, n, cuda, device_len = sent
-        assert n > 256 and cuda == [] and device_len == 0
+        block, n, cuda, device_len, stream = sent
+        assert n > 256 and cuda == [] and device_len == 0 and stream is None
         w.send(block, n, 1.0)
     else:
         assert w.send_object(obj, timeout_s=1.0, **_frame_args(seq)) is None

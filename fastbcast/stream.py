@@ -1,0 +1,296 @@
+"""Streamed frames: a large top-level list, tuple or dict in segments.
+
+The source encodes the container's items into messages of about
+`stream_bytes` each (FORMAT.md section 3.1) and sends every message as soon
+as it is written, while it encodes the next; each receiver decodes message k
+while message k+1 is in flight. One encoder (decoder) state spans the whole
+stream, so classes and shared references work across segments.
+
+* Collective transport: message 0 travels as a frame does; every later
+  message moves in a first collective of exactly `segment_bytes` (posted by
+  receivers before they decode the message before it) and, for a message
+  longer than that, collectives of `chunk` bytes. The source keeps at most
+  two messages in flight. gloo moves bytes in its own threads, so encoding
+  (decoding) in this thread overlaps them; NCCL stages them through two
+  device slots with asynchronous copies.
+* Shared memory: each message is one ring message; the ring holds up to
+  its slot count of them ahead of the slowest reader.
+
+A frame that is not such a container, or whose encoding fits in one
+segment, is an ordinary frame, sent as before. Failures keep their meaning:
+a source that fails mid-stream sends an error segment (every receiver raises
+BroadcastError), a receiver past its max_bytes or unable to decode a segment
+receives the rest of the stream before it raises, so no rank is left
+waiting and the next call works.
+"""
+from __future__ import annotations
+
+import collections
+import os
+
+import torch
+import torch.distributed as dist
+
+from ._loader import _C
+from .mesh import Route
+from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _left, _shm_call, _to_host,
+                        collective, post, shm_geometry, wait)
+
+__all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
+
+#: Bytes of each message of a streamed frame (FASTBCAST_STREAM_BYTES; 0 turns
+#: streaming off). Only a container whose encoding passes it is streamed.
+DEFAULT_STREAM_BYTES = int(os.environ.get("FASTBCAST_STREAM_BYTES") or (1 << 20))
+
+
+def encode(b, obj, version: int, min_capacity: int) -> tuple:
+    """Source: the frame of `obj` for Broadcaster `b`, or message 0 of its
+    stream (a list (not of ints), tuple or dict of two items or more whose
+    encoding passes the segment size). Returns (block, nbytes, cuda_tensors,
+    device_len, encoder): the encoder of the messages still to send, or None
+    for an ordinary frame."""
+    segment = b._stream_segment
+    if segment is None:
+        segment = b.stream_bytes
+        if isinstance(b._transport, ShmTransport):
+            segment = min(segment, shm_geometry()[1])   # a message per slot: readers decode it in place
+        b._stream_segment = segment
+    return _C.encode_frame_or_stream(obj, segment, b.first_chunk, b.chunk, version, b._state.seq, b.compat,
+                                     b.allow_pickle, b.device.type == "cuda", min_capacity, b.trusted)
+
+
+def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
+    """Source: every message after message 0 (already sent, `sent` bytes
+    counted against max_bytes)."""
+    pipe = _source_pipe(b._transport, route, deadline, enc.segment_bytes)
+    while True:
+        try:
+            block, used, cuda_tensors, device_len, last = enc.next()
+            sent += used + device_len
+            if sent > b.max_bytes:
+                del block, cuda_tensors
+                raise ValueError(f"the object encodes to more than this Broadcaster's max_bytes={b.max_bytes} "
+                                 f"(Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); the stream was cut off")
+        except BaseException as e:
+            block, used = enc.error_segment(f"source (global rank {route.src}) failed to encode: "
+                                            f"{type(e).__name__}: {e}")
+            pipe.send(block, used)
+            pipe.finish()
+            raise
+        pipe.send(block, used)
+        if device_len:
+            pipe.send_device(_C.pack_device(cuda_tensors, device_len, b.device))
+        if last:
+            break
+    pipe.finish()
+
+
+def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, error: type):
+    """Receiver: the object of a frame with FLAG_STREAM (message 0 in
+    `frame`). Receives the whole stream whatever happens; then raises the
+    first failure: `error` with the source's message for an error segment
+    or a stream over max_bytes, the DecodeError of a segment that did not
+    decode."""
+    payload_len = header[3]
+    try:
+        dec = _C.StreamDecoder(frame, payload_len, b.allow_pickle, b.trusted)
+    except ValueError as e:
+        raise _corrupt(route, e) from e
+    sink = _sink(t, route, deadline, dec.segment_bytes)
+    failure = None
+    got = -_C.HEADER_BYTES
+    buf, whole = frame, True     # message 0 came whole, as a frame
+    while True:
+        try:
+            msg_len, device_len, flags = dec.segment(buf)
+        except ValueError as e:
+            raise _corrupt(route, e) from e
+        if not whole:
+            buf = sink.rest(buf, msg_len)
+        device_buffer = sink.device(device_len) if flags & _C.SEG_CUDA else None
+        got += msg_len + device_len
+        last = flags & _C.SEG_LAST
+        if not last:
+            sink.post()     # the next message moves while this one is decoded
+        if failure is None:
+            if flags & _C.SEG_ERROR:
+                failure = error(dec.error_text(buf))
+            elif got > b.max_bytes:
+                failure = error(
+                    f"the source (global rank {route.src}) sent a stream of more than {b.max_bytes} bytes, over "
+                    f"this rank's (global rank {route.rank}) max_bytes (Broadcaster(max_bytes=) / "
+                    f"FASTBCAST_MAX_BYTES); it was received and dropped. Configure every rank alike.")
+            else:
+                try:
+                    dec.decode(buf, device_buffer)
+                except Exception as e:  # noqa: BLE001 - raised once the stream is over
+                    failure = e
+        if last:
+            break
+        buf, whole = sink.take(), False
+    if failure is not None:
+        raise failure
+    return dec.result()
+
+
+def _corrupt(route: Route, e: Exception) -> TransportError:
+    return TransportError(f"global rank {route.rank} received a corrupt stream segment from global rank "
+                          f"{route.src}: {e}")
+
+
+# ---------------------------------------------------------------------------
+# Where the messages after message 0 move
+# ---------------------------------------------------------------------------
+
+def _source_pipe(t, route: Route, deadline, segment: int):
+    if isinstance(t, ShmTransport):
+        ch = t.state.ring(route, t.collective, deadline)   # made by message 0
+        if ch is not None:
+            return _ShmSource(ch, t, route, deadline)
+        t = t.collective
+    return _CollectiveSource(t, route, deadline, segment)
+
+
+def _sink(t, route: Route, deadline, segment: int):
+    if isinstance(t, ShmTransport):
+        ch = t.state.ring(route, t.collective, deadline)
+        if ch is not None:
+            return _ShmSink(ch, t, route, deadline)
+        t = t.collective
+    return _CollectiveSink(t, route, deadline, segment)
+
+
+class _ShmSource:
+    def __init__(self, ch, t: ShmTransport, route: Route, deadline):
+        self.ch, self.t, self.route, self.deadline = ch, t, route, deadline
+
+    def send(self, block: torch.Tensor, nbytes: int) -> None:
+        _shm_call(self.ch.send, block, nbytes, _left(self.deadline))
+
+    def send_device(self, buf: torch.Tensor) -> None:
+        self.t.send_device(buf, self.route, self.deadline)
+
+    def finish(self) -> None:
+        pass
+
+
+class _ShmSink:
+    def __init__(self, ch, t: ShmTransport, route: Route, deadline):
+        self.ch, self.t, self.route, self.deadline = ch, t, route, deadline
+
+    def post(self) -> None:
+        pass    # the writer publishes into the ring without waiting for readers
+
+    def take(self) -> torch.Tensor:
+        # The next message, in place in its slot when it fits one (the
+        # channel releases the previous message's slot first).
+        return _shm_call(self.ch.recv, _left(self.deadline))
+
+    def rest(self, buf: torch.Tensor, msg_len: int) -> torch.Tensor:
+        return buf
+
+    def device(self, nbytes: int) -> torch.Tensor:
+        return self.t.recv_device(nbytes, self.route, self.deadline)
+
+
+class _CollectiveSource:
+    """Source over the group's collective: each message's collectives are
+    posted without waiting, at most two messages in flight."""
+
+    def __init__(self, t: CollectiveTransport, route: Route, deadline, segment: int):
+        self.t, self.route, self.deadline, self.segment = t, route, deadline, segment
+        self.inflight = collections.deque()     # (host block, works, H2D event)
+        self.slots = [None, None]               # NCCL: device staging, one per message in flight
+        self.n = 0
+
+    def send(self, block: torch.Tensor, nbytes: int) -> None:
+        if len(self.inflight) >= 2:
+            self._finish_one()   # the oldest message; its device slot is the one this message takes
+        buf, event = block, None
+        if self.t.cuda:
+            j = self.n % 2
+            need = max(nbytes, self.segment)
+            if self.slots[j] is None or self.slots[j].numel() < need:
+                self.slots[j] = torch.empty(need, dtype=torch.uint8, device=self.t.device)
+            buf = self.slots[j]
+            buf[:nbytes].copy_(block[:nbytes], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.n += 1
+        # The first collective moves segment_bytes whatever the message's
+        # length: receivers post it before they know that length.
+        s, c = self.segment, self.t.chunk
+        works = [post(dist.broadcast, buf[:s], self.route, "a stream message", src=self.route.src)]
+        works += [post(dist.broadcast, buf[off:min(off + c, nbytes)], self.route, "a stream message",
+                       src=self.route.src) for off in range(s, nbytes, c)]
+        self.inflight.append((block, works, event))
+
+    def send_device(self, buf: torch.Tensor) -> None:
+        self.t.send_device(buf, self.route, self.deadline)
+
+    def _finish_one(self) -> None:
+        block, works, event = self.inflight.popleft()
+        for w in works:
+            wait(w, self.deadline, "a stream message")
+        if event is not None:
+            event.synchronize()     # the host block has been read; it may go back to the pool
+
+    def finish(self) -> None:
+        while self.inflight:
+            self._finish_one()
+
+
+class _CollectiveSink:
+    """Receiver over the group's collective: the next message's first
+    collective is posted into the other of two buffers before this one is
+    decoded."""
+
+    def __init__(self, t: CollectiveTransport, route: Route, deadline, segment: int):
+        self.t, self.route, self.deadline, self.segment = t, route, deadline, segment
+        self.host = [None, None]
+        self.dev = [None, None]
+        self.n = 0
+        self.pending = None
+
+    def post(self) -> None:
+        j = self.n % 2
+        self.n += 1
+        if self.host[j] is None:
+            self.host[j] = _host(self.segment)
+            if self.t.cuda:
+                self.dev[j] = torch.empty(self.segment, dtype=torch.uint8, device=self.t.device)
+        target = self.dev[j] if self.t.cuda else self.host[j]
+        self.pending = (j, post(dist.broadcast, target[:self.segment], self.route, "a stream message",
+                                src=self.route.src))
+
+    def take(self) -> torch.Tensor:
+        j, work = self.pending
+        self.pending = None
+        wait(work, self.deadline, "a stream message")
+        if self.t.cuda:
+            _to_host(self.dev[j], self.host[j], 0, self.segment)
+        return self.host[j]
+
+    def rest(self, buf: torch.Tensor, msg_len: int) -> torch.Tensor:
+        """The whole message, given its first collective's bytes."""
+        s = self.segment
+        if msg_len <= s:
+            return buf
+        whole = _host(msg_len)
+        whole[:s].copy_(buf[:s])
+        c = self.t.chunk
+        n = 1 + -(-(msg_len - s) // c)
+        if self.t.cuda:
+            dev = self.t._stage(msg_len)
+            for i, off in enumerate(range(s, msg_len, c)):
+                collective(dist.broadcast, dev[off:min(off + c, msg_len)], self.route, self.deadline,
+                           f"stream message collective {i + 2} of {n}", src=self.route.src)
+            _to_host(dev, whole, s, msg_len)
+        else:
+            for i, off in enumerate(range(s, msg_len, c)):
+                collective(dist.broadcast, whole[off:min(off + c, msg_len)], self.route, self.deadline,
+                           f"stream message collective {i + 2} of {n}", src=self.route.src)
+        return whole
+
+    def device(self, nbytes: int) -> torch.Tensor:
+        return self.t.recv_device(nbytes, self.route, self.deadline)

@@ -1,0 +1,345 @@
+"""Streamed frames (FORMAT.md section 3.1): the codec's segments in one
+process, then whole broadcasts over gloo on both transports (collective and
+shared memory): segment boundaries, containers of every kind, a source that
+fails mid-stream, a receiver with a smaller max_bytes, and what a receiver
+holds while it decodes."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import time
+
+import pytest
+import torch
+
+import fastbcast
+from fastbcast import FORMAT_VERSION
+from fastbcast._loader import _C
+
+from distributed import requires_gpus, run_distributed
+
+S = 4096            # stream_bytes of these tests: many segments from small objects
+CHUNK = 8192        # collectives after a message's first S bytes
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: list
+
+
+fastbcast.register(Point)
+
+
+class Unregistered:
+    """Receivers would not rebuild it: the source refuses it (TypeError)."""
+
+
+class SlowToEncode:
+    """Its __reduce__ sleeps on the source: a source stalled mid-stream."""
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def __reduce__(self):
+        time.sleep(self.delay)
+        return (SlowToEncode, (0,))
+
+
+fastbcast.register(SlowToEncode)
+
+
+def _bin(total: int) -> bytes:
+    """A new bytes object whose encoding is `total` bytes (bin 8/16/32
+    header), the same on every rank."""
+    for header in (2, 3, 5):
+        n = total - header
+        if (header == 2 and n < 256) or (header == 3 and 256 <= n < 65536) or (header == 5 and n >= 65536):
+            return bytes([total % 251]) * n
+    raise ValueError(total)
+
+
+def _messages(obj, segment=S, **kw):
+    """The source's messages for obj: (streaming, [bytes of each message])."""
+    enc = _C.StreamEncoder(obj, segment, **kw)
+    block, used, _, _, streaming = enc.first(4096, CHUNK, FORMAT_VERSION, 1, 0)
+    msgs = [block[:used].clone()]
+    while streaming:
+        block, used, _, _, last = enc.next()
+        msgs.append(block[:used].clone())
+        if last:
+            break
+    return streaming, msgs
+
+
+def _decode(msgs, **kw):
+    header = _C.read_header(msgs[0], FORMAT_VERSION)
+    if not header[1] & _C.FLAG_STREAM:
+        assert len(msgs) == 1
+        return _C.decode_frame(msgs[0], header[3], **kw)
+    dec = _C.StreamDecoder(msgs[0], header[3], **kw)
+    for m in msgs:
+        length, _, flags = dec.segment(m)
+        assert length == m.numel()
+        dec.decode(m)
+    assert flags & _C.SEG_LAST
+    return dec.result()
+
+
+# Item sizes that put the later messages at the boundaries of the collective
+# transport: a body of 1 and 2 bytes, a message of exactly S (the first
+# collective), S + 1, S + CHUNK and S + CHUNK + 1 bytes.
+def _boundary_items():
+    seg = 32     # a segment header (FORMAT.md 3.1)
+    return [None, _bin(S + 1 - seg), 7, _bin(S - seg), "x", _bin(S + CHUNK - seg), _bin(S + CHUNK + 1 - seg),
+            [], {}, (), "tail"]
+
+
+def test_boundary_messages_have_the_intended_lengths_and_round_trip():
+    items = _boundary_items()
+    streaming, msgs = _messages(items)
+    assert streaming
+    lengths = [m.numel() for m in msgs]
+    assert lengths[1:7] == [S + 1, 33, S, 34, S + CHUNK, S + CHUNK + 1], lengths
+    assert _decode(msgs) == items
+
+
+@pytest.mark.parametrize("kind", [list, tuple, dict])
+def test_every_container_kind_round_trips_in_many_segments(kind):
+    rows = [{"id": i, "tokens": list(range(i % 50, i % 50 + 40)), "text": f"row {i} " * 5} for i in range(400)]
+    obj = {f"k{i}": r for i, r in enumerate(rows)} if kind is dict else kind(rows)
+    streaming, msgs = _messages(obj)
+    assert streaming and len(msgs) > 5
+    out = _decode(msgs)
+    assert type(out) is kind and out == obj
+    # Segments end between items: only a message with one item is longer than S.
+    assert all(m.numel() <= S for m in msgs[:-1])
+
+
+def test_classes_and_shared_objects_span_segments():
+    shared = torch.arange(100)
+    blob = bytes(range(250)) * 2
+    obj = [Point(i, [shared if i % 7 == 0 else i, blob]) for i in range(2000)]
+    streaming, msgs = _messages(obj)
+    assert streaming and len(msgs) > 3
+    out = _decode(msgs)
+    assert [(p.x, p.y[1]) for p in out] == [(p.x, blob) for p in obj]
+    # One object per memo slot, across segments, as in one frame.
+    assert all(out[i].y[0] is out[0].y[0] for i in range(0, 2000, 7))
+    assert all(out[i].y[1] is out[0].y[1] for i in range(2000))
+    assert torch.equal(out[0].y[0], shared)
+
+
+def test_small_containers_are_ordinary_frames_with_the_same_bytes():
+    for obj in ([None, 1], ["a"] * 20, (1, "b", 2.5), {"a": 1, "b": [1, 2]}, [{"x": i} for i in range(100)],
+                tuple(range(20000))):
+        streaming, msgs = _messages(obj, segment=1 << 20)
+        assert not streaming
+        block, used, _, _ = _C.encode_frame(obj, 4096, CHUNK, FORMAT_VERSION, 1)
+        assert bytes(msgs[0]) == bytes(block[:used]), obj
+        assert _decode(msgs) == obj
+
+
+def test_the_broadcast_entry_point_streams_only_large_containers():
+    for obj in ([], [1], list(range(100)), "text", {"a": 1}, [{"x": i} for i in range(100)], [1, "a"] * 5000):
+        block, used, _, _, stream = _C.encode_frame_or_stream(obj, 1 << 20, 4096, CHUNK, FORMAT_VERSION, 1)
+        ref, ref_used, _, _ = _C.encode_frame(obj, 4096, CHUNK, FORMAT_VERSION, 1)
+        assert stream is None and bytes(block[:used]) == bytes(ref[:ref_used])
+    big = [{"x": i, "s": "y" * 100} for i in range(20000)]
+    block, used, _, _, stream = _C.encode_frame_or_stream(big, 1 << 16, 4096, CHUNK, FORMAT_VERSION, 1)
+    assert stream is not None and stream.segment_bytes == 1 << 16 and used <= 1 << 16
+    msgs = [block[:used].clone()]
+    while True:
+        block, used, _, _, last = stream.next()
+        msgs.append(block[:used].clone())
+        if last:
+            break
+    assert _decode(msgs) == big
+
+
+def test_one_item_over_segment_bytes_is_an_ordinary_frame():
+    obj = [_bin(3 * S)]
+    streaming, msgs = _messages(obj)
+    assert not streaming and _decode(msgs) == obj
+
+
+def test_an_error_segment_ends_the_stream():
+    obj = [_bin(S // 2) for _ in range(10)]
+    enc = _C.StreamEncoder(obj, S)
+    block, used, _, _, streaming = enc.first(4096, CHUNK, FORMAT_VERSION, 1, 0)
+    assert streaming
+    frame = block[:used].clone()
+    dec = _C.StreamDecoder(frame, _C.read_header(frame, FORMAT_VERSION)[3])
+    dec.segment(frame)
+    dec.decode(frame)
+    block, used = enc.error_segment("source failed: boom")
+    _, _, flags = dec.segment(block[:used])
+    assert flags & _C.SEG_ERROR and flags & _C.SEG_LAST
+    assert dec.error_text(block[:used]) == "source failed: boom"
+    with pytest.raises(fastbcast.DecodeError):
+        dec.result()
+
+
+def test_a_skipped_or_truncated_segment_is_refused():
+    streaming, msgs = _messages([_bin(S // 2) for _ in range(10)])
+    header = _C.read_header(msgs[0], FORMAT_VERSION)
+    dec = _C.StreamDecoder(msgs[0], header[3])
+    dec.segment(msgs[0])
+    dec.decode(msgs[0])
+    with pytest.raises(fastbcast.DecodeError, match="segment 2 arrived"):
+        dec.segment(msgs[2])
+    dec = _C.StreamDecoder(msgs[0], header[3])
+    dec.segment(msgs[0])
+    dec.decode(msgs[0])
+    dec.segment(msgs[1])
+    with pytest.raises(fastbcast.DecodeError, match="message of"):
+        dec.decode(msgs[1][:-1])
+
+
+def test_encode_errors_name_the_item():
+    obj = [_bin(S // 2) for _ in range(10)] + [Unregistered()]
+    enc = _C.StreamEncoder(obj, S)
+    enc.first(4096, CHUNK, FORMAT_VERSION, 1, 0)
+    with pytest.raises(TypeError, match=r"data\[10\]"):
+        while not enc.next()[4]:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Broadcasts over gloo, on both transports
+# ---------------------------------------------------------------------------
+
+def _rows(n: int, width: int = 200):
+    return [{"rid": f"r{i}", "ids": list(range(i, i + width)), "score": i / 7} for i in range(n)]
+
+
+def _stream_run(rank, world, transport):
+    import resource
+
+    import fastbcast
+    from fastbcast import Broadcaster, BroadcastError
+
+    out = {}
+    b = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK)
+    small = world - 1        # the receiver with a smaller max_bytes
+    small_max = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK,
+                            max_bytes=3 * S if rank == small else None)
+
+    def check(name, obj):
+        got = b.broadcast(obj if rank == 0 else None, src=0)
+        out[name] = got == obj and type(got) is type(obj)
+
+    check("boundaries", _boundary_items())
+    rows = _rows(300)
+    check("list", rows)
+    check("tuple", tuple(rows))
+    check("dict", {r["rid"]: r for r in rows})
+    check("empty", [])
+    check("empty_dict", {})
+    check("pair_of_empties", [[], {}])
+    shared = [Point(i, [i]) for i in range(3)]
+    got = b.broadcast([shared[i % 3] for i in range(600)] + [_bin(S)] * 3 if rank == 0 else None, src=0)
+    out["refs"] = rank == 0 or (got[0] is got[3] and got[600] is got[602] and [p.x for p in got[:600]] ==
+                                [i % 3 for i in range(600)])
+
+    # A source that fails in segment 3 of 5: every receiver raises, the next call works.
+    bad = [_bin(S // 2 - 64) for _ in range(10)]
+    bad[6] = Unregistered()
+    if rank == 0:
+        try:
+            b.broadcast(bad, src=0)
+            out["fail_src"] = "no error"
+        except TypeError as e:
+            out["fail_src"] = "data[6]" in str(e)
+    else:
+        try:
+            b.broadcast(None, src=0)
+            out["fail_src"] = "no error"
+        except BroadcastError as e:
+            out["fail_src"] = "failed to encode" in str(e) and "data[6]" in str(e)
+    check("after_failure", rows[:50])
+
+    # A receiver with a smaller max_bytes: it alone raises, after the whole stream.
+    big = _rows(100)
+    try:
+        got = small_max.broadcast(big if rank == 0 else None, src=0)
+        out["max_bytes"] = rank != small and got == big
+    except BroadcastError as e:
+        out["max_bytes"] = rank == small and "max_bytes" in str(e)
+    check("after_max_bytes", big)
+
+    if b.device.type == "cuda":
+        # CUDA tensors in several segments: each segment's device buffer follows it.
+        dev = torch.device("cuda", torch.cuda.current_device())
+        tensors = [{"t": torch.full((300 + i,), i, device=dev), "ids": list(range(i, i + 300))} for i in range(40)]
+        got = b.broadcast(tensors if rank == 0 else None, src=0)
+        out["cuda"] = all(g["t"].device == dev and torch.equal(g["t"], t["t"]) and g["ids"] == t["ids"]
+                          for g, t in zip(got, tensors)) and len(got) == 40
+
+    # What a receiver holds: the pool's blocks stay within a few segments
+    # while a 7 MB stream is decoded (no buffer for the whole frame).
+    large = _rows(8000, 400) if rank == 0 else None
+    gc.collect()
+    fastbcast.shrink_pool()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    got = b.broadcast(large, src=0)
+    out["pool_after_large"] = fastbcast.pool_stats()["bytes"]
+    out["large_ok"] = rank == 0 or len(got) == 8000 and got[7999]["ids"][-1] == 7999 + 399
+    out["maxrss_growth_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    out["transport"] = b.transport
+    return out
+
+
+def _check_results(results, transport):
+    for rank, res in enumerate(results):
+        assert res["transport"] == transport
+        bad = {k: v for k, v in res.items()
+               if k not in ("pool_after_large", "maxrss_growth_kb", "transport") and v is not True}
+        assert not bad, (rank, res)
+    for rank in range(1, len(results)):
+        # Two receive buffers of a segment (collective) or none (a ring slot
+        # is decoded in place), plus message 0: far below the 7 MB frame.
+        assert results[rank]["pool_after_large"] <= 8 * S + (1 << 20), results[rank]
+
+
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_streams_over_gloo(transport):
+    _check_results(run_distributed(_stream_run, 3, transport, timeout=240), transport)
+
+
+@requires_gpus(2)
+@pytest.mark.nccl
+def test_streams_over_nccl():
+    _check_results(run_distributed(_stream_run, 2, "collective", backend="nccl", timeout=240), "collective")
+
+
+def _stalled_mid_stream(rank, world, transport):
+    import torch.distributed as dist
+
+    from fastbcast import Broadcaster, BroadcastError, BroadcastTimeoutError
+
+    g = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=20))
+    b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=1.5)
+    b.broadcast([1, 2] if rank == 0 else None, src=0)      # the transport is set up
+    obj = [_bin(S // 2 - 64) for _ in range(10)]
+    obj[6] = SlowToEncode(4.0)                             # segment 3 of 5
+    started = time.monotonic()
+    try:
+        b.broadcast(obj if rank == 0 else None, src=0)
+        outcome = "returned"
+    except BroadcastTimeoutError:
+        outcome = "timeout"
+    except BroadcastError as e:
+        outcome = f"error: {e}"
+    return outcome, time.monotonic() - started
+
+
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_a_source_stalled_mid_stream_ends_receivers_at_their_timeout(transport):
+    results = run_distributed(_stalled_mid_stream, 3, transport, timeout=120)
+    for outcome, seconds in results[1:]:
+        assert outcome == "timeout" and seconds < 1.5 + 2.0, results
+    # The source finds its receivers gone (or its own timeout); it does not hang.
+    assert results[0][1] < 4.0 + 1.5 + 5.0, results
+
