@@ -1081,8 +1081,9 @@ class Encoder {
       // only if receivers may call it, decided here on the source.
       call = true;
       if (!calls_.count(fn)) {
-        call_name = TypeRegistry::instance().callable_name(fn, opts_.trusted);
-        if (!call_name) return refuse_callable(o, fn);
+        bool findable;
+        call_name = TypeRegistry::instance().callable_name(fn, opts_.trusted, &findable);
+        if (!call_name) return refuse_callable(o, fn, findable);
       }
     }
     Hold hn(call_name ? call_name : Py_None);
@@ -1126,14 +1127,18 @@ class Encoder {
            write_int64(WK_CALL) && write_array_header(0, nullptr);
   }
 
-  bool refuse_callable(PyObject* o, PyObject* fn) {
+  // A __reduce__ callable receivers would not call. Trusting its module is
+  // suggested only where that would help: the callable can be found by its
+  // own module and qualname.
+  bool refuse_callable(PyObject* o, PyObject* fn, bool findable) {
     if (pending_is_fatal()) return false;
     PyObject* fname = PyObject_GetAttrString(fn, "__qualname__");
     PyObject* fmod = fname ? PyObject_GetAttrString(fn, "__module__") : nullptr;
     std::string what = std::string("unsupported type ") + Py_TYPE(o)->tp_name + " (its pickle protocol rebuilds it with " +
                        utf8_or(fmod, "?") + "." + utf8_or(fname, "a callable") +
-                       ", which receivers would not call: it is not the class itself, and not under a trusted prefix; "
-                       "trust its module with fastbcast.trust() / trusted=... on every rank";
+                       (findable ? ", which receivers would not call: it is not the class itself, and not under a "
+                                   "trusted prefix; trust its module with fastbcast.trust() / trusted=... on every rank"
+                                 : ", which receivers could not find by its name");
     Py_XDECREF(fname);
     Py_XDECREF(fmod);
     if (pending_is_fatal()) return false;

@@ -460,21 +460,24 @@ PyObject* TypeRegistry::resolve_loaded(const char* s, size_t n) {
   return obj;
 }
 
-PyObject* TypeRegistry::callable_name(PyObject* fn, PyObject* extra_trusted) {
+PyObject* TypeRegistry::callable_name(PyObject* fn, PyObject* extra_trusted, bool* findable) {
+  *findable = false;
   PyObject* name = own_name(fn);
   if (!name) return nullptr;
   Py_ssize_t n;
   const char* s = PyUnicode_AsUTF8AndSize(name, &n);
-  PyObject* found = s ? callable_for_decode(s, size_t(n), extra_trusted) : nullptr;
   // The receivers find the callable by this name: it must lead back to `fn`.
+  PyObject* found = s ? resolve_loaded(s, size_t(n)) : nullptr;
   int same = found ? PyObject_RichCompareBool(found, fn, Py_EQ) : 0;
   Py_XDECREF(found);
-  if (same != 1) {
-    clear_unless_fatal();
-    Py_DECREF(name);
-    return nullptr;
+  *findable = same == 1;
+  if (*findable) {
+    auto it = by_name_.find(std::string(s, n));
+    if ((it != by_name_.end() && it->second == fn) || trusted(s, n, extra_trusted)) return name;
   }
-  return name;
+  clear_unless_fatal();
+  Py_DECREF(name);
+  return nullptr;
 }
 
 PyObject* TypeRegistry::callable_for_decode(const char* s, size_t n, PyObject* extra_trusted) {

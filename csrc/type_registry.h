@@ -100,8 +100,9 @@ class TypeRegistry {
   // name ("module:QualName", new reference) if receivers may call it, that
   // is if it is a registered class or sits under a trusted prefix and the
   // name finds it again among loaded modules; else nullptr (no error set,
-  // unless a Python call failed).
-  PyObject* callable_name(PyObject* fn, PyObject* extra_trusted);
+  // unless a Python call failed). `findable`: whether the name finds it at
+  // all (if not, trusting its module would not help either).
+  PyObject* callable_name(PyObject* fn, PyObject* extra_trusted, bool* findable);
   // The callable for such a wire name (new reference), or nullptr (no error
   // set) if it is not registered / under a trusted prefix, or names nothing
   // callable in a loaded module.

@@ -245,6 +245,19 @@ def test_reduce_to_an_untrusted_callable_is_pickled_or_refused_on_the_source():
     assert "register" not in str(info.value)  # register() would not help
 
 
+def test_reduce_to_a_callable_no_receiver_can_find_is_refused_without_a_trust_hint():
+    def make(n):  # a local function: no module-level name finds it
+        return n
+
+    class LocalReduce:
+        def __reduce__(self):
+            return make, (1,)
+
+    with pytest.raises(TypeError, match="could not find by its name") as info:
+        encode([LocalReduce()], trusted=TRUSTED + ("test_codec_pickle_oracle",))
+    assert "fastbcast.trust" not in str(info.value) and "allow_pickle" in str(info.value)
+
+
 def ext_codes(value):
     """Every ext code in a msgpack-read value, inside tuples and instances too."""
     if isinstance(value, msgpack.ExtType):
