@@ -9,6 +9,7 @@
 
 #include "exception.h"
 #include "int_cache.h"
+#include "stack_guard.h"
 #include "tensor_codec.h"
 #include "type_registry.h"
 #include "wire.h"
@@ -181,9 +182,17 @@ class Decoder {
   }
 
   // ---- containers -------------------------------------------------------
+  // Every recursive step (container, instance) passes here first.
+  bool too_deep(int depth) {
+    if (FB_LIKELY(depth < kMaxDepth && guard_.ok())) return false;
+    if (depth >= kMaxDepth) fail("nesting deeper than %d levels", kMaxDepth);
+    else fail("nesting too deep for this thread's C stack (%d levels)", depth);
+    return true;
+  }
+
   PyObject* array(size_t n, int depth) {
     if (n > left()) return fail("array of %zu items in %zu bytes", n, left());  // each item is >= 1 byte
-    if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
+    if (too_deep(depth)) return nullptr;
     Ref list(PyList_New(Py_ssize_t(n)));
     if (!list) return nullptr;
     for (size_t i = 0; i < n; ++i) {
@@ -196,7 +205,7 @@ class Decoder {
 
   PyObject* tuple(size_t n, int depth) {
     if (n > left()) return fail("array of %zu items in %zu bytes", n, left());
-    if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
+    if (too_deep(depth)) return nullptr;
     Ref t(PyTuple_New(Py_ssize_t(n)));
     if (!t) return nullptr;
     for (size_t i = 0; i < n; ++i) {
@@ -209,7 +218,7 @@ class Decoder {
 
   PyObject* map(size_t n, int depth) {
     if (n > left() / 2) return fail("map of %zu pairs in %zu bytes", n, left());
-    if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
+    if (too_deep(depth)) return nullptr;
     Ref d(_PyDict_NewPresized(Py_ssize_t(n)));
     if (!d) return nullptr;
     HashGuard guard;
@@ -316,7 +325,7 @@ class Decoder {
     size_t k;
     if (!array_header(&k)) return nullptr;
     if (k > left()) return fail("set of %zu items in %zu bytes", k, left());
-    if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
+    if (too_deep(depth)) return nullptr;
     Ref s(frozen ? PyFrozenSet_New(nullptr) : PySet_New(nullptr));
     if (!s) return nullptr;
     HashGuard guard;
@@ -583,8 +592,8 @@ class Decoder {
 
   // ---- class instances, shared references --------------------------------
   struct Entry {
-    PyObject* cls;                         // strong
-    TypeInfo* info;
+    PyObject* cls;                         // strong; WK_CALL: the rebuild callable
+    TypeInfo* info;                        // NULL for WK_CALL
     uint8_t kind;                          // WireKind
     std::shared_ptr<const Layout> layout;  // attribute names (and STRUCT slots)
   };
@@ -669,7 +678,7 @@ class Decoder {
     if (!raw_str(&name, &name_len)) return false;
     uint64_t kind;
     if (!read_uint(&kind)) return false;
-    if (kind < WK_STRUCT || kind > WK_CLASS) return fail("unknown class kind %llu", (unsigned long long)kind), false;
+    if (kind < WK_STRUCT || kind > WK_TENSOR) return fail("unknown class kind %llu", (unsigned long long)kind), false;
     // The layout's extent, read without building anything: most messages
     // repeat the previous one's layout byte for byte.
     const uint8_t* layout_at = p_;
@@ -684,6 +693,7 @@ class Decoder {
     }
     std::string key(1, char(kind));
     key.append(reinterpret_cast<const char*>(layout_at), size_t(p_ - layout_at));
+    if (kind == WK_CALL) return call_def(name, name_len, name_at, nf);
 
     TypeInfo* info = TypeRegistry::instance().for_decode(name, name_len, opts_.trusted);
     if (!info) {
@@ -693,7 +703,8 @@ class Decoder {
                   "rank) nor in an already-imported module under a trusted prefix (decode(trusted=...) / "
                   "fastbcast.trust(); decoding never imports)", int(std::min<size_t>(name_len, 200)), name), false;
     }
-    static const Kind kFor[] = {Kind::UNSUPPORTED, Kind::STRUCT, Kind::PYDANTIC, Kind::OBJECT, Kind::REDUCE};
+    static const Kind kFor[] = {Kind::UNSUPPORTED, Kind::STRUCT, Kind::PYDANTIC, Kind::OBJECT,
+                                Kind::REDUCE,      Kind::UNSUPPORTED, Kind::UNSUPPORTED, Kind::TENSOR};
     if (kind != WK_CLASS && info->kind != kFor[kind]) {
       p_ = name_at;
       return fail("class %.*s is not rebuilt the way the sender wrote it (kind %u)", int(std::min<size_t>(name_len, 200)),
@@ -712,6 +723,23 @@ class Decoder {
     }
     Py_INCREF(info->cls);
     table_.push_back(Entry{info->cls, info, uint8_t(kind), std::move(layout)});
+    return true;
+  }
+
+  // A WK_CALL entry names the callable a __reduce__ rebuilds with. It is
+  // called only if registered or under a trusted prefix, and found among
+  // loaded modules (never imported).
+  bool call_def(const char* name, size_t name_len, const uint8_t* name_at, size_t nf) {
+    if (nf) return fail("a callable's class table entry has a layout"), false;
+    PyObject* fn = TypeRegistry::instance().callable_for_decode(name, name_len, opts_.trusted);
+    if (!fn) {
+      p_ = name_at;
+      if (PyErr_Occurred()) return fail("cannot resolve callable"), false;
+      return fail("callable %.*s is not trusted: it is neither a registered class nor in an already-imported "
+                  "module under a trusted prefix (decode(trusted=...) / fastbcast.trust(); decoding never imports)",
+                  int(std::min<size_t>(name_len, 200)), name), false;
+    }
+    table_.push_back(Entry{fn, nullptr, WK_CALL, nullptr});
     return true;
   }
 
@@ -797,7 +825,7 @@ class Decoder {
   }
 
   PyObject* instance(bool define, int depth) {
-    if (depth >= kMaxDepth) return fail("nesting deeper than %d levels", kMaxDepth);
+    if (too_deep(depth)) return nullptr;
     uint64_t idx;
     if (define) {
       if (!class_def()) return nullptr;
@@ -851,9 +879,52 @@ class Decoder {
           return fail("cannot restore pydantic state");
         return obj.release();
       }
+      case WK_TENSOR:
+        return tensor_subclass(e, depth);
       default:
         return reduce_instance(e, depth);
     }
+  }
+
+  // The values, requires_grad, then nil or the __dict__ (set as a dict
+  // update: no attribute setter runs). The subclass is made the way
+  // nn.Parameter makes itself, Tensor._make_subclass.
+  PyObject* tensor_subclass(const Entry& e, int depth) {
+    size_t slot = memo_.size();
+    remember(nullptr);
+    Ref data(dec(depth + 1));
+    if (!data) return nullptr;
+    if (!is_exact_tensor(data.p)) return fail("tensor subclass values are not a tensor");
+    const uint8_t* q = take(1);
+    if (!q) return nullptr;
+    if (*q != TRUE_ && *q != FALSE_) return fail("tensor subclass requires_grad is not a bool");
+    static PyObject* make = nullptr;
+    if (!make) {
+      make = PyObject_GetAttrString(tensor_class(), "_make_subclass");
+      if (!make) return fail("cannot find torch.Tensor._make_subclass");
+    }
+    Ref obj(PyObject_CallFunctionObjArgs(make, e.cls, data.p, *q == TRUE_ ? Py_True : Py_False, nullptr));
+    if (!obj) return fail("cannot rebuild %s", utf8_or(e.info->name, "?"));
+    Py_INCREF(obj.p);
+    memo_[slot] = obj.p;
+    const uint8_t* at = p_;
+    Ref state(dec(depth + 1));
+    if (!state) return nullptr;
+    if (state.p == Py_None) return obj.release();
+    if (!PyDict_CheckExact(state.p)) {
+      p_ = at;
+      return fail("tensor subclass state is not a map");
+    }
+    Ref d(PyObject_GenericGetDict(obj.p, nullptr));
+    if (!d) return fail("cannot restore the state of %s", utf8_or(e.info->name, "?"));
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(state.p, &pos, &k, &v))
+      if (!PyUnicode_CheckExact(k) || PyDict_SetItem(d.p, k, v) < 0) {
+        p_ = at;
+        return fail("tensor subclass attribute name is not a str");
+      }
+    return obj.release();
   }
 
   PyObject* fields_set_from_mask(const Entry& e) {
@@ -869,9 +940,10 @@ class Decoder {
   // Rebuilt as pickle does from __reduce_ex__: the class called with the
   // arguments (or cls.__new__(cls, *args)), then the state, list and dict items.
   PyObject* reduce_instance(const Entry& e, int depth) {
-    uint64_t newobj;
-    if (!read_uint(&newobj)) return nullptr;
+    uint64_t newobj = 0;
+    if (e.kind == WK_REDUCE && !read_uint(&newobj)) return nullptr;
     if (newobj > 1) return fail("bad reduce flag");
+    const char* what = e.info ? what : "the result of a trusted callable";
     size_t slot = memo_.size();
     remember(nullptr);
     size_t k;
@@ -882,7 +954,7 @@ class Decoder {
     if (newobj) {
       Ref make(PyObject_GetAttrString(e.cls, "__new__"));
       Ref full(make ? PyTuple_New(PyTuple_GET_SIZE(args.p) + 1) : nullptr);
-      if (!full) return fail("cannot rebuild %s", utf8_or(e.info->name, "?"));
+      if (!full) return fail("cannot rebuild %s", what);
       Py_INCREF(e.cls);
       PyTuple_SET_ITEM(full.p, 0, e.cls);
       for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args.p); ++i) {
@@ -893,18 +965,18 @@ class Decoder {
     } else {
       obj.p = PyObject_Call(e.cls, args.p, nullptr);
     }
-    if (!obj) return fail("cannot rebuild %s", utf8_or(e.info->name, "?"));
+    if (!obj) return fail("cannot rebuild %s", what);
     Py_INCREF(obj.p);
     memo_[slot] = obj.p;
     Ref state(dec(depth + 1));
     if (!state) return nullptr;
-    if (state.p != Py_None && !set_state(obj.p, state.p)) return fail("cannot restore the state of %s", utf8_or(e.info->name, "?"));
+    if (state.p != Py_None && !set_state(obj.p, state.p)) return fail("cannot restore the state of %s", what);
     Ref list(dec(depth));
     if (!list) return nullptr;
     if (list.p != Py_None) {
       if (!PyList_CheckExact(list.p)) return fail("list items are not an array");
       Ref r(PyObject_CallMethod(obj.p, "extend", "O", list.p));
-      if (!r) return fail("cannot restore the list items of %s", utf8_or(e.info->name, "?"));
+      if (!r) return fail("cannot restore the list items of %s", what);
     }
     Ref dict(dec(depth));
     if (!dict) return nullptr;
@@ -913,7 +985,7 @@ class Decoder {
       Py_ssize_t pos = 0;
       PyObject *kk, *v;
       while (PyDict_Next(dict.p, &pos, &kk, &v))
-        if (PyObject_SetItem(obj.p, kk, v) < 0) return fail("cannot restore the dict items of %s", utf8_or(e.info->name, "?"));
+        if (PyObject_SetItem(obj.p, kk, v) < 0) return fail("cannot restore the dict items of %s", what);
     }
     return obj.release();
   }
@@ -1057,6 +1129,7 @@ class Decoder {
   const DecodeOptions& opts_;
   size_t base_;
   std::deque<Entry> table_;       // (a deque: entries stay put while nested instances add more) the message's class table, in order of definition
+  StackGuard guard_;
   std::vector<PyObject*> memo_;   // shared objects in order of first appearance (strong; NULL while rebuilt)
   HashGuard top_guard_;           // a streamed dict's keys, across its segments
 };

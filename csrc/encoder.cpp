@@ -9,6 +9,7 @@
 #include "exception.h"
 #include "pinned_pool.h"
 #include "python_compat.h"
+#include "stack_guard.h"
 #include "tensor_codec.h"
 #include "type_registry.h"
 #include "wire.h"
@@ -27,7 +28,7 @@ class Encoder {
   ~Encoder() {
     for (PyObject* o : memo_held_) Py_DECREF(o);
     for (auto& e : table_) {
-      Py_DECREF(e.info->cls);
+      Py_DECREF(e.info ? e.info->cls : e.fn);
       Py_XDECREF(e.layout);
     }
   }
@@ -857,9 +858,10 @@ class Encoder {
 
   // ---- class instances --------------------------------------------------
   struct TableEntry {
-    TypeInfo* info;      // its class is held (strong) by the table
+    TypeInfo* info;      // its class is held (strong) by the table; NULL for WK_CALL
     uint8_t kind;        // WireKind
     PyObject* layout;    // PYDANTIC / OBJECT: the first instance's attribute names (tuple); else NULL
+    PyObject* fn = nullptr;  // WK_CALL: the rebuild callable (strong)
   };
 
   // Starts an instance: the class table entry the first time, its index
@@ -1118,21 +1120,25 @@ class Encoder {
     PyObject* cls = reinterpret_cast<PyObject*>(Py_TYPE(o));
     uint8_t newobj = 0;
     Py_ssize_t first = 0;
+    PyObject* call_name = nullptr;  // WK_CALL and not yet in this message's table: the callable's wire name
+    bool call = false;
     if (fn == loaded_attr_borrowed("copyreg", "__newobj__") && PyTuple_GET_SIZE(args) >= 1 &&
         PyTuple_GET_ITEM(args, 0) == cls) {
       newobj = 1;
       first = 1;
     } else if (fn != cls) {
-      PyObject* fname = PyObject_GetAttrString(fn, "__qualname__");
-      std::string what = std::string("unsupported type ") + Py_TYPE(o)->tp_name +
-                         " (its pickle protocol rebuilds it with " + utf8_or(fname, "a callable") +
-                         ", not with the class itself)";
-      Py_XDECREF(fname);
-      if (pending_is_fatal()) return false;
-      PyErr_Clear();
-      return fallback(o, what.c_str());
+      // Another callable (a factory, torch's rebuild functions): natively
+      // only if receivers may call it, decided here on the source.
+      call = true;
+      if (!calls_.count(fn)) {
+        bool findable;
+        call_name = TypeRegistry::instance().callable_name(fn, opts_.trusted, &findable);
+        if (!call_name) return refuse_callable(o, fn, findable);
+      }
     }
-    if (!TypeRegistry::instance().may_write(info, opts_.trusted)) return refuse_class(o, info, false);
+    Hold hn(call_name ? call_name : Py_None);
+    Py_XDECREF(call_name);
+    if (!call && !TypeRegistry::instance().may_write(info, opts_.trusted)) return refuse_class(o, info, false);
     if (memo_.count(o)) {
       int r = memo(o);  // (reached again through its own __reduce__)
       return r > 0;
@@ -1141,9 +1147,9 @@ class Encoder {
     uint32_t slot = uint32_t(memo_held_.size() - 1);
     size_t start;
     TableEntry* e;
-    if (!begin_instance(info, WK_REDUCE, nullptr, &start, &e) || !write_int64(newobj) ||
-        !write_array_header(PyTuple_GET_SIZE(args) - first, nullptr))
-      return false;
+    bool ok = call ? begin_call(fn, call_name, &start)
+                   : begin_instance(info, WK_REDUCE, nullptr, &start, &e) && write_int64(newobj);
+    if (!ok || !write_array_header(PyTuple_GET_SIZE(args) - first, nullptr)) return false;
     for (Py_ssize_t i = first; i < PyTuple_GET_SIZE(args); ++i) {
       if (!enc(PyTuple_GET_ITEM(args, i), depth)) {
         path_.push_back(".__reduce__()[1][" + std::to_string(i) + "]");
@@ -1157,6 +1163,78 @@ class Encoder {
     }
     if (!write_items(listitems, false, depth) || !write_items(dictitems, true, depth)) return false;
     return end_nested_ext(start);
+  }
+
+  // A WK_CALL instance: the callable's class table entry the first time in
+  // this message (`name` is its wire name then), its index after that.
+  bool begin_call(PyObject* fn, PyObject* name, size_t* start) {
+    auto it = calls_.find(fn);
+    if (it != calls_.end()) return begin_nested_ext(EXT_OBJECT, start) && write_int64(it->second);
+    Py_INCREF(fn);
+    table_.push_back({nullptr, WK_CALL, nullptr, fn});
+    calls_.emplace(fn, uint32_t(table_.size() - 1));
+    return begin_nested_ext(EXT_OBJECT_DEF, start) && write_array_header(3, nullptr) && write_str(name) &&
+           write_int64(WK_CALL) && write_array_header(0, nullptr);
+  }
+
+  // A __reduce__ callable receivers would not call. Trusting its module is
+  // suggested only where that would help: the callable can be found by its
+  // own module and qualname.
+  bool refuse_callable(PyObject* o, PyObject* fn, bool findable) {
+    if (pending_is_fatal()) return false;
+    PyObject* fname = PyObject_GetAttrString(fn, "__qualname__");
+    PyObject* fmod = fname ? PyObject_GetAttrString(fn, "__module__") : nullptr;
+    std::string what = std::string("unsupported type ") + Py_TYPE(o)->tp_name + " (its pickle protocol rebuilds it with " +
+                       utf8_or(fmod, "?") + "." + utf8_or(fname, "a callable") +
+                       (findable ? ", which receivers would not call: it is not the class itself, and not under a "
+                                   "trusted prefix; trust its module with fastbcast.trust() / trusted=... on every rank"
+                                 : ", which receivers could not find by its name");
+    Py_XDECREF(fname);
+    Py_XDECREF(fmod);
+    if (pending_is_fatal()) return false;
+    PyErr_Clear();
+    if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
+    return unsupported(o, (what + ", or pass allow_pickle=True to send it as a pickle)").c_str());
+  }
+
+  // A torch.Tensor subclass (nn.Parameter): the values as a plain tensor
+  // (with a memo slot of its own), requires_grad and the instance __dict__,
+  // which is what torch's own rebuild functions restore.
+  bool write_tensor_subclass(PyObject* o, TypeInfo* info, int depth) {
+    PyObject* plain;
+    bool grad;
+    try {
+      const at::Tensor& src = unpack_tensor(o);
+      grad = src.requires_grad();
+      if (grad && !src.is_leaf())
+        return fallback(o, "tensor that requires grad and is not a leaf (pickle refuses it too)");
+      plain = wrap_tensor(src.detach());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+      return false;
+    }
+    if (!plain) return false;
+    Hold hp(plain);
+    Py_DECREF(plain);
+    PyObject* dict = PyObject_GenericGetDict(o, nullptr);
+    if (!dict) return false;
+    Hold hd(dict);
+    Py_DECREF(dict);
+    memo_add(o);
+    size_t start;
+    TableEntry* e;
+    if (!begin_instance(info, WK_TENSOR, nullptr, &start, &e)) return false;
+    if (!shared_leaf(plain, &Encoder::write_tensor)) return attr_segment_str(".data");
+    if (!reserve(1)) return false;
+    put(grad ? TRUE_ : FALSE_);
+    bool ok = PyDict_GET_SIZE(dict) ? enter(dict, depth) ? write_dict(dict, depth + 1) : too_deep(dict)
+                                    : reserve(1) && (put(NIL), true);
+    return (ok || attr_segment_str(".__dict__")) && end_nested_ext(start);
+  }
+
+  bool attr_segment_str(const char* seg) {
+    path_.push_back(seg);
+    return false;
   }
 
   // __reduce_ex__'s list items (an array) or dict items (a map), or nil.
@@ -1197,6 +1275,7 @@ class Encoder {
     int r = memo(o);
     if (r) return r > 0;
     if (info->kind == Kind::REDUCE) return write_reduce(o, info, depth);
+    if (info->kind == Kind::TENSOR) return write_tensor_subclass(o, info, depth);
     memo_add(o);
     switch (info->kind) {
       case Kind::STRUCT: return write_struct(o, info, depth);
@@ -1269,6 +1348,7 @@ class Encoder {
       case Kind::PYDANTIC:
       case Kind::OBJECT:
       case Kind::REDUCE:
+      case Kind::TENSOR:
         if (opts_.compat) return unsupported(o, "class instance in compat mode");
         return enter(o, depth) ? write_instance(o, info, depth + 1) : too_deep(o);
       case Kind::UNSUPPORTED:
@@ -1278,25 +1358,32 @@ class Encoder {
   }
 
   // Depth bookkeeping for containers and instances; tells a cycle from deep
-  // nesting. False (no error set) when `o` is one level too deep.
+  // nesting. False (no error set) when `o` is one level too deep, or the
+  // thread's C stack is nearly used up.
   bool enter(PyObject* o, int depth) {
-    if (FB_LIKELY(depth < kMaxDepth)) {
+    if (FB_LIKELY(depth < kMaxDepth && guard_.ok())) {
       stack_[depth] = o;
       return true;
     }
+    stopped_at_ = depth;
     return false;
   }
 
   // Past kMaxDepth: a cycle is an error; deep nesting travels as a pickle of
-  // the rest of the branch when pickle is allowed (pickle itself goes about
-  // 1,000 levels deep), else it is refused.
+  // the rest of the branch when pickle is allowed, else it is refused. Out of
+  // C stack before that: a RecursionError, as pickle gives (pickling the rest
+  // would need stack too).
   bool too_deep(PyObject* o) {
-    for (int i = 0; i < kMaxDepth; ++i) {
+    for (int i = 0; i < stopped_at_; ++i) {
       if (stack_[i] == o) {
         PyErr_Format(PyExc_ValueError, "the object contains a reference cycle (a %s that contains itself)",
                      Py_TYPE(o)->tp_name);
         return false;
       }
+    }
+    if (stopped_at_ < kMaxDepth) {
+      PyErr_Format(PyExc_RecursionError, "nesting too deep for this thread's C stack (%d levels)", stopped_at_);
+      return false;
     }
     if (opts_.allow_pickle && !opts_.compat) return write_pickle(o);
     PyErr_Format(PyExc_ValueError, "nesting deeper than %d levels (pass allow_pickle=True to send deeper levels "
@@ -1429,9 +1516,12 @@ class Encoder {
   uint64_t device_len_ = 0;
   std::vector<std::string> path_;
   PyObject* stack_[kMaxDepth];
+  int stopped_at_ = 0;  // the depth at which enter() last refused
+  StackGuard guard_;
   uint64_t epoch_;
   std::deque<TableEntry> table_;  // a deque: entries stay put while nested instances add more
   std::unordered_map<PyObject*, uint32_t> memo_;
+  std::unordered_map<PyObject*, uint32_t> calls_;  // WK_CALL callables -> class table index
   std::vector<PyObject*> memo_held_;     // strong references, one per memo slot
   std::vector<uint8_t> memo_ready_;      // 0 while a __reduce__'s arguments are being written
   size_t pickles_ = 0;                   // pickle exts written so far

@@ -21,6 +21,8 @@ constexpr int kNumDtypes = sizeof(kDtypes) / sizeof(kDtypes[0]);
 // class, so only torch.Tensor itself is a plain tensor here.
 bool is_exact_tensor(PyObject* o) { return reinterpret_cast<PyObject*>(Py_TYPE(o)) == THPVariableClass; }
 
+PyObject* tensor_class() { return THPVariableClass; }
+
 const at::Tensor& unpack_tensor(PyObject* o) { return THPVariable_Unpack(o); }
 
 PyObject* wrap_tensor(at::Tensor t) { return THPVariable_Wrap(std::move(t)); }

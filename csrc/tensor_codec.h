@@ -14,7 +14,9 @@ namespace fastbcast {
 
 // True for an object whose exact type is torch.Tensor.
 bool is_exact_tensor(PyObject* o);
-// The tensor behind a torch.Tensor object (is_exact_tensor must hold).
+// torch.Tensor itself (borrowed).
+PyObject* tensor_class();
+// The tensor behind a torch.Tensor object or an instance of a subclass.
 const at::Tensor& unpack_tensor(PyObject* o);
 // A new reference to a Python torch.Tensor owning `t`.
 PyObject* wrap_tensor(at::Tensor t);

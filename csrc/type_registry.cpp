@@ -62,8 +62,21 @@ PyObject* names_tuple(PyObject* iterable) {
   return t;
 }
 
+// The class's __slots__ as pickle collects them (copyreg._slotnames), a
+// tuple of interned str; new reference.
+PyObject* slot_names(PyObject* cls) {
+  PyObject* copyreg = PyImport_ImportModule("copyreg");  // stdlib
+  PyObject* sn = copyreg ? PyObject_CallMethod(copyreg, "_slotnames", "O", cls) : nullptr;
+  Py_XDECREF(copyreg);
+  if (!sn) return nullptr;
+  PyObject* t = names_tuple(sn);
+  Py_DECREF(sn);
+  return t;
+}
+
 // Classes the codec rebuilds without being asked: their pickle protocol
-// names the class itself and building one runs no user code.
+// names the class itself, or (nn.Parameter) the codec rebuilds it as torch's
+// own rebuild function does, and building one runs no user code.
 struct Builtin {
   const char* module;
   const char* name;
@@ -75,7 +88,7 @@ constexpr Builtin kBuiltins[] = {
     {"builtins", "list"},     {"builtins", "dict"},       {"builtins", "set"},         {"builtins", "frozenset"},
     {"builtins", "tuple"},    {"builtins", "int"},        {"builtins", "float"},       {"builtins", "str"},
     {"builtins", "bytes"},    {"builtins", "bool"},       {"builtins", "complex"},     {"builtins", "bytearray"},
-    {"builtins", "object"},
+    {"builtins", "object"},   {"torch.nn.parameter", "Parameter"},
 };
 
 const Builtin* builtin_named(const char* s, Py_ssize_t n) {
@@ -159,6 +172,24 @@ bool TypeRegistry::classify(PyObject* cls, TypeInfo* out) {
   } else if ((r = subclass_of(cls, "numpy", "generic")) != 0) {
     if (r < 0) return false;
     out->kind = Kind::NPSCALAR;
+  } else if ((r = subclass_of(cls, "torch", "Tensor")) != 0) {
+    if (r < 0) return false;
+    // nn.Parameter pickles through torch._utils._rebuild_parameter, other
+    // subclasses through _rebuild_from_type_v2: both rebuild the values as
+    // the subclass with requires_grad and the instance __dict__, which the
+    // codec does itself. A subclass that changes that protocol (its own
+    // __reduce_ex__, __getstate__, __torch_function__, __slots__) stays REDUCE.
+    PyObject* tensor = loaded_attr("torch", "Tensor");
+    bool keeps = cls == loaded_attr("torch.nn.parameter", "Parameter") ||
+                 same_protocol(cls, tensor, {"__reduce__", "__reduce_ex__", "__getstate__", "__setstate__",
+                                             "__torch_function__", "__torch_dispatch__"});
+    if (keeps) {
+      PyObject* sn = slot_names(cls);
+      if (!sn) return false;
+      keeps = PyTuple_GET_SIZE(sn) == 0;
+      Py_DECREF(sn);
+    }
+    if (keeps) out->kind = Kind::TENSOR;
   } else if ((r = subclass_of(cls, "msgspec", "Struct")) != 0) {
     if (r < 0) return false;
     PyObject* base = loaded_attr("msgspec", "Struct");
@@ -209,12 +240,7 @@ bool TypeRegistry::classify(PyObject* cls, TypeInfo* out) {
       plain = b == object || PyType_HasFeature(reinterpret_cast<PyTypeObject*>(b), Py_TPFLAGS_HEAPTYPE);
     }
     if (plain) {
-      PyObject* copyreg = PyImport_ImportModule("copyreg");  // stdlib: how pickle finds __slots__
-      PyObject* sn = copyreg ? PyObject_CallMethod(copyreg, "_slotnames", "O", cls) : nullptr;
-      Py_XDECREF(copyreg);
-      if (!sn) return false;
-      out->fields = names_tuple(sn);
-      Py_DECREF(sn);
+      out->fields = slot_names(cls);
       if (!out->fields) return false;
       out->kind = Kind::OBJECT;
     }
@@ -374,6 +400,98 @@ TypeInfo* TypeRegistry::for_decode(const char* s, size_t n, PyObject* extra_trus
   return info;
 }
 
+// The wire name of `o` from its own __module__ and __qualname__ (new
+// reference), or nullptr with no error set if it has none.
+static PyObject* own_name(PyObject* o) {
+  PyObject* mod = PyObject_GetAttrString(o, "__module__");
+  PyObject* qual = mod ? PyObject_GetAttrString(o, "__qualname__") : nullptr;
+  PyObject* out = mod && qual && PyUnicode_Check(mod) && PyUnicode_Check(qual)
+                      ? PyUnicode_FromFormat("%U:%U", mod, qual) : nullptr;
+  Py_XDECREF(mod);
+  Py_XDECREF(qual);
+  if (!out) clear_unless_fatal();
+  return out;
+}
+
+PyObject* TypeRegistry::resolve_loaded(const char* s, size_t n) {
+  std::string full(s, n);
+  size_t colon = full.find(':');
+  if (colon == std::string::npos) return nullptr;
+  std::string mod = full.substr(0, colon), qual = full.substr(colon + 1);
+  if (qual.empty() || qual.find("<locals>") != std::string::npos) return nullptr;
+  PyObject* m = loaded_module(mod.c_str());
+  if (!m) return nullptr;
+  PyObject* obj = m;
+  Py_INCREF(obj);
+  size_t start = 0;
+  while (start <= qual.size()) {
+    size_t dot = qual.find('.', start);
+    std::string part = qual.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    PyObject* next;
+    if (obj == m) {
+      next = PyDict_GetItemString(PyModule_GetDict(m), part.c_str());
+      Py_XINCREF(next);
+    } else {
+      next = PyObject_GetAttrString(obj, part.c_str());
+      if (!next && !clear_unless_fatal()) {
+        Py_DECREF(obj);
+        return nullptr;
+      }
+    }
+    Py_DECREF(obj);
+    if (!next) return nullptr;
+    obj = next;
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  // The walk may have reached an object defined elsewhere (an imported name,
+  // `trusted_mod:os.system`): only one whose own module and qualname are the
+  // wire name counts, so trust never extends past the prefix.
+  PyObject* own = own_name(obj);
+  Py_ssize_t on = 0;
+  const char* os = own ? PyUnicode_AsUTF8AndSize(own, &on) : nullptr;
+  bool same = os && size_t(on) == n && std::memcmp(os, s, n) == 0;
+  Py_XDECREF(own);
+  if (!same) {
+    clear_unless_fatal();
+    Py_DECREF(obj);
+    return nullptr;
+  }
+  return obj;
+}
+
+PyObject* TypeRegistry::callable_name(PyObject* fn, PyObject* extra_trusted, bool* findable) {
+  *findable = false;
+  PyObject* name = own_name(fn);
+  if (!name) return nullptr;
+  Py_ssize_t n;
+  const char* s = PyUnicode_AsUTF8AndSize(name, &n);
+  // The receivers find the callable by this name: it must lead back to `fn`.
+  PyObject* found = s ? resolve_loaded(s, size_t(n)) : nullptr;
+  int same = found ? PyObject_RichCompareBool(found, fn, Py_EQ) : 0;
+  Py_XDECREF(found);
+  *findable = same == 1;
+  if (*findable) {
+    auto it = by_name_.find(std::string(s, n));
+    if ((it != by_name_.end() && it->second == fn) || trusted(s, n, extra_trusted)) return name;
+  }
+  clear_unless_fatal();
+  Py_DECREF(name);
+  return nullptr;
+}
+
+PyObject* TypeRegistry::callable_for_decode(const char* s, size_t n, PyObject* extra_trusted) {
+  auto it = by_name_.find(std::string(s, n));
+  if (it != by_name_.end()) {
+    Py_INCREF(it->second);
+    return it->second;
+  }
+  if (!trusted(s, Py_ssize_t(n), extra_trusted)) return nullptr;
+  PyObject* fn = resolve_loaded(s, n);
+  if (fn && !PyCallable_Check(fn)) Py_CLEAR(fn);
+  return fn;
+}
+
 TypeInfo* TypeRegistry::for_decode(PyObject* name, PyObject* extra_trusted) {
   Py_ssize_t n;
   const char* s = PyUnicode_AsUTF8AndSize(name, &n);
@@ -392,36 +510,8 @@ TypeInfo* TypeRegistry::for_decode(PyObject* name, PyObject* extra_trusted) {
     if (!obj) return nullptr;
   } else {
     if (!trusted(s, n, extra_trusted)) return nullptr;
-    // Trusted prefix: find the class among loaded modules only.
-    std::string full(s, n);
-    size_t colon = full.find(':');
-    std::string mod = full.substr(0, colon), qual = full.substr(colon + 1);
-    if (qual.empty() || qual.find("<locals>") != std::string::npos) return nullptr;
-    PyObject* m = loaded_module(mod.c_str());
-    if (!m) return nullptr;
-    obj = m;
-    Py_INCREF(obj);
-    size_t start = 0;
-    while (start <= qual.size()) {
-      size_t dot = qual.find('.', start);
-      std::string part = qual.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
-      PyObject* next;
-      if (obj == m) {
-        next = PyDict_GetItemString(PyModule_GetDict(m), part.c_str());
-        Py_XINCREF(next);
-      } else {
-        next = PyObject_GetAttrString(obj, part.c_str());
-        if (!next && !clear_unless_fatal()) {
-          Py_DECREF(obj);
-          return nullptr;
-        }
-      }
-      Py_DECREF(obj);
-      if (!next) return nullptr;
-      obj = next;
-      if (dot == std::string::npos) break;
-      start = dot + 1;
-    }
+    obj = resolve_loaded(s, n);
+    if (!obj) return nullptr;
   }
   if (!PyType_Check(obj)) {
     Py_DECREF(obj);

@@ -7,9 +7,10 @@
 // the codec refused) leaves the cache with it. Decoding rebuilds only
 // classes that were registered with fastbcast.register(), that sit under a
 // trusted prefix, or that are on the short list of standard-library classes
-// (datetime, uuid, decimal, collections) the codec rebuilds without asking;
-// it finds them among loaded modules and never imports a module named by the
-// bytes.
+// (datetime, uuid, decimal, collections; and torch.nn.Parameter) the codec
+// rebuilds without asking, and calls only the __reduce__ callables that are
+// registered classes or under a trusted prefix; it finds both among loaded
+// modules and never imports a module named by the bytes.
 #pragma once
 
 #include <Python.h>
@@ -33,6 +34,7 @@ enum class Kind : uint8_t {
   NPSCALAR,         // numpy scalar (np.float64, np.int64, ...)
   NDARRAY,
   PYARRAY,          // array.array
+  TENSOR,           // torch.Tensor subclass (nn.Parameter, or one keeping Tensor's pickle protocol)
 };
 
 // A class table entry's attribute names as a sender wrote them, resolved
@@ -94,6 +96,18 @@ class TypeRegistry {
   // The same from the name's UTF-8, remembering the answer for the next message.
   TypeInfo* for_decode(const char* name, size_t n, PyObject* extra_trusted);
 
+  // A rebuild callable named by a __reduce__ (not the class itself): its wire
+  // name ("module:QualName", new reference) if receivers may call it, that
+  // is if it is a registered class or sits under a trusted prefix and the
+  // name finds it again among loaded modules; else nullptr (no error set,
+  // unless a Python call failed). `findable`: whether the name finds it at
+  // all (if not, trusting its module would not help either).
+  PyObject* callable_name(PyObject* fn, PyObject* extra_trusted, bool* findable);
+  // The callable for such a wire name (new reference), or nullptr (no error
+  // set) if it is not registered / under a trusted prefix, or names nothing
+  // callable in a loaded module.
+  PyObject* callable_for_decode(const char* name, size_t n, PyObject* extra_trusted);
+
   // fastbcast.register(cls): trust this class for decoding. Raises TypeError
   // for classes the codec cannot rebuild.
   bool register_class(PyObject* cls);
@@ -108,6 +122,9 @@ class TypeRegistry {
   TypeRegistry() = default;
   bool classify(PyObject* cls, TypeInfo* out);
   bool trusted(const char* name, Py_ssize_t n, PyObject* extra_trusted);
+  // The object a wire name designates among loaded modules (new reference),
+  // provided its own __module__ and __qualname__ spell that name; never imports.
+  PyObject* resolve_loaded(const char* name, size_t n);
 
   std::unordered_map<PyTypeObject*, TypeInfo> by_type_;
   std::unordered_map<PyTypeObject*, PyObject*> weakrefs_;  // keep the weakrefs (and so their callbacks) alive

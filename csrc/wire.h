@@ -82,6 +82,8 @@ enum WireKind : uint8_t {
   WK_OBJECT = 3,    // default pickle protocol: __dict__ then __slots__
   WK_REDUCE = 4,    // __reduce_ex__ naming the class itself: args, state, list and dict items
   WK_CLASS = 5,     // the class object itself (a defaultdict's factory)
+  WK_CALL = 6,      // __reduce_ex__ naming a trusted callable: the entry names the callable; args, state, items
+  WK_TENSOR = 7,    // torch.Tensor subclass: its values, requires_grad, __dict__
 };
 // EXT_PYARRAY width code for items copied as they are (float, unicode arrays).
 inline constexpr uint8_t kRawWidth = 0xff;
@@ -96,8 +98,10 @@ inline constexpr size_t kIntWidthBytes[] = {1, 2, 4, 4, 8, 8};
 
 // Lists of at least this many ints are written as an EXT_INT_BLOCK.
 inline constexpr size_t kIntBlockMin = 8;
-// Containers nested deeper than this are refused on encode and decode.
-inline constexpr int kMaxDepth = 256;
+// Containers and instances nested deeper than this are refused on encode
+// (or pickled, with allow_pickle) and decode; before that, a thread whose C
+// stack runs low stops with an error instead (stack_guard.h).
+inline constexpr int kMaxDepth = 1024;
 
 // Unaligned little-endian / big-endian loads and stores.
 template <typename T>

@@ -74,7 +74,7 @@ def encode(obj: Any, *, compat: bool = False, allow_pickle: bool = False,
             surrogates included), bytes, bytearray, memoryview, list, dict,
             tuple, set, frozenset, complex, CPU torch.Tensor, numpy.ndarray
             (numeric) and numpy scalars, array.array, and instances of
-            registered or trusted classes, nested up to 256 levels (deeper
+            registered or trusted classes, nested up to 1,024 levels (deeper
             levels travel as a pickle when `allow_pickle`).
         compat: write plain MessagePack only (no ext types): tuples and sets
             become arrays; anything else that compat decoding could not give
@@ -95,8 +95,9 @@ def encode(obj: Any, *, compat: bool = False, allow_pickle: bool = False,
             neither registered nor trusted (without `allow_pickle`); the
             message gives its path, e.g.
             ``data[0]['messages'][2].content: unsupported type Foo``.
-        ValueError: a reference cycle, or nesting deeper than 256 levels
+        ValueError: a reference cycle, or nesting deeper than 1,024 levels
             without `allow_pickle`.
+        RecursionError: nesting too deep for the calling thread's C stack.
         KeyboardInterrupt, SystemExit: raised by user code while encoding,
             unchanged.
     """
@@ -171,10 +172,18 @@ def register(*classes: type) -> None:
 
 
 def trust(*prefixes: str) -> None:
-    """Trusts every codec-representable class in modules under `prefixes`.
+    """Trusts every codec-representable class in modules under `prefixes`,
+    and the module-level callables there that a class's ``__reduce__`` names
+    (a receiver calls them with the decoded arguments, as pickle would).
 
     ``trust("myapp")`` covers ``myapp`` and ``myapp.*``; only modules that are
     already imported are searched, never imported.
+
+    Arguments:
+        prefixes: module prefixes, each a str.
+
+    Returns:
+        None.
     """
     for p in prefixes:
         _C.trust(p)

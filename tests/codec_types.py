@@ -11,6 +11,7 @@ untrusted classes keep working whatever order the tests run in. Never call
 from __future__ import annotations
 
 import array
+import copyreg
 import dataclasses
 import enum
 import math
@@ -243,21 +244,42 @@ class TagList(list):
     """A list subclass with an attribute: pickled with its items and state."""
 
 
-# ---------------------------------------------------------------- unsupported
-
-def _make_foo(n):
-    return Foo(n)
+def _make_made(n):
+    return Made(n)
 
 
-class Foo:
-    """Pickles through a factory function, not through its class: the codec
-    cannot rebuild it natively, pickle can."""
+class Made:
+    """Pickles through a factory function of this module, not through its
+    class: native only where codec_types is trusted (the callable is then
+    trusted too), pickled or refused elsewhere."""
 
     def __init__(self, n=0):
         self.n = n
 
     def __reduce__(self):
-        return _make_foo, (self.n,)
+        return _make_made, (self.n,)
+
+    def __eq__(self, other):
+        return type(other) is Made and other.n == self.n
+
+
+class TaggedTensor(torch.Tensor):
+    """A plain tensor subclass: keeps torch.Tensor's pickle protocol, so it
+    travels natively (values, requires_grad, __dict__) where trusted."""
+
+
+# ---------------------------------------------------------------- unsupported
+
+class Foo:
+    """Pickles through a callable outside this module (copyreg's, as
+    protocols 0 and 1 do), not through its class: the codec cannot rebuild it
+    natively, even where codec_types is trusted; pickle can."""
+
+    def __init__(self, n=0):
+        self.n = n
+
+    def __reduce__(self):
+        return copyreg._reconstructor, (Foo, object, None), {"n": self.n}
 
     def __eq__(self, other):
         return type(other) is Foo and other.n == self.n

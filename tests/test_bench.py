@@ -118,3 +118,26 @@ def test_transport_rows_follow_the_broadcaster_signature():
 
     assert transport_support(types.SimpleNamespace(Broadcaster=with_transport)) is None
     assert "no transport=" in transport_support(types.SimpleNamespace(Broadcaster=without))
+
+
+def test_real_request_classes_run_or_say_why(tmp_path):
+    # sglang's and verl's request classes: every rank trusts the package,
+    # builds the payload and checks what it received; msgspec cannot carry
+    # them and says so; a package that does not import is skipped with the reason.
+    import importlib.util
+
+    proc, record = _bench(tmp_path, "--payloads", "sglang_req_1,verl_req_8", "--methods",
+                          "codec,fastbcast,pickle,msgspec")
+    for payload, pkg in (("sglang_req_1", "sglang"), ("verl_req_8", "verl")):
+        if importlib.util.find_spec(pkg) is None:
+            assert record["skipped"][payload] == "%s is not installed" % pkg
+            assert "# %s: skipped (%s is not installed)" % (payload, pkg) in proc.stdout
+            continue
+        p = record["payloads"][payload]
+        assert p["bytes_source"] == "fastbcast" and p["bytes"] <= p["pickled_bytes"], p
+        cells = _cells(record, payload)
+        for key in ("codec", "fastbcast@gloo", "pickle@gloo"):
+            assert cells[key]["status"] == "ok", cells[key]
+        assert cells["msgspec@gloo"]["status"] == "n/a"
+        assert "msgspec cannot carry these classes" in cells["msgspec@gloo"]["reason"]
+    assert record["payloads"] or record.get("skipped")

@@ -31,7 +31,7 @@ from codec_types import sender_encode as encode
 from fastbcast.codec import BufferTooSmallError
 
 import codec_types as ct
-from codec_types import TRUSTED, ext, same, tensor_bytes
+from codec_types import TRUSTED, ext, ext32, same, tensor_bytes
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,7 +74,7 @@ def class_entry(obj, **kw):
     return name, kind, layout, body
 
 
-K_STRUCT, K_PYDANTIC, K_OBJECT, K_REDUCE = 1, 2, 3, 4
+K_STRUCT, K_PYDANTIC, K_OBJECT, K_REDUCE, K_CALL, K_TENSOR = 1, 2, 3, 4, 6, 7
 
 
 def obj_ext(name, kind, layout, *body):
@@ -1188,6 +1188,44 @@ def test_kind_mismatch_is_refused():
         decode(obj_ext("codec_types:Point", K_REDUCE, [], 0, [1], None, None, None), trusted=TRUSTED)
     with pytest.raises(DecodeError, match="kind"):
         decode(obj_ext("codec_types:Point", K_STRUCT, ["x"], 1), trusted=TRUSTED)
+
+
+def test_call_entry_calls_only_trusted_callables_found_by_their_own_name():
+    ok = obj_ext("codec_types:_make_made", K_CALL, [], [4], None, None, None)
+    assert decode(ok, trusted=TRUSTED) == ct.Made(4)
+    for name in ("codec_types:_make_made",          # not trusted on this receiver
+                 "builtins:eval", "os:system"):     # never under a trusted prefix here
+        with pytest.raises(DecodeError, match="not trusted"):
+            decode(obj_ext(name, K_CALL, [], ["1"], None, None, None), trusted=() if "codec" in name else TRUSTED)
+    for name in ("codec_types:copyreg._reconstructor",  # re-exported: its own name is copyreg's
+                 "codec_types:NOT_A_CLASS",            # not callable
+                 "codec_types:<locals>.f", "codec_types:", "codec_types:nothing_here"):
+        with pytest.raises(DecodeError, match="not trusted"):
+            decode(obj_ext(name, K_CALL, [], [], None, None, None), trusted=TRUSTED)
+    with pytest.raises(DecodeError, match="layout"):
+        decode(obj_ext("codec_types:_make_made", K_CALL, ["x"], [4], None, None, None), trusted=TRUSTED)
+
+
+def test_tensor_entry_checks_its_body():
+    t = ext(7, bytes([8, 1]) + struct.pack("<q", 2) + struct.pack("<ff", 1.0, 2.0))
+    name = "torch.nn.parameter:Parameter"
+    good = ext32(17, msgpack.packb([name, K_TENSOR, []]) + t + b"\xc3" + msgpack.packb({"a": 1}))
+    out = decode(good)
+    assert type(out) is torch.nn.Parameter and out.requires_grad and out.a == 1 and out.tolist() == [1.0, 2.0]
+    bad = {
+        "not-a-tensor": msgpack.packb([name, K_TENSOR, []]) + b"\x01\xc3\xc0",
+        "grad-not-bool": msgpack.packb([name, K_TENSOR, []]) + t + b"\x01\xc0",
+        "state-not-map": msgpack.packb([name, K_TENSOR, []]) + t + b"\xc2\x91\x01",
+        "state-key-not-str": msgpack.packb([name, K_TENSOR, []]) + t + b"\xc2\x81\x01\x01",
+        "int-requires-grad": msgpack.packb([name, K_TENSOR, []]) + ext(7, bytes([5, 1]) + struct.pack("<qq", 1, 3))
+        + b"\xc3\xc0",
+        "not-a-tensor-class": msgpack.packb(["codec_types:Point", K_TENSOR, []]) + t + b"\xc2\xc0",
+        "ref-to-itself": msgpack.packb([name, K_TENSOR, []]) + ext(19, b"\x00") + b"\xc2\xc0",
+    }
+    for case, payload in bad.items():
+        with pytest.raises(DecodeError):
+            decode(ext32(17, payload), trusted=TRUSTED)
+            pytest.fail(case)
 
 
 # =========================================================================

@@ -285,7 +285,17 @@ def test_allocation_is_bounded_by_the_input(head, per_item):
 # nesting and cycles
 # =========================================================================
 
-LIMIT = 256
+LIMIT = 1024  # kMaxDepth
+
+
+def _deep_same(a, b):
+    """same() on values LIMIT levels deep: more than Python's default recursion limit."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 4 * LIMIT + 200))
+    try:
+        same(a, b)
+    finally:
+        sys.setrecursionlimit(old)
 
 
 def _nested_list(depth, leaf=0):
@@ -300,7 +310,7 @@ def _nested_list(depth, leaf=0):
 def test_decode_nesting_limit(opener):
     assert decode(opener * LIMIT + b"\x00") is not None
     expect_decode_error(opener * (LIMIT + 1) + b"\x00", match="nesting")
-    expect_decode_error(opener * 300 + b"\x00", match="nesting")
+    expect_decode_error(opener * (LIMIT + 50) + b"\x00", match="nesting")
 
 
 def test_decode_nesting_of_exts():
@@ -311,14 +321,14 @@ def test_decode_nesting_of_exts():
             data = ext32(code, b"\x91" + data)
         return data
 
-    # 255 tuples around an empty list: 256 containers, the limit.
+    # LIMIT - 1 tuples around an empty list: LIMIT containers, the limit.
     assert decode(chain(1, LIMIT - 1)) is not None
     assert decode(chain(3, LIMIT - 1, inner=b"\x00")) is not None
     expect_decode_error(chain(1, LIMIT), match="nesting")
     for code in (1, 2, 3):
-        expect_decode_error(chain(code, 300), match="nesting")
+        expect_decode_error(chain(code, LIMIT + 50), match="nesting")
     mixed = b"\x90"
-    for i in range(300):
+    for i in range(LIMIT + 50):
         mixed = [b"\x91" + mixed, b"\x81\xc0" + mixed, ext32(1, b"\x91" + mixed)][i % 3]
     expect_decode_error(mixed, match="nesting")
 
@@ -337,7 +347,7 @@ def test_encode_nesting_limit(wrap, levels):
     obj = 0
     for _ in range(LIMIT // levels):
         obj = wrap(obj)
-    same(obj, decode(encode(obj)))  # the deepest value the encoder accepts decodes
+    _deep_same(obj, decode(encode(obj)))  # the deepest value the encoder accepts decodes
     too_deep = wrap(obj)
     with pytest.raises(ValueError, match="nesting") as info:
         encode(too_deep)
@@ -365,8 +375,7 @@ def test_nested_dataclasses_decode_to_the_encoder_depth(depth):
     # The encoder counts a dataclass/pydantic/msgspec object as one nesting
     # level, the decoder as two (the OBJECT ext, then the field map, which
     # Decoder::object decodes with dec(depth + 1) -> map(n, depth + 1)). So a
-    # chain of more than 128 objects encodes but is refused on decode with
-    # "nesting deeper than 256 levels".
+    # chain of more than half the limit encoded but was refused on decode.
     obj = None
     for _ in range(depth):
         obj = ct.Node(obj)
@@ -380,11 +389,11 @@ def test_nested_dataclasses_decode_to_the_encoder_depth(depth):
 
 
 def test_dataclass_at_the_deepest_list_level_decodes():
-    # Same defect: 255 lists with a dataclass inside encode (depth 255 < 256)
-    # but the decoder refuses the field map at depth 256.
+    # Same defect: LIMIT - 1 lists with a dataclass inside encode (depth
+    # LIMIT - 1) but the decoder refused the field map at depth LIMIT.
     obj = _nested_list(LIMIT - 1, leaf=ct.Point(1, 2.0))
     data = encode(obj)
-    same(obj, decode(data, trusted=TRUSTED))
+    _deep_same(obj, decode(data, trusted=TRUSTED))
 
 
 def test_nested_objects_within_half_the_limit_round_trip():

@@ -281,7 +281,7 @@ def test_encode_and_discard_1000_payloads_leaks_nothing():
 
 def _failing_decodes():
     bad = [WIRE[:len(WIRE) // 2], WIRE + b"\x00", b"\xc1", ext(17, b"\x93\xa9nope:Nope\x03\x90\x80\xc0"),
-           ext32(17, b"\x93\xb2codec_types:SPoint\x01\x91\xa1z\x01"), b"\x91" * 300 + b"\x00", ext(15, b"\x80\x05N."),
+           ext32(17, b"\x93\xb2codec_types:SPoint\x01\x91\xa1z\x01"), b"\x91" * 1100 + b"\x00", ext(15, b"\x80\x05N."),
            ext32(2, b"\x91\x90"), b"\xa2\xc3\x28"]
 
     def run():

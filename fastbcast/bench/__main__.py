@@ -30,10 +30,10 @@ import time
 from typing import List, Optional
 
 from .methods import DEFAULT_METHODS, FASTBCAST_METHODS, METHODS, resolve_rows
-from .payloads import PAYLOAD_NOTES, PAYLOADS, default_payload_names
+from .payloads import CLASS_PAYLOADS, PAYLOAD_NOTES, PAYLOADS, default_payload_names
 
 _METHOD_HELP = "\n".join("  %-16s %s" % (k, v[0]) for k, v in METHODS.items())
-_PAYLOAD_HELP = "\n".join("  %-22s %s" % (k, PAYLOAD_NOTES.get(k, "")) for k in PAYLOADS)
+_PAYLOAD_HELP = "\n".join("  %-22s %s" % (k, PAYLOAD_NOTES.get(k, "")) for k in [*PAYLOADS, *CLASS_PAYLOADS])
 
 EPILOG = """\
 methods (--methods, comma-separated; 'name@gloo' / 'name@nccl' picks one transport):
@@ -46,6 +46,9 @@ methods (--methods, comma-separated; 'name@gloo' / 'name@nccl' picks one transpo
 
 payloads (--payloads, comma-separated; cuda_tensors exists only with CUDA):
 %s
+  sglang_req_* and verl_req_* are the real request classes: built when sglang /
+  verl import (else skipped, saying why), after every rank called
+  fastbcast.trust("sglang") / trust("verl"), so they travel natively.
 
 timing (--timing):
   stamps (default when every rank is on this host): before each sample every
@@ -181,11 +184,11 @@ def build_config(args: argparse.Namespace, argv: List[str]):
 
     if args.payloads:
         names = [n.strip() for n in args.payloads.split(",") if n.strip()]
-        unknown = [n for n in names if n not in PAYLOADS]
+        unknown = [n for n in names if n not in PAYLOADS and n not in CLASS_PAYLOADS]
         if unknown:
             extra = " (cuda_tensors needs CUDA)" if "cuda_tensors" in unknown else ""
             raise SystemExit("error: unknown payload(s) %s%s; choose from %s"
-                             % (", ".join(unknown), extra, ", ".join(PAYLOADS)))
+                             % (", ".join(unknown), extra, ", ".join([*PAYLOADS, *CLASS_PAYLOADS])))
     else:
         names = default_payload_names(quick=args.quick)
         if backend != "nccl":

@@ -176,7 +176,7 @@ def make_call(row: Row, ctx: Context, payload_name: str, obj: Any, nbytes: int,
     runner still agrees on it with one collective before the first call).
     """
     from .common import same
-    from .payloads import MSGSPEC_TYPES
+    from .payloads import CLASS_PAYLOADS, MSGSPEC_TYPES
 
     rank, src = ctx.rank, ctx.src
     group, device = ctx.group(row.transport), ctx.dev(row.transport)
@@ -204,6 +204,9 @@ def make_call(row: Row, ctx: Context, payload_name: str, obj: Any, nbytes: int,
             raise Unsupported("msgspec is not installed")
         if baselines.numpy_missing():
             raise Unsupported("numpy is not installed")
+        if payload_name in CLASS_PAYLOADS:
+            raise Unsupported("msgspec cannot carry these classes: it encodes neither array.array (sglang's "
+                              "token ids) nor pydantic models (verl's requests)")
         typ = MSGSPEC_TYPES.get(payload_name)
         try:
             msgspec.msgpack.Encoder().encode(obj)

@@ -295,11 +295,17 @@ PAYLOAD_NOTES = {
 
 
 def default_payload_names(quick: bool = False) -> List[str]:
-    """The payloads a run covers by default; ``quick`` leaves out the 256x4k ones."""
-    names = list(PAYLOADS)
+    """The payloads a run covers by default, the real request classes last;
+    ``quick`` leaves out the 256x4k ones and class payloads of over 8 requests."""
+    names = list(PAYLOADS) + list(CLASS_PAYLOADS)
     if quick:
-        names = [n for n in names if "256x4k" not in n]
+        names = [n for n in names if "256x4k" not in n and not (n in CLASS_PAYLOADS and int(n.split("_")[-1]) > 8)]
     return names
+
+
+def payload_factory(name: str) -> Callable[[], object]:
+    """The factory of a payload of PAYLOADS or CLASS_PAYLOADS."""
+    return PAYLOADS[name] if name in PAYLOADS else CLASS_PAYLOADS[name]
 
 
 def _print_sizes() -> None:  # python -m fastbcast.bench.payloads

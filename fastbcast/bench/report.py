@@ -295,6 +295,8 @@ def finish(cfg, record: Dict[str, Any]) -> None:
                                                             record["wall_s"])]
     for name, p in record["payloads"].items():
         lines.append(summary_line(name, p["cells"]))
+    for name, why in record.get("skipped", {}).items():
+        lines.append("# skipped %s: %s" % (name, why))
     lines.extend(targets_table(record))
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)

@@ -64,7 +64,7 @@ import torch.distributed as dist
 from . import baselines
 from .common import fastbcast_api, has_cuda_tensors, register_structs, to_cpu
 from .methods import Context, Row, Unsupported, make_call
-from .payloads import PAYLOADS
+from .payloads import CLASS_PAYLOAD_TRUSTED, CLASS_PAYLOADS, class_payload_unavailable, payload_factory
 
 
 @dataclasses.dataclass
@@ -449,6 +449,23 @@ def worker(rank: int, local_rank: int, cfg: Config, store_port: Optional[int]) -
         os._exit(1)  # don't let the peers wait on a collective we will never join
 
 
+def _build(name: str, fb: Any):
+    """(payload, None), or (None, why) for a class payload that cannot be built
+    here. Its package prefix is trusted first (fastbcast.trust), as every rank
+    of an application that broadcasts these classes must do."""
+    if name not in CLASS_PAYLOADS:
+        return payload_factory(name)(), None
+    why = class_payload_unavailable(name)
+    if why:
+        return None, why
+    try:
+        if fb is not None:
+            fb.trust(*CLASS_PAYLOAD_TRUSTED[name])
+        return payload_factory(name)(), None
+    except Exception as e:
+        return None, "building it failed: %s: %s" % (type(e).__name__, e)
+
+
 def _make_timer(cfg: Config, ctx: Context) -> _Timer:
     cuda = ctx.backend == "nccl"
     board = _Board.open(ctx) if cfg.timing != "barrier" else None
@@ -479,7 +496,16 @@ def _run(cfg: Config, ctx: Context) -> None:
     for name in cfg.payloads:
         if bar is not None:
             bar.set_description("%s: building" % name)
-        obj = PAYLOADS[name]()
+        obj, why = _build(name, fb)
+        if not timer.agree(why is None):
+            # Skipped on every rank, so the ranks stay in step.
+            why = why or "not available on another rank"
+            if lead:
+                record.setdefault("skipped", {})[name] = why
+                report.emit("#\n# %s: skipped (%s)" % (name, why), bar)
+                if bar is not None:
+                    bar.update(len(cfg.rows))
+            continue
         sizes = payload_bytes(obj)
         has_cuda = has_cuda_tensors(obj)
         cells = []

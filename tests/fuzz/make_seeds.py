@@ -59,6 +59,12 @@ def _tensor(dtype):
     return base.to(dtype)
 
 
+def _tagged_tensor():
+    t = torch.arange(3.0).as_subclass(ct.TaggedTensor)
+    t.note = "n"
+    return t
+
+
 def _objects() -> dict:
     """name -> object encoded with the default options."""
     shared_point, shared_tensor, shared_bytes = ct.Point(1, 2.0), torch.arange(3), bytes(range(70))
@@ -107,6 +113,9 @@ def _objects() -> dict:
                           uuid.UUID(int=12345), decimal.Decimal("-1.25"), collections.OrderedDict(a=1),
                           collections.defaultdict(list, {"k": [1]}), range(1, 9, 2)],
         "pyarray-narrow": [array.array("q", [1, 151935, 2]), array.array("l", [-1, 7]), array.array("Q", [300])],
+        "reduce-trusted-callable": [ct.Made(1), ct.Made(2)],
+        "parameter": [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.arange(2), requires_grad=False)],
+        "tensor-subclass": _tagged_tensor(),
         # a little of everything, as a rollout batch looks
         "batch": [{"rid": "r0", "input_ids": list(range(40)), "sampling": {"temperature": 0.7, "n": 2},
                    "mask": [1] * 12, "meta": (1, None), "score": 2**65}],
@@ -116,6 +125,9 @@ def _objects() -> dict:
     for _ in range(256):
         deep = [deep]
     objs["deep-256"] = deep
+    for _ in range(1024 - 256):
+        deep = [deep]
+    objs["deep-1024"] = deep
     for i, dt in enumerate(_TENSOR_DTYPES):
         objs[f"tensor-{i:02d}-{str(dt).split('.')[-1]}"] = _tensor(dt)
     for tc in "bBuhHiIlLqQfd":
