@@ -13,10 +13,13 @@ gloo and both ends sit on one host, the pair's messages move through a
 shared-memory ring (`_C.ShmChannel`, one writer and one reader) that the two
 ranks set up between themselves, with no call on the rest of the group;
 otherwise, and until the ring is up, through the group's ``send``/``recv``.
-The set-up rides on the pair's first messages and never makes the source
-wait for the receiver longer than gloo itself would: gloo completes a send
-only once the receiver posted its receive, so the source reads the
-receiver's answer when a send of its own completes.
+The set-up rides on the pair's first messages and never makes a send wait:
+gloo completes a send only once the receiver posted its receive, so the
+source reads the receiver's answer when a send of its own completes. Through
+the ring an asynchronous send returns at once unless the receiver is a whole
+ring behind (SGLang waits on each kind of send before the next, so it stays
+a few messages ahead at most); a payload longer than the ring goes over the
+group so that it never waits for the receiver.
 """
 from __future__ import annotations
 
@@ -132,7 +135,7 @@ class _Pair:
 
     # -- source --------------------------------------------------------
     def offer(self) -> None:
-        wants = _shares_memory(self.group)
+        wants = _shares_memory()
         self._offer = (secrets.randbits(62), os.getuid())
         msg = torch.tensor([host_key(), os.getpid(), int(wants), *self._offer], dtype=torch.int64)
         self._answer = torch.zeros(2, dtype=torch.int64)
@@ -158,7 +161,7 @@ class _Pair:
             self.ring = _C.ShmChannel.create(_ring_name(self._offer[1], self._offer[0]), [self.src, self.dst],
                                              [os.getpid(), pid], slots, slot_bytes)
             self.state = "ready"
-        except OSError as e:
+        except (OSError, ValueError) as e:
             self._warn(f"global rank {self.src} cannot make the ring ({e})")
 
     def attached(self, timeout: float | None = ATTACH_TIMEOUT_S) -> None:
@@ -168,10 +171,10 @@ class _Pair:
             return
         try:
             _shm_call(self.ring.wait_attached, timeout)
-        except TransportError:
+        except TransportError as e:
             if timeout == 0:
                 return   # not yet: a later call looks again
-            raise
+            self.fail(f"global rank {self.dst} did not attach the ring: {e}")
         self.ring.unlink()
         self.unlinked = True
 
@@ -183,7 +186,7 @@ class _Pair:
         _group_recv(offer, self.src, self.group, OFFER_TAG)
         key, pid, wants, token, uid = offer.tolist()
         code = _APART
-        if wants and _shares_memory(self.group) and key == host_key():
+        if wants and _shares_memory() and key == host_key():
             code = shm_probe(4096)
             if code:
                 self._warn(f"global rank {self.dst} cannot map shared memory ({os.strerror(code)})")
@@ -223,7 +226,7 @@ class _Pair:
             self.ring = None
 
 
-def _shares_memory(group) -> bool:
+def _shares_memory() -> bool:
     from .broadcast import DEFAULT_TRANSPORT
 
     return DEFAULT_TRANSPORT != "collective" and hasattr(_C, "ShmChannel")

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import time
+from types import SimpleNamespace
 
 from distributed import run_distributed, run_distributed_may_die
 
@@ -141,7 +142,25 @@ def _fallbacks(rank, world):
             got = p2p([i, src] if rank == src else [], rank, g2, src, dst)
             assert rank == src or got == [i, src], got
     out["collective"] = {k: _pair(g2, *k)[0] for k in ((0, 1), (1, 0))}
-    out["warnings"] = warnings
+    fbb.DEFAULT_TRANSPORT = "auto"
+    # Rank 0 cannot make a ring (simulated: create fails with ENOSPC): it
+    # never sends SWITCH, so 0 -> 1 stays on send/recv; one warning, on rank 0.
+    real = p2p_mod._C
+    if rank == 0:
+        def full(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        p2p_mod._C = SimpleNamespace(ShmChannel=SimpleNamespace(create=full))
+    g3 = dist.new_group([0, 1], backend="gloo")
+    for i in range(3):
+        got = p2p([i] if rank == 0 else [], rank, g3, 0, 1, async_send=True)
+        if rank == 0:
+            for w in got:
+                w.work.wait()
+        else:
+            assert got == [i], got
+    p2p_mod._C = real
+    out["no_create"] = _pair(g3, 0, 1)[0]
+    out["warnings"] = warnings[:n_warned]
     out["warnings_after"] = warnings[n_warned:]
     dist.barrier()
     return out
@@ -153,7 +172,10 @@ def test_p2p_fallbacks():
     for rank in (0, 1):
         assert res[rank]["unmappable"] == {(0, 1): "group", (1, 0): "ring"}, res[rank]
         assert res[rank]["collective"] == {(0, 1): "group", (1, 0): "group"}, res[rank]
-        assert res[rank]["warnings_after"] == [], res[rank]
+        assert res[rank]["no_create"] == "group", res[rank]
+    assert res[1]["warnings_after"] == [], res[1]
+    warned = res[0]["warnings_after"]
+    assert len(warned) == 1 and "global rank 0 cannot make the ring" in warned[0], warned
     for rank in (0, 1):   # one warning on each end, as the broadcast's fallback logs on every rank
         warned = res[rank]["warnings"]
         assert len(warned) == 1 and "0 -> 1" in warned[0] and os.strerror(errno.ENOSPC) in warned[0], warned
