@@ -18,6 +18,8 @@ import signal
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from distributed import run_distributed, run_distributed_may_die
 
 SLACK_S = 4.0          # scheduling slack on a loaded 2-core box
@@ -104,6 +106,16 @@ def test_p2p_shared_memory_both_ways():
     assert _ours() <= before, f"left in /dev/shm: {_ours() - before}"
 
 
+def _three_each_way(rank, group) -> dict:
+    """Three messages each way; the state each direction ends in."""
+    import fastbcast
+    for i in range(3):
+        for src, dst in ((0, 1), (1, 0)):
+            got = fastbcast.point_to_point_pyobj([i, src] if rank == src else [], rank, group, src, dst)
+            assert rank == src or got == [i, src], got
+    return {k: _pair(group, *k)[0] for k in ((0, 1), (1, 0))}
+
+
 def _fallbacks(rank, world):
     import torch.distributed as dist
 
@@ -126,22 +138,14 @@ def _fallbacks(rank, world):
     if rank == 1:
         p2p_mod.shm_probe = lambda nbytes: errno.ENOSPC
     g = dist.new_group([0, 1], backend="gloo")
-    for i in range(3):
-        for src, dst in ((0, 1), (1, 0)):
-            got = p2p([i, src] if rank == src else [], rank, g, src, dst)
-            assert rank == src or got == [i, src], got
-    out["unmappable"] = {k: _pair(g, *k)[0] for k in ((0, 1), (1, 0))}
+    out["unmappable"] = _three_each_way(rank, g)
     p2p_mod.shm_probe = probe
     # Rank 0 asks for the collective: no ring in either direction, and no warning.
     n_warned = len(warnings)
     if rank == 0:
         fbb.DEFAULT_TRANSPORT = "collective"
     g2 = dist.new_group([0, 1], backend="gloo")
-    for i in range(3):
-        for src, dst in ((0, 1), (1, 0)):
-            got = p2p([i, src] if rank == src else [], rank, g2, src, dst)
-            assert rank == src or got == [i, src], got
-    out["collective"] = {k: _pair(g2, *k)[0] for k in ((0, 1), (1, 0))}
+    out["collective"] = _three_each_way(rank, g2)
     fbb.DEFAULT_TRANSPORT = "auto"
     # Rank 0 cannot make a ring (simulated: create fails with ENOSPC): it
     # never sends SWITCH, so 0 -> 1 stays on send/recv; one warning, on rank 0.
@@ -211,21 +215,13 @@ def _killed(rank, world, victim):
         return {"error": str(e), "took": time.monotonic() - started}
 
 
-def test_p2p_killed_receiver():
+@pytest.mark.parametrize("victim", [1, 0], ids=["receiver", "source"])
+def test_p2p_killed_peer(victim):
     before = _ours()
-    res = run_distributed_may_die(_killed, 2, 1, timeout=120)
-    assert res[1] == ("died", -signal.SIGKILL), res[1]
-    status, out = res[0]
+    survivor = 1 - victim
+    res = run_distributed_may_die(_killed, 2, victim, timeout=120)
+    assert res[victim] == ("died", -signal.SIGKILL), res[victim]
+    status, out = res[survivor]
     assert status == "ok", out
-    assert "global rank 1" in out["error"] and out["took"] < 1.0 + SLACK_S, out
-    assert _ours() <= before, f"left in /dev/shm: {_ours() - before}"
-
-
-def test_p2p_killed_source():
-    before = _ours()
-    res = run_distributed_may_die(_killed, 2, 0, timeout=120)
-    assert res[0] == ("died", -signal.SIGKILL), res[0]
-    status, out = res[1]
-    assert status == "ok", out
-    assert "global rank 0" in out["error"] and out["took"] < 1.0 + SLACK_S, out
+    assert f"global rank {victim}" in out["error"] and out["took"] < 1.0 + SLACK_S, out
     assert _ours() <= before, f"left in /dev/shm: {_ours() - before}"
