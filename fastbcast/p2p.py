@@ -116,11 +116,11 @@ class _Pair:
     shared memory) with its first send; the receiver reads the offer at its
     first receive and answers (`_SHARE`, `_APART` or an errno, and its pid).
     The source reads the answer once one of its sends completed (the
-    receiver answered before it took that message), makes the ring, and
-    sends `SWITCH` as the next size message; the receiver attaches when it
+    receiver answered before it took that message); at its next send it
+    makes the ring and sends `SWITCH` as that send's size message; the receiver attaches when it
     reads it, and the source unlinks the name once it attached. State:
-    "new" -> (source) "offered" -> "ready" -> "ring", or "group" for good;
-    (receiver) "group" -> "ring".
+    (source) "new" -> "offered" -> "agreed" -> "ring", or "group" for good;
+    (receiver) "new" -> "group" -> "ring".
     """
 
     def __init__(self, group, src: int, dst: int):
@@ -136,7 +136,7 @@ class _Pair:
     # -- source --------------------------------------------------------
     def offer(self) -> None:
         wants = _shares_memory()
-        self._offer = (secrets.randbits(62), os.getuid())
+        self._offer = (secrets.randbits(62), os.getuid())   # + the receiver's pid, from its answer
         msg = torch.tensor([host_key(), os.getpid(), int(wants), *self._offer], dtype=torch.int64)
         self._answer = torch.zeros(2, dtype=torch.int64)
         self._pending = [(dist.isend(msg, self.dst, group=self.group, tag=OFFER_TAG), msg),
@@ -151,18 +151,25 @@ class _Pair:
             work.wait()
         self._pending = []
         code, pid = self._answer.tolist()
-        self.state = "group"
+        self.state = "agreed" if code == _SHARE else "group"
+        self._offer += (pid,)
         if code > 0:
             self._warn(f"global rank {self.dst} cannot map shared memory ({os.strerror(code)})")
-        if code != _SHARE:
-            return
+
+    def make_ring(self) -> bool:
+        """Source, at the send after the answer: the ring, made only now so that
+        a pair that never sends again leaves nothing in /dev/shm."""
+        token, uid, pid = self._offer
         slots, slot_bytes = shm_geometry()
         try:
-            self.ring = _C.ShmChannel.create(_ring_name(self._offer[1], self._offer[0]), [self.src, self.dst],
-                                             [os.getpid(), pid], slots, slot_bytes)
-            self.state = "ready"
+            self.ring = _C.ShmChannel.create(_ring_name(uid, token), [self.src, self.dst], [os.getpid(), pid],
+                                             slots, slot_bytes)
         except (OSError, ValueError) as e:
             self._warn(f"global rank {self.src} cannot make the ring ({e})")
+            self.state = "group"
+            return False
+        self.state = "ring"
+        return True
 
     def attached(self, timeout: float | None = ATTACH_TIMEOUT_S) -> None:
         """Source: once the receiver attached, the name goes (nothing is left in
@@ -272,8 +279,7 @@ def _send(pair: _Pair | None, group, dst: int, n: int, payload: torch.Tensor | N
     if pair.state == "offered":
         return _group_send(tensors, dst, group, async_send, then=pair.read_answer)
     works = []
-    if pair.state == "ready":
-        pair.state = "ring"
+    if pair.state == "agreed" and pair.make_ring():
         works = _group_send([torch.tensor([SWITCH], dtype=torch.long)], dst, group, async_send,
                             then=pair.attached)
     elif not pair.unlinked:

@@ -24,6 +24,8 @@ read (``rank`` is global, ``ranks``, ``rank_in_group``, ``world_size``,
 """
 from __future__ import annotations
 
+import os
+
 import integ_helpers as H
 
 H.require("sglang")
@@ -182,7 +184,10 @@ def _sites_rank(rank: int, world_size: int) -> dict:
 
 
 def test_every_per_step_site_of_the_scheduler_gloo():
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("fastbcast-")}
     results = run_distributed(_sites_rank, 4, timeout=400)
+    left = {n for n in os.listdir("/dev/shm") if n.startswith("fastbcast-")} - before
+    assert not left, f"left in /dev/shm: {left}"   # the ranks leave with os._exit: no finalizer cleans up
     for rank, res in enumerate(results):
         assert res["routed"], rank
         assert res["problems"] == [], (rank, res["problems"])

@@ -7,11 +7,16 @@ from its scheduler, is in test_integration_sglang_sites.py.
 """
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
 
 from distributed import run_distributed
+
+
+def _ours() -> set:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("fastbcast-")}
 
 
 def _payloads():
@@ -75,7 +80,9 @@ def _p2p_rank(rank: int, world_size: int, transport: str) -> dict:
 def test_point_to_point_pyobj_gloo(transport):
     import fractions
 
+    before = _ours()
     results = run_distributed(_p2p_rank, 3, transport, timeout=120)
+    assert _ours() <= before, f"left in /dev/shm: {_ours() - before}"   # 2 -> 0 never made its ring
     # On one host a direction moves to shared memory from its second message
     # on (test_p2p_shm.py covers that path): 0 -> 2 did, 2 -> 0 sent one
     # message only. "collective" keeps send/recv.
