@@ -67,7 +67,7 @@ test: build
 
 test-integrations: build
 	$(PY) -m pytest tests/test_patching.py tests/test_integration_sglang.py tests/test_integration_sglang_sites.py \
-	  tests/test_integration_sglang_release.py tests/test_autopatch.py tests/test_p2p.py \
+	  tests/test_integration_sglang_release.py tests/test_autopatch.py tests/test_p2p.py tests/test_p2p_shm.py \
 	  tests/test_integrations_nodeps.py tests/test_integration_nccl.py -q $(ARGS)
 	$(MAKE) --no-print-directory test-releases ARGS="$(ARGS)"
 

