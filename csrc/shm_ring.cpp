@@ -117,7 +117,11 @@ struct AsleepGuard {
 const ShmTuning& ShmTuning::get() {
   static const ShmTuning t = [] {
     ShmTuning v;
-    v.spin_ns = env_u64("FASTBCAST_SHM_SPIN_US", 50) * 1000;
+    // 1 ms: long enough that receivers of a step loop are still spinning
+    // when ranks reach the call some tens of microseconds apart (at 50 us,
+    // world 8 had a p90 of 100 us against 8 us; BENCHMARKS.md section 0a),
+    // short enough that a reader idle for a second spends 0.1 % of a core.
+    v.spin_ns = env_u64("FASTBCAST_SHM_SPIN_US", 1000) * 1000;
     v.slice_ms = uint32_t(std::clamp<uint64_t>(env_u64("FASTBCAST_SHM_TEST_SLICE_MS", 100), 1, 60000));
     v.test_delay_us = uint32_t(std::min<uint64_t>(env_u64("FASTBCAST_SHM_TEST_DELAY_US", 0), 1000000));
     return v;

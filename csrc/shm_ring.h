@@ -45,7 +45,7 @@
 //      wakes) its FUTEX_WAIT. No wake-up is lost, and nobody makes a
 //      syscall while nobody sleeps.
 //
-// Waiting: spin for FASTBCAST_SHM_SPIN_US (default 50: busy for 5 us, then
+// Waiting: spin for FASTBCAST_SHM_SPIN_US (default 1000: busy for 5 us, then
 // yielding the core), then sleep in FUTEX_WAIT slices of at most 100 ms.
 // Between slices the waiter checks the peers it waits for (a pidfd per peer,
 // which polls readable once the process has exited, zombie or not; kill(pid,
