@@ -6,7 +6,7 @@ SGLang's `broadcast_pyobj` and `point_to_point_pyobj`. The wire format is in FOR
 """
 from ._version import FORMAT_VERSION, __version__
 from ._loader import _C  # noqa: F401  (checks the torch build before loading)
-from .broadcast import Broadcaster, BroadcastError, BroadcastTimeoutError, broadcast, broadcast_pyobj
+from .broadcast import Broadcaster, BroadcastError, BroadcastTimeoutError, broadcast, broadcast_pyobj, close_all
 from .codec import (
     BufferTooSmallError,
     DecodeError,
@@ -27,4 +27,5 @@ __all__ = [
     "encode", "encode_into", "decode", "register", "trust", "DecodeError",
     "BufferTooSmallError", "pool_stats", "set_pool_limit", "shrink_pool",
     "broadcast", "broadcast_pyobj", "point_to_point_pyobj", "Broadcaster", "BroadcastError", "BroadcastTimeoutError", "resolve", "Route",
+    "close_all",
 ]

@@ -268,6 +268,7 @@ class Broadcaster:
         self._requested = requested
         self._state: GroupState | None = None       # shared by every Broadcaster on the group
         self._transport = None                      # decided at the first broadcast
+        self._told_receivers = False                # this call's source sent an error frame
         self._size_hint = 0                         # bytes of this source's previous frame (the first block's size)
         self._stream_segment = None                 # bytes of a stream's messages, once the transport is known
 
@@ -345,12 +346,25 @@ class Broadcaster:
                     f"this group can no longer be used: {self._state.broken}. The ranks may be out of step; "
                     f"destroy and recreate the group (and its Broadcasters).")
             self._state.seq += 1
+            self._told_receivers = False
             try:
                 if route.is_src:
                     return self._send(obj, route, deadline)
                 return self._recv(route, deadline)
             except TransportError as e:
                 self._raise_transport(e, route, "a broadcast")
+            except BaseException as e:
+                # Ctrl-C (or SystemExit from a signal handler) while bytes
+                # were moving leaves this rank's transfer half done: give the
+                # group up, so this rank's next call and its peers raise
+                # instead of pairing frames of different calls. An encode
+                # interrupted on the source is the exception: its error frame
+                # has told the receivers, and the group is in step.
+                if not isinstance(e, Exception) and not self._told_receivers:
+                    role = "source" if route.is_src else "receiver"
+                    self._state.give_up(f"global rank {route.rank} ({role}) was interrupted inside a broadcast "
+                                        f"({type(e).__name__})")
+                raise
         finally:
             self._lock.release()
 
@@ -449,6 +463,7 @@ class Broadcaster:
             block, used = _C.error_frame(msg, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq,
                                          max(self.first_chunk, 4096), t.min_capacity)
             t.send(block, used, route, deadline)
+            self._told_receivers = True
             raise
         t.send(block, used, route, deadline)
         if device_len:

@@ -212,6 +212,44 @@ def _check_receiver_max_bytes_drains_in_the_ring(rank, world):
 
 
 @check
+def _check_interrupted_wait_gives_the_group_up(rank, world):
+    """Ctrl-C while a rank waits inside a broadcast (the source for a free
+    slot of a full ring, a receiver for a frame) gives the group up: that
+    rank's next call raises BroadcastError saying it was interrupted, and
+    its peer raises BroadcastError instead of pairing frames of different
+    calls or reporting success for frames nobody will read."""
+    fb = _fb()
+    if rank >= 2:
+        return
+    for who in (0, 1):
+        g = _group([0, 1])
+        b = fb.Broadcaster(g, timeout=30)
+        assert b.broadcast("setup" if rank == 0 else None, src=0) == "setup"
+        if rank == who:
+            threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        if rank == who:
+            try:
+                if rank == 0:
+                    for _ in range(40):   # the 16-slot ring fills while rank 1 sleeps
+                        b.broadcast([b"x" * 1000], src=0)
+                else:
+                    b.broadcast(None, src=0)
+                raise AssertionError("no KeyboardInterrupt")
+            except KeyboardInterrupt:
+                pass
+            e = _expect(fb.BroadcastError, b.broadcast, ["next"] if rank == 0 else None, src=0)[0]
+            assert "interrupted" in str(e) and "can no longer be used" in str(e), str(e)
+        else:
+            time.sleep(2.0)
+            started = time.monotonic()
+            with pytest.raises(fb.BroadcastError):
+                for _ in range(40):
+                    b.broadcast([b"y"] if rank == 0 else None, src=0)
+            assert time.monotonic() - started < 1.0 + SLACK_S
+            _expect(fb.BroadcastError, b.broadcast, [b"z"] if rank == 0 else None, src=0)
+
+
+@check
 def _check_10000_calls_flat(rank, world):
     """10,000 calls of the per-step shape: RSS, the pool and /dev/shm stay flat."""
     fb = _fb()
