@@ -103,10 +103,6 @@ class BroadcastTimeoutError(BroadcastError):
     refuses further use; destroy and recreate the group."""
 
 
-# What may travel as a stream (fastbcast.stream); checked here so that `[]`,
-# an idle step, goes straight to encode_frame.
-_CONTAINERS = (list, tuple, dict)
-
 # torch's registry of live process groups: a group destroyed with
 # destroy_process_group leaves it. Checking membership costs a dict lookup
 # where _require_live's public calls cost microseconds on every broadcast.
@@ -441,13 +437,10 @@ class Broadcaster:
                 if sent is None:
                     return obj
                 block, used, cuda_tensors, device_len, stream = sent
-            elif self.stream_bytes and type(obj) in _CONTAINERS and len(obj) > 1:
+            else:
+                # A plain frame, or message 0 of a stream: C++ decides which.
                 block, used, cuda_tensors, device_len, stream = streaming.encode(
                     self, obj, FORMAT_VERSION, max(t.min_capacity, self._size_hint))
-            else:
-                block, used, cuda_tensors, device_len = _C.encode_frame(
-                    obj, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq, self.compat,
-                    self.allow_pickle, self.device.type == "cuda", max(t.min_capacity, self._size_hint), self.trusted)
             self._size_hint = used
             size = used - _C.HEADER_BYTES + device_len
             if size > self.max_bytes:
