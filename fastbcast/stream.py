@@ -29,12 +29,11 @@ import collections
 import os
 
 import torch
-import torch.distributed as dist
 
 from ._loader import _C
 from .mesh import Route
 from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _left, _shm_call, _to_host,
-                        collective, post, shm_geometry, wait)
+                        bcast, post_bcast, shm_geometry, wait)
 
 __all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
 
@@ -220,9 +219,9 @@ class _CollectiveSource:
         # The first collective moves segment_bytes whatever the message's
         # length: receivers post it before they know that length.
         s, c = self.segment, self.t.chunk
-        works = [post(dist.broadcast, buf[:s], self.route, "a stream message", src=self.route.src)]
-        works += [post(dist.broadcast, buf[off:min(off + c, nbytes)], self.route, "a stream message",
-                       src=self.route.src) for off in range(s, nbytes, c)]
+        works = [post_bcast(buf[:s], self.route, "a stream message")]
+        works += [post_bcast(buf[off:min(off + c, nbytes)], self.route, "a stream message")
+                  for off in range(s, nbytes, c)]
         self.inflight.append((block, works, event))
 
     def send_device(self, buf: torch.Tensor) -> None:
@@ -260,8 +259,7 @@ class _CollectiveSink:
             if self.t.cuda:
                 self.dev[j] = torch.empty(self.segment, dtype=torch.uint8, device=self.t.device)
         target = self.dev[j] if self.t.cuda else self.host[j]
-        self.pending = (j, post(dist.broadcast, target[:self.segment], self.route, "a stream message",
-                                src=self.route.src))
+        self.pending = (j, post_bcast(target[:self.segment], self.route, "a stream message"))
 
     def take(self) -> torch.Tensor:
         j, work = self.pending
@@ -283,13 +281,13 @@ class _CollectiveSink:
         if self.t.cuda:
             dev = self.t._stage(msg_len)
             for i, off in enumerate(range(s, msg_len, c)):
-                collective(dist.broadcast, dev[off:min(off + c, msg_len)], self.route, self.deadline,
-                           f"stream message collective {i + 2} of {n}", src=self.route.src)
+                bcast(dev[off:min(off + c, msg_len)], self.route, self.deadline,
+                      f"stream message collective {i + 2} of {n}")
             _to_host(dev, whole, s, msg_len)
         else:
             for i, off in enumerate(range(s, msg_len, c)):
-                collective(dist.broadcast, whole[off:min(off + c, msg_len)], self.route, self.deadline,
-                           f"stream message collective {i + 2} of {n}", src=self.route.src)
+                bcast(whole[off:min(off + c, msg_len)], self.route, self.deadline,
+                      f"stream message collective {i + 2} of {n}")
         return whole
 
     def device(self, nbytes: int) -> torch.Tensor:

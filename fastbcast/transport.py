@@ -75,8 +75,8 @@ def _left(deadline: float | None) -> float | None:
 
 
 def collective(op, tensor: torch.Tensor, route: Route, deadline: float | None, what: str, **kwargs):
-    """Runs one collective (`dist.broadcast`, `dist.all_gather_into_tensor`,
-    ...) on the route's group, bounded by `deadline` when there is one."""
+    """Runs one collective (`dist.all_gather_into_tensor`, ...) on the
+    route's group, bounded by `deadline` when there is one."""
     try:
         if deadline is None:
             op(tensor, group=route.group, **kwargs)
@@ -89,10 +89,21 @@ def collective(op, tensor: torch.Tensor, route: Route, deadline: float | None, w
         raise _failure(e, deadline, what) from e
 
 
-def post(op, tensor: torch.Tensor, route: Route, what: str, **kwargs):
-    """Starts one collective without waiting for it; finish it with `wait`."""
+def bcast(tensor: torch.Tensor, route: Route, deadline: float | None, what: str) -> None:
+    """Broadcasts `tensor` from route's source over its group, bounded by
+    `deadline` when there is one. This is every broadcast of the protocol,
+    the per-step call's included, so it calls the ProcessGroup itself:
+    `dist.broadcast`'s Python checks cost more than the rest of a small
+    call's Python on the source (BENCHMARKS.md, section 0b)."""
+    wait(post_bcast(tensor, route, what), deadline, what)
+
+
+def post_bcast(tensor: torch.Tensor, route: Route, what: str):
+    """Starts one broadcast from route's source without waiting for it;
+    finish it with `wait`."""
     try:
-        return op(tensor, group=route.group, async_op=True, **kwargs)
+        pg = route.group if route.group is not None else dist.group.WORLD
+        return pg.broadcast(tensor, route.src_group_rank)
     except RuntimeError as e:
         raise _failure(e, None, what) from e
 
@@ -178,8 +189,7 @@ class CollectiveTransport:
         c = chunk or self.chunk
         n = 1 + -(-(total - self.first_chunk) // c)
         for i, off in enumerate(range(self.first_chunk, total, c)):
-            collective(dist.broadcast, buf[off:min(off + c, total)], route, deadline,
-                       f"collective {i + 2} of {n}", src=route.src)
+            bcast(buf[off:min(off + c, total)], route, deadline, f"collective {i + 2} of {n}")
 
     def inline_channel(self, route: Route, deadline):
         return None  # every frame takes send()/recv()
@@ -203,8 +213,7 @@ class CollectiveTransport:
             event.record()
             self._inflight = (block, event)
         n = 1 + -(-(total - self.first_chunk) // self.chunk)
-        collective(dist.broadcast, buf[:self.first_chunk], route, deadline, f"collective 1 of {n} (the first chunk)",
-                   src=route.src)
+        bcast(buf[:self.first_chunk], route, deadline, f"collective 1 of {n} (the first chunk)")
         self._chunks(buf, total, route, deadline)
 
     def recv(self, route: Route, deadline, max_bytes: int):
@@ -215,10 +224,10 @@ class CollectiveTransport:
         host = self._recv_buf if self._recv_buf is not None else _host(f)
         if self.cuda:
             dev = self._stage(max(f, host.numel()))
-            collective(dist.broadcast, dev[:f], route, deadline, "collective 1 (the first chunk)", src=route.src)
+            bcast(dev[:f], route, deadline, "collective 1 (the first chunk)")
             _to_host(dev, host, 0, f)
         else:
-            collective(dist.broadcast, host[:f], route, deadline, "collective 1 (the first chunk)", src=route.src)
+            bcast(host[:f], route, deadline, "collective 1 (the first chunk)")
         header = read_header(host, route)
         version, flags, total, _, first_chunk, chunk, device_len, _ = header
         if (first_chunk, chunk) != (f, self.chunk):
@@ -261,8 +270,8 @@ class CollectiveTransport:
             scratch = self._stage(piece) if self.cuda else torch.empty(piece, dtype=torch.uint8)
             n = 1 + -(-(total - self.first_chunk) // chunk)
             for i, off in enumerate(range(self.first_chunk, total, chunk)):
-                collective(dist.broadcast, scratch[:min(chunk, total - off)], route, deadline,
-                           f"collective {i + 2} of {n} (dropped)", src=route.src)
+                bcast(scratch[:min(chunk, total - off)], route, deadline,
+                      f"collective {i + 2} of {n} (dropped)")
 
     def release(self) -> None:
         """Receiver: done with the frame returned by recv. Its buffer is kept
@@ -273,13 +282,13 @@ class CollectiveTransport:
 
     # -- CUDA tensors ----------------------------------------------------
     def send_device(self, buf: torch.Tensor, route: Route, deadline) -> None:
-        collective(dist.broadcast, buf, route, deadline, "the device buffer", src=route.src)
+        bcast(buf, route, deadline, "the device buffer")
 
     def recv_device(self, nbytes: int, route: Route, deadline) -> torch.Tensor:
         """Receiver: the frame's device buffer (bytes the source sent with send_device)."""
         buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         if nbytes:  # the source sends the device buffer only when it has bytes
-            collective(dist.broadcast, buf, route, deadline, "the device buffer", src=route.src)
+            bcast(buf, route, deadline, "the device buffer")
         return buf
 
     def close(self) -> None:
@@ -475,7 +484,7 @@ class GroupState:
             except OSError as e:
                 err = e.errno or errno_mod.EIO
         made = torch.tensor([err], dtype=torch.int64, device=dev)
-        collective(dist.broadcast, made, route, deadline, "setting up the shared-memory ring", src=route.src)
+        bcast(made, route, deadline, "setting up the shared-memory ring")
         err = int(made.item())
         if not err and not route.is_src:
             try:

@@ -64,31 +64,47 @@ def requires_gpus(n: int):
     return pytest.mark.skipif(found < n, reason=f"needs {n} CUDA devices, found {found}")
 
 
+def hook_broadcasts(before) -> "callable":
+    """Calls `before()` as fastbcast starts each broadcast collective (every
+    one goes through `fastbcast.transport.post_bcast`). Returns the function
+    that removes the hook."""
+    from fastbcast import stream, transport
+
+    orig = transport.post_bcast
+
+    def hooked(*args, **kwargs):
+        before()
+        return orig(*args, **kwargs)
+
+    for m in (transport, stream):
+        m.post_bcast = hooked
+
+    def restore():
+        for m in (transport, stream):
+            m.post_bcast = orig
+
+    return restore
+
+
 class CountBroadcasts:
-    """Counts torch.distributed.broadcast calls while active (fastbcast drives
-    every collective through it). `n` is the count; `count` is the same, or
-    None if nothing was seen (e.g. if the collectives ever move to C++, so a
-    check can skip the count instead of failing)."""
+    """Counts the broadcast collectives fastbcast starts while active; `n`
+    (also `count`) is the count."""
 
     def __enter__(self):
-        import torch.distributed as dist
-
         self.n = 0
-        self._dist, self._orig = dist, dist.broadcast
 
-        def counting(*args, **kwargs):
+        def count():
             self.n += 1
-            return self._orig(*args, **kwargs)
 
-        dist.broadcast = counting
+        self._restore = hook_broadcasts(count)
         return self
 
     def __exit__(self, *exc):
-        self._dist.broadcast = self._orig
+        self._restore()
 
     @property
     def count(self):
-        return self.n or None
+        return self.n
 
 
 def free_port() -> int:

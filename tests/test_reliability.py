@@ -37,7 +37,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import CountBroadcasts, expect_check_ok, run_checks, run_distributed, run_distributed_may_die
+from distributed import (CountBroadcasts, expect_check_ok, hook_broadcasts, run_checks, run_distributed,
+                         run_distributed_may_die)
 
 WORLD = 2
 TIMEOUT_S = 1.5          # fastbcast's timeout= in the checks that expect it to fire
@@ -489,15 +490,13 @@ KILL_TIMEOUT_S = 5.0
 def _die_on_collective(n: int):
     """From now on, SIGKILL this process as it starts its n-th collective."""
     calls = [0]
-    orig = dist.broadcast
 
-    def dying(*a, **k):
+    def dying():
         calls[0] += 1
         if calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
-        return orig(*a, **k)
 
-    dist.broadcast = dying
+    hook_broadcasts(dying)
 
 
 def _killed_peer(rank, world_size):
