@@ -208,7 +208,7 @@ class Broadcaster:
         stream_bytes: a list, tuple or dict whose encoding passes this many
             bytes is sent as a stream of messages of about this size, each
             sent while the next is encoded and decoded while the next is
-            in flight (default 1 MiB, or FASTBCAST_STREAM_BYTES; 0: never).
+            in flight (default 256 KiB, or FASTBCAST_STREAM_BYTES; 0: never).
             Set on the source; receivers follow the source's.
 
     Raises:

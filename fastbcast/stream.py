@@ -39,7 +39,9 @@ __all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
 
 #: Bytes of each message of a streamed frame (FASTBCAST_STREAM_BYTES; 0 turns
 #: streaming off). Only a container whose encoding passes it is streamed.
-DEFAULT_STREAM_BYTES = int(os.environ.get("FASTBCAST_STREAM_BYTES") or (1 << 20))
+#: 256 KiB: on the GPU machine's CPUs it beat 1 MiB on rollout_64x1k over
+#: both transports and matched it on rollout_256x4k (BENCHMARKS.md, 5a).
+DEFAULT_STREAM_BYTES = int(os.environ.get("FASTBCAST_STREAM_BYTES") or (256 << 10))
 
 
 def encode(b, obj, version: int, min_capacity: int) -> tuple:

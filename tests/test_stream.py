@@ -214,16 +214,16 @@ def _rows(n: int, width: int = 200):
     return [{"rid": f"r{i}", "ids": list(range(i, i + width)), "score": i / 7} for i in range(n)]
 
 
-def _stream_run(rank, world, transport):
+def _stream_run(rank, world, transport, device=None):
     import resource
 
     import fastbcast
     from fastbcast import Broadcaster, BroadcastError
 
     out = {}
-    b = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK)
+    b = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK, device=device)
     small = world - 1        # the receiver with a smaller max_bytes
-    small_max = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK,
+    small_max = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK, device=device,
                             max_bytes=3 * S if rank == small else None)
 
     def check(name, obj):
@@ -312,6 +312,14 @@ def test_streams_over_gloo(transport):
 @pytest.mark.nccl
 def test_streams_over_nccl():
     _check_results(run_distributed(_stream_run, 2, "collective", backend="nccl", timeout=240), "collective")
+
+
+@requires_gpus(1)
+def test_streams_through_device_buffers_over_gloo():
+    """The device-staging path of a stream (two device slots, asynchronous
+    copies, events; CUDA tensors per segment) with gloo moving the CUDA
+    buffers: two processes can share one GPU, which NCCL refuses."""
+    _check_results(run_distributed(_stream_run, 2, "collective", "cuda:0", timeout=240), "collective")
 
 
 def _stalled_mid_stream(rank, world, transport):

@@ -149,7 +149,9 @@ def payload_table(name: str, sizes: Dict[str, Any], cells: List[dict], world: in
         c["x_codec"] = (med / codec) if codec and c["method"] != "codec" else None
         check = "ok"
         if c["method"] == "codec":
-            check = "ok (encode %s + decode %s us)" % (_us(c["encode_ms"]), _us(c["decode_ms"]))
+            check = "ok (encode %s + decode %s us%s)" % (
+                _us(c["encode_ms"]), _us(c["decode_ms"]),
+                "; every rank at once %s us" % _us(c["busy_ms"]) if c.get("busy_ms") else "")
         lines.append(_ROW % (
             name, nbytes, c["method"], c["transport"], len(c["samples_ms"]), _us(med),
             _us(c["p90_ms"]), _us(c["min_ms"]), "%.3f" % algbw, "%.3f" % algbw,
