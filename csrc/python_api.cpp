@@ -267,7 +267,7 @@ bool streamable(PyObject* o, uint64_t stream_bytes) {
 // frame is an ordinary one.
 py::tuple encode_frame_or_stream(py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
                                  uint16_t version, uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda,
-                                 size_t min_capacity, const py::object& trusted) {
+                                 size_t min_capacity, const py::object& trusted, uint64_t first_segment = 0) {
   PyObject* o = obj.ptr();
   if (!streamable(o, stream_bytes)) {
     return encode_frame(obj, first_chunk, chunk, version, seq, compat, allow_pickle, collect_cuda, min_capacity,
@@ -275,7 +275,7 @@ py::tuple encode_frame_or_stream(py::handle obj, uint64_t stream_bytes, uint32_t
   }
   auto s = std::make_unique<PyStreamEncoder>(PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr});
   s->enc = std::make_unique<StreamEncoder>(o, stream_bytes, encode_options(compat, allow_pickle, s->trusted),
-                                           collect_cuda);
+                                           collect_cuda, first_segment);
   bool streaming = false;
   StreamMessage msg = stream_first(*s, first_chunk, chunk, version, seq, min_capacity, &streaming);
   py::tuple m = message_tuple(msg, false);
@@ -377,7 +377,8 @@ void bind_stream(py::module_& m) {
   m.def("encode_frame_or_stream", &encode_frame_or_stream, py::arg("obj"), py::arg("stream_bytes"),
         py::arg("first_chunk"), py::arg("chunk"), py::arg("version"), py::arg("seq") = 0, py::arg("compat") = false,
         py::arg("allow_pickle") = false, py::arg("collect_cuda") = false, py::arg("min_capacity") = 0,
-        py::arg("trusted") = py::none());
+        py::arg("trusted") = py::none(), py::arg("first_segment") = 0);
+  m.attr("SHM_FIRST_SEGMENT_BYTES") = kShmFirstSegmentBytes;
   m.attr("FLAG_STREAM") = int(FLAG_STREAM);
   m.attr("SEG_ERROR") = int(SEG_ERROR);
   m.attr("SEG_LAST") = int(SEG_LAST);
@@ -544,6 +545,84 @@ auto without_gil(F f) -> decltype(f()) {
 
 }  // namespace
 
+// A stream (FORMAT.md section 3.1) whose message 0 the reader has taken in
+// place, decoded message by message straight from the ring. Every message
+// of the stream is taken whatever happens, so the source is never left
+// waiting; then the first failure is raised: the exception that
+// b._stream_failure("error", text) or ("max_bytes", bytes so far) returns
+// for the source's error segment or a stream past max_bytes, or a segment's
+// DecodeError. A corrupt segment header leaves nothing to follow the
+// stream by: b._stream_failure("corrupt", text) at once. Segments with CUDA
+// tensors get their device buffer from b._stream_device(nbytes).
+py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, const FrameHeader& h,
+                              uint64_t max_bytes, const DecodeOptions& opts, const WaitPolicy& p, py::handle b) {
+  struct Held {  // the slot of the message being decoded, released however we leave
+    ShmChannel& c;
+    ~Held() { c.release(); }
+  } held{c};
+  auto raise = [&](const char* kind, py::object detail) -> py::object {
+    py::object e = b.attr("_stream_failure")(kind, detail);
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(e.ptr())), e.ptr());
+    throw py::error_already_set();
+  };
+  auto corrupt = [&]() -> py::object {
+    py::error_already_set e;
+    return raise("corrupt", py::str(e.value()));
+  };
+  auto raise_later = [](py::handle bb, const char* kind, py::object detail) {
+    return bb.attr("_stream_failure")(kind, detail);
+  };
+  StreamDecoder dec(opts);
+  if (!dec.open(data, len, h.payload_len)) corrupt();
+  std::optional<py::error_already_set> decode_error;
+  py::object failure;
+  uint64_t got = 0;
+  at::Tensor copied;  // a message longer than one slot, copied out of the ring
+  const uint8_t* msg = data;
+  uint64_t avail = len;
+  for (;;) {
+    uint64_t msg_len = 0, device_len = 0;
+    uint16_t flags = 0;
+    if (!dec.segment(msg, avail, &msg_len, &device_len, &flags)) corrupt();
+    at::Tensor device;
+    if (flags & SEG_CUDA) device = THPVariable_Unpack(b.attr("_stream_device")(device_len).ptr());
+    got += msg_len + device_len;
+    if (!failure && !decode_error) {
+      if (flags & SEG_ERROR) {
+        failure = raise_later(b, "error", py::str(dec.error_text(msg, avail)));
+      } else if (got - kHeaderBytes > max_bytes) {
+        failure = raise_later(b, "max_bytes", py::int_(got - kHeaderBytes));
+      } else if (!dec.decode(msg, avail, device.defined() ? &device : nullptr)) {
+        decode_error.emplace();
+      }
+    }
+    c.release();
+    copied = at::Tensor();
+    if (flags & SEG_LAST) break;
+    uint64_t next_len = 0;
+    msg = without_gil([&] { return c.peek(p, &next_len); });
+    if (msg) {
+      c.take_inline();
+      avail = next_len;
+    } else {
+      copied = without_gil([&] { return c.recv(p); });
+      msg = copied.data_ptr<uint8_t>();
+      avail = uint64_t(copied.numel());
+    }
+  }
+  if (decode_error) {
+    decode_error->restore();
+    throw py::error_already_set();
+  }
+  if (failure) {
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(failure.ptr())), failure.ptr());
+    throw py::error_already_set();
+  }
+  PyObject* out = dec.result();
+  if (!out) throw py::error_already_set();
+  return steal(out);
+}
+
 void bind_shm(py::module_& m) {
   g_shm_peer_error = PyErr_NewExceptionWithDoc(
       "fastbcast.ShmPeerError",
@@ -635,10 +714,11 @@ void bind_shm(py::module_& m) {
             std::vector<at::Tensor> cuda;
             Encoded e;
             if (streamable(obj.ptr(), stream_bytes)) {
-              // Streams use the slot as their segment: readers decode each
-              // message in place.
+              // Streams use at most a slot as their segment, so readers
+              // decode each message in place, and start small.
               py::tuple r = encode_frame_or_stream(obj, std::min(stream_bytes, slot), first_chunk, chunk, version,
-                                                   seq, compat, allow_pickle, collect_cuda, 0, trusted);
+                                                   seq, compat, allow_pickle, collect_cuda, 0, trusted,
+                                                   kShmFirstSegmentBytes);
               if (!r[4].is_none() || py::len(r[2]) || r[1].cast<uint64_t>() > slot ||
                   r[1].cast<uint64_t>() - kHeaderBytes > max_bytes)
                 return std::move(r);
@@ -676,7 +756,7 @@ void bind_shm(py::module_& m) {
       .def(
           "recv_object",
           [](Ch& c, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle, const py::object& trusted,
-             std::optional<double> timeout_s) -> py::object {
+             std::optional<double> timeout_s, py::handle b) -> py::object {
             // The per-step path: a plain frame of this version and call
             // number that sits in one slot is decoded straight from the
             // ring. Anything else (an error or CUDA frame, another version
@@ -688,10 +768,15 @@ void bind_shm(py::module_& m) {
             const uint8_t* data = without_gil([&] { return c.peek(p, &len); });
             FrameHeader h;
             std::string err;
-            if (!data || !read_header(data, len, version, &h, &err) || h.version != version || h.flags != 0 ||
-                h.seq != seq || h.frame_len != len || h.payload_len > max_bytes)
+            if (!data || !read_header(data, len, version, &h, &err) || h.version != version ||
+                (h.flags != 0 && h.flags != FLAG_STREAM) || h.seq != seq || h.frame_len != len ||
+                h.payload_len > max_bytes || (h.flags == FLAG_STREAM && b.is_none()))
               return py::reinterpret_borrow<py::object>(g_not_inline);
             c.take_inline();
+            if (h.flags == FLAG_STREAM) {
+              DecodeOptions opts = decode_options(allow_pickle, trusted);
+              return recv_stream_inline(c, data, len, h, max_bytes, opts, p, b);
+            }
             // A receiver that fails to decode still releases its slot.
             struct Release {
               Ch& c;
@@ -701,7 +786,10 @@ void bind_shm(py::module_& m) {
             return steal(decode_object(data + kHeaderBytes, h.payload_len, opts, kHeaderBytes));
           },
           py::arg("version"), py::arg("seq"), py::arg("max_bytes"), py::arg("allow_pickle"), py::arg("trusted"),
-          py::arg("timeout_s") = py::none())
+          py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(),
+          "Decodes the next message in place if it is a plain frame of this version and call number in one slot, "
+          "or (with `broadcaster`) a stream whose message 0 is: every message of it then decoded as it comes "
+          "(recv_stream_inline). Anything else stays pending and SHM_NOT_INLINE is returned.")
       .def("release", &Ch::release)
       .def("close", &Ch::close)
       .def_property_readonly("n_slots", [](Ch& c) { return c.ring().n_slots(); })

@@ -59,9 +59,11 @@ void write_segment_header(uint8_t* p, uint64_t seg_len, uint64_t device_len, uin
 
 // ---- source ---------------------------------------------------------------
 
-StreamEncoder::StreamEncoder(PyObject* obj, uint64_t segment_bytes, const EncodeOptions& opts, bool collect_cuda)
+StreamEncoder::StreamEncoder(PyObject* obj, uint64_t segment_bytes, const EncodeOptions& opts, bool collect_cuda,
+                             uint64_t first_segment)
     : obj_(obj),
       segment_bytes_(std::clamp<uint64_t>(segment_bytes, kMinSegmentBytes, kMaxSegmentBytes)),
+      first_segment_(first_segment ? std::clamp<uint64_t>(first_segment, kMinSegmentBytes, segment_bytes_) : 0),
       compat_(opts.compat),
       session_([&] {
         EncodeOptions o = opts;
@@ -114,8 +116,8 @@ bool StreamEncoder::segment(size_t min_bytes, size_t room, StreamMessage* out) {
     size_t n_cuda = cuda_.size();
     if (!encode_next()) return false;
     ++items;
-    if (session_.len() >= segment_bytes_) {
-      if (session_.len() > segment_bytes_ && items > 1 && cuda_.size() == n_cuda) carry_from = before;
+    if (session_.len() >= target()) {
+      if (session_.len() > target() && items > 1 && cuda_.size() == n_cuda) carry_from = before;
       break;
     }
   }
@@ -162,7 +164,7 @@ bool StreamEncoder::first(FrameHeader h, uint16_t version, size_t min_capacity, 
     n_cuda = cuda_.size();
     if (!encode_next()) return false;
     ++items;
-    if (session_.len() + shift >= segment_bytes_ && next_ < n_) break;
+    if (session_.len() + shift >= target() && next_ < n_) break;
   }
   *streaming = next_ < n_;
   if (!*streaming) {
@@ -185,7 +187,7 @@ bool StreamEncoder::first(FrameHeader h, uint16_t version, size_t min_capacity, 
   if (!session_.append(kZeros, shift)) return false;
   std::memmove(session_.data() + kStreamBodyOffset, session_.data() + body_at, end - body_at);
   before += shift;
-  bool carry = session_.len() > segment_bytes_ && items > 1 && cuda_.size() == n_cuda;
+  bool carry = session_.len() > target() && items > 1 && cuda_.size() == n_cuda;
   if (!close(items, carry ? before : 0, out)) return false;
   uint8_t* d = out->block.data_ptr<uint8_t>();
   h.flags = (out->cuda.empty() ? 0 : FLAG_CUDA) | FLAG_STREAM;

@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -37,11 +38,22 @@ struct StreamMessage {
   bool last = false;
 };
 
+// Message 0's size of a stream over shared memory, where later messages
+// double up to the segment size: a scheduler step of a few requests
+// (tens of KiB) then streams in a few messages, and receivers decode the
+// first requests while the source encodes the rest.
+inline constexpr uint64_t kShmFirstSegmentBytes = uint64_t(8) << 10;
+
 // The source's side. `obj` must be an exact list, tuple or dict (held).
 class StreamEncoder {
  public:
   // opts.cuda_tensors is ignored: collect_cuda gathers CUDA tensors per segment.
-  StreamEncoder(PyObject* obj, uint64_t segment_bytes, const EncodeOptions& opts, bool collect_cuda);
+  // first_segment (0: segment_bytes) is message 0's size; each later
+  // message's doubles up to segment_bytes. Only a transport whose receivers
+  // need not know a message's size before it arrives (shared memory) may
+  // ask for it: a small first message starts the receivers' decode early.
+  StreamEncoder(PyObject* obj, uint64_t segment_bytes, const EncodeOptions& opts, bool collect_cuda,
+                uint64_t first_segment = 0);
   ~StreamEncoder();
   StreamEncoder(const StreamEncoder&) = delete;
   StreamEncoder& operator=(const StreamEncoder&) = delete;
@@ -60,6 +72,10 @@ class StreamEncoder {
 
  private:
   bool encode_next();
+  // The size the segment being made aims at.
+  uint64_t target() const {
+    return first_segment_ ? std::min(segment_bytes_, first_segment_ << std::min<uint32_t>(index_, 30)) : segment_bytes_;
+  }
   bool segment(size_t min_bytes, size_t room, StreamMessage* out);
   // Hands out the current block as a segment of `items` items; from
   // carry_from (if not 0) on, its bytes move to the next segment's block.
@@ -69,6 +85,7 @@ class StreamEncoder {
   StreamKind kind_;
   uint64_t n_;
   uint64_t segment_bytes_;
+  uint64_t first_segment_;
   bool compat_;
   std::vector<at::Tensor> cuda_;
   EncoderSession session_;

@@ -267,6 +267,7 @@ class Broadcaster:
         self._told_receivers = False                # this call's source sent an error frame
         self._size_hint = 0                         # bytes of this source's previous frame (the first block's size)
         self._stream_segment = None                 # bytes of a stream's messages, once the transport is known
+        self._call = None                           # (route, deadline) of the call inside ShmChannel.recv_object
 
     # ---- public ---------------------------------------------------------
     @property
@@ -471,10 +472,13 @@ class Broadcaster:
         ch = t.inline_channel(route, deadline)
         if ch is not None:
             # A plain frame of this call in one slot is decoded in place by
-            # one call; anything else stays pending for t.recv below.
+            # one call, and so is a stream whose message 0 sits in one slot
+            # (message by message, calling _stream_device/_stream_failure);
+            # anything else stays pending for t.recv below.
+            self._call = (route, deadline)
             try:
                 obj = ch.recv_object(FORMAT_VERSION, self._state.seq, self.max_bytes, self.allow_pickle,
-                                     self.trusted, _left(deadline))
+                                     self.trusted, _left(deadline), self)
             except (_C.ShmTimeoutError, _C.ShmPeerError) as e:
                 raise shm_failure(e) from e
             if obj is not _C.SHM_NOT_INLINE:
@@ -508,6 +512,15 @@ class Broadcaster:
         finally:
             t.release()
 
+
+    def _stream_device(self, nbytes: int):
+        """A stream segment's device buffer, for ShmChannel.recv_object."""
+        route, deadline = self._call
+        return self._transport.recv_device(nbytes, route, deadline)
+
+    def _stream_failure(self, kind: str, detail) -> Exception:
+        """What ShmChannel.recv_object raises once a stream is over (stream.failure_of)."""
+        return streaming.failure_of(self, self._call[0], kind, detail, BroadcastError)
 
     def _check_seq(self, seq: int, route: Route) -> None:
         if seq != self._state.seq:

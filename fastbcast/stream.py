@@ -115,12 +115,9 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
             sink.post()     # the next message moves while this one is decoded
         if failure is None:
             if flags & _C.SEG_ERROR:
-                failure = error(dec.error_text(buf))
+                failure = failure_of(b, route, "error", dec.error_text(buf), error)
             elif got > b.max_bytes:
-                failure = error(
-                    f"the source (global rank {route.src}) sent a stream of more than {b.max_bytes} bytes, over "
-                    f"this rank's (global rank {route.rank}) max_bytes (Broadcaster(max_bytes=) / "
-                    f"FASTBCAST_MAX_BYTES); it was received and dropped. Configure every rank alike.")
+                failure = failure_of(b, route, "max_bytes", got, error)
             else:
                 try:
                     dec.decode(buf, device_buffer)
@@ -134,7 +131,22 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
     return dec.result()
 
 
-def _corrupt(route: Route, e: Exception) -> TransportError:
+def failure_of(b, route: Route, kind: str, detail, error: type) -> Exception:
+    """What a receiver raises once a stream is over: kind "error" (the
+    source's error segment; detail: its text), "max_bytes" (detail: the
+    bytes received when the stream passed b.max_bytes) or "corrupt" (a
+    segment header that makes no sense; detail: why)."""
+    if kind == "error":
+        return error(detail)
+    if kind == "max_bytes":
+        return error(
+            f"the source (global rank {route.src}) sent a stream of more than {b.max_bytes} bytes, over "
+            f"this rank's (global rank {route.rank}) max_bytes (Broadcaster(max_bytes=) / "
+            f"FASTBCAST_MAX_BYTES); it was received and dropped. Configure every rank alike.")
+    return _corrupt(route, detail)
+
+
+def _corrupt(route: Route, e) -> TransportError:
     return TransportError(f"global rank {route.rank} received a corrupt stream segment from global rank "
                           f"{route.src}: {e}")
 
