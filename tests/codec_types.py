@@ -18,10 +18,17 @@ import math
 import struct
 from typing import Any, Optional
 
-import msgspec
 import numpy as np
-import pydantic
 import torch
+
+try:  # optional: where one is missing its classes are None, and the tests that need them skip
+    import pydantic
+except ImportError:
+    pydantic = None
+try:
+    import msgspec
+except ImportError:
+    msgspec = None
 
 # Pass as decode(..., trusted=TRUSTED) to rebuild the classes of this module.
 TRUSTED = ("codec_types",)
@@ -161,41 +168,44 @@ class Derived(Base):
 
 # ---------------------------------------------------------------- pydantic
 
-class User(pydantic.BaseModel):
-    name: str
-    age: int = 0
-    tags: list[str] = []
+if pydantic is not None:
+    class User(pydantic.BaseModel):
+        name: str
+        age: int = 0
+        tags: list[str] = []
 
+    class Team(pydantic.BaseModel):
+        name: str
+        members: list[User]
+        lead: Optional[User] = None
+        scores: dict[str, float] = {}
 
-class Team(pydantic.BaseModel):
-    name: str
-    members: list[User]
-    lead: Optional[User] = None
-    scores: dict[str, float] = {}
+    class Loose(pydantic.BaseModel):
+        """extra="allow" (as verl's tool schemas) and a private attribute."""
+        model_config = pydantic.ConfigDict(extra="allow")
+        name: str
+        n: int = 0
+        _secret: int = pydantic.PrivateAttr(default=7)
+else:
+    User = Team = Loose = None
 
 
 # ---------------------------------------------------------------- msgspec
 
-class SPoint(msgspec.Struct):
-    x: int
-    y: int = 0
+if msgspec is not None:
+    class SPoint(msgspec.Struct):
+        x: int
+        y: int = 0
 
-
-class SLine(msgspec.Struct):
-    a: SPoint
-    b: SPoint
-    label: str = ""
+    class SLine(msgspec.Struct):
+        a: SPoint
+        b: SPoint
+        label: str = ""
+else:
+    SPoint = SLine = None
 
 
 # ---------------------------------------------------------------- pickle protocol zoo
-
-class Loose(pydantic.BaseModel):
-    """extra="allow" (as verl's tool schemas) and a private attribute."""
-    model_config = pydantic.ConfigDict(extra="allow")
-    name: str
-    n: int = 0
-    _secret: int = pydantic.PrivateAttr(default=7)
-
 
 @dataclasses.dataclass
 class PostInit:
@@ -360,10 +370,10 @@ def same(a, b, path="x"):
     elif dataclasses.is_dataclass(a):
         for f in dataclasses.fields(a):
             same(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}")
-    elif isinstance(a, pydantic.BaseModel):
+    elif pydantic is not None and isinstance(a, pydantic.BaseModel):
         for name in type(a).model_fields:
             same(getattr(a, name), getattr(b, name), f"{path}.{name}")
-    elif isinstance(a, msgspec.Struct):
+    elif msgspec is not None and isinstance(a, msgspec.Struct):
         for name in a.__struct_fields__:
             same(getattr(a, name), getattr(b, name), f"{path}.{name}")
     else:

@@ -64,13 +64,17 @@ def _messages(obj, segment=S, **kw):
     """The source's messages for obj: (streaming, [bytes of each message])."""
     enc = _C.StreamEncoder(obj, segment, **kw)
     block, used, _, _, streaming = enc.first(4096, CHUNK, FORMAT_VERSION, 1, 0)
-    msgs = [block[:used].clone()]
-    while streaming:
-        block, used, _, _, last = enc.next()
+    return streaming, _drain(enc, block[:used]) if streaming else [block[:used].clone()]
+
+
+def _drain(stream, first):
+    """A stream's messages: `first`, then what stream.next() gives up to the last."""
+    msgs = [first.clone()]
+    while True:
+        block, used, _, _, last = stream.next()
         msgs.append(block[:used].clone())
         if last:
-            break
-    return streaming, msgs
+            return msgs
 
 
 def _decode(msgs, **kw):
@@ -149,13 +153,7 @@ def test_the_broadcast_entry_point_streams_only_large_containers():
     big = [{"x": i, "s": "y" * 100} for i in range(20000)]
     block, used, _, _, stream = _C.encode_frame_or_stream(big, 1 << 16, 4096, CHUNK, FORMAT_VERSION, 1)
     assert stream is not None and stream.segment_bytes == 1 << 16 and used <= 1 << 16
-    msgs = [block[:used].clone()]
-    while True:
-        block, used, _, _, last = stream.next()
-        msgs.append(block[:used].clone())
-        if last:
-            break
-    assert _decode(msgs) == big
+    assert _decode(_drain(stream, block[:used])) == big
 
 
 def test_one_item_over_segment_bytes_is_an_ordinary_frame():
