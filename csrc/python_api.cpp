@@ -325,11 +325,13 @@ void bind_stream(py::module_& m) {
           "The next segment: (block, nbytes, cuda_tensors, device_len, last).")
       .def(
           "error_segment",
-          [](PyStreamEncoder& s, const std::string& message) {
-            StreamMessage msg = s.enc->error_segment(message);
+          [](PyStreamEncoder& s, const std::string& message, bool unsent) {
+            StreamMessage msg = s.enc->error_segment(message, unsent);
             return py::make_tuple(steal(THPVariable_Wrap(msg.block)), msg.len);
           },
-          py::arg("message"), "A segment that ends the stream with an error: (block, nbytes).")
+          py::arg("message"), py::arg("unsent") = false,
+          "A segment that ends the stream with an error: (block, nbytes). unsent: the segment next() returned "
+          "last was not sent, and this one takes its index.")
       .def_property_readonly("segment_bytes", [](PyStreamEncoder& s) { return s.enc->segment_bytes(); });
 
   py::class_<PyStreamDecoder>(m, "StreamDecoder", "A receiver's side of a streamed frame (csrc/stream.h)")
@@ -382,6 +384,9 @@ void bind_stream(py::module_& m) {
   m.attr("SEG_ERROR") = int(SEG_ERROR);
   m.attr("SEG_LAST") = int(SEG_LAST);
   m.attr("SEG_CUDA") = int(SEG_CUDA);
+  // The bytes of a stream's message 0 up to its first item: all a receiver
+  // needs to follow (and drain) the rest of the stream.
+  m.attr("STREAM_PREFIX_BYTES") = kStreamBodyOffset;
 }
 
 namespace {
@@ -613,14 +618,15 @@ void bind_shm(py::module_& m) {
           py::arg("buf"), py::arg("nbytes"), py::arg("timeout_s") = py::none())
       .def(
           "recv",
-          [](Ch& c, std::optional<double> timeout_s, std::optional<uint64_t> max_len) {
+          [](Ch& c, std::optional<double> timeout_s, std::optional<uint64_t> max_len, std::optional<uint64_t> prefix) {
             WaitPolicy p = shm_policy(timeout_s);
-            at::Tensor t = without_gil([&] { return c.recv(p, max_len.value_or(UINT64_MAX)); });
+            at::Tensor t = without_gil(
+                [&] { return c.recv(p, max_len.value_or(UINT64_MAX), prefix.value_or(max_len.value_or(0))); });
             return steal(THPVariable_Wrap(t));
           },
-          py::arg("timeout_s") = py::none(), py::arg("max_len") = py::none(),
-          "The next message. One longer than max_len (and than a slot) is drained: its first max_len bytes "
-          "come back, the rest is released uncopied.")
+          py::arg("timeout_s") = py::none(), py::arg("max_len") = py::none(), py::arg("prefix") = py::none(),
+          "The next message. One longer than max_len (and than a slot) is drained: its first `prefix` bytes "
+          "(default max_len) come back, the rest is released uncopied.")
       .def(
           "send_object",
           [](Ch& c, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk, uint16_t version,
