@@ -413,6 +413,12 @@ def _receiver_memory_run(rank, world, transport):
     # max_bytes passed in a later message.
     grown(b, rows, "later_message")
     next_call_works(b, "after_later_message")
+    # A first collective shorter than message 0's prologue (88 bytes): the
+    # refusing receiver takes the prologue's rest out of the next collective.
+    b = Broadcaster(transport=transport, stream_bytes=SEG, chunk=64 << 10, first_chunk=64,
+                    max_bytes=(1 << 20) if rank == small else None)
+    grown(b, _big_first(), "first_chunk_64")
+    next_call_works(b, "after_first_chunk_64")
 
     # The source's own max_bytes, passed by message 0 and by a later message.
     b = Broadcaster(transport=transport, stream_bytes=SEG, chunk=SEG, max_bytes=(1 << 20) if rank == 0 else None)
@@ -431,7 +437,7 @@ def test_receiver_memory_and_max_bytes_mid_stream(transport):
     big_msg0, big_sizes = _stream_size(_big_first())
     for rank, r in enumerate(res):
         assert r["transport"] == transport
-        for name in ("after_below_message_0", "after_later_message", "after_source"):
+        for name in ("after_below_message_0", "after_later_message", "after_first_chunk_64", "after_source"):
             assert r[name] is True, (rank, name, r)
         for chunk in (SEG, 64 << 10):
             assert r[f"rows_{chunk}"] == ("ok", True), (rank, r)
@@ -450,8 +456,12 @@ def test_receiver_memory_and_max_bytes_mid_stream(transport):
             assert r["below_message_0_growth"] <= 2 * SEG, r
             kind, text = r["later_message"]
             assert kind == "BroadcastError" and f"sent a stream of {rows_size[-1]} bytes" in text, r
+            kind, text = r["first_chunk_64"]
+            assert kind == "BroadcastError" and f"sent a stream of {big_sizes[-1]} bytes" in text, r
+            assert r["first_chunk_64_growth"] <= SEG + (64 << 10), r
         else:
-            assert r["below_message_0"] == ("ok", True) and r["later_message"] == ("ok", True), (rank, r)
+            for name in ("below_message_0", "later_message", "first_chunk_64"):
+                assert r[name] == ("ok", True), (rank, name, r)
 
         # The source over its own max_bytes: the error says what is known
         # (message 0's bytes, or the bytes sent when the limit was passed).
