@@ -325,11 +325,13 @@ void bind_stream(py::module_& m) {
           "The next segment: (block, nbytes, cuda_tensors, device_len, last).")
       .def(
           "error_segment",
-          [](PyStreamEncoder& s, const std::string& message) {
-            StreamMessage msg = s.enc->error_segment(message);
+          [](PyStreamEncoder& s, const std::string& message, bool unsent) {
+            StreamMessage msg = s.enc->error_segment(message, unsent);
             return py::make_tuple(steal(THPVariable_Wrap(msg.block)), msg.len);
           },
-          py::arg("message"), "A segment that ends the stream with an error: (block, nbytes).")
+          py::arg("message"), py::arg("unsent") = false,
+          "A segment that ends the stream with an error: (block, nbytes). unsent: the segment next() returned "
+          "last was not sent, and this one takes its index.")
       .def_property_readonly("segment_bytes", [](PyStreamEncoder& s) { return s.enc->segment_bytes(); });
 
   py::class_<PyStreamDecoder>(m, "StreamDecoder", "A receiver's side of a streamed frame (csrc/stream.h)")
@@ -383,6 +385,9 @@ void bind_stream(py::module_& m) {
   m.attr("SEG_ERROR") = int(SEG_ERROR);
   m.attr("SEG_LAST") = int(SEG_LAST);
   m.attr("SEG_CUDA") = int(SEG_CUDA);
+  // The bytes of a stream's message 0 up to its first item: all a receiver
+  // needs to follow (and drain) the rest of the stream.
+  m.attr("STREAM_PREFIX_BYTES") = kStreamBodyOffset;
 }
 
 namespace {
@@ -546,52 +551,55 @@ auto without_gil(F f) -> decltype(f()) {
 }  // namespace
 
 // A stream (FORMAT.md section 3.1) whose message 0 the reader has taken in
-// place, decoded message by message straight from the ring. Every message
-// of the stream is taken whatever happens, so the source is never left
-// waiting; then the first failure is raised: the exception that
-// b._stream_failure("error", text) or ("max_bytes", bytes so far) returns
-// for the source's error segment or a stream past max_bytes, or a segment's
-// DecodeError. A corrupt segment header leaves nothing to follow the
-// stream by: b._stream_failure("corrupt", text) at once. Segments with CUDA
-// tensors get their device buffer from b._stream_device(nbytes).
+// place, decoded message by message straight from the ring: the same
+// protocol as fastbcast.stream.receive, without a Python call per message.
+// Every message is taken whatever happens, so the source is never left
+// waiting; once a failure is known the rest is drained (a message longer
+// than a slot is then not copied). At the end the first failure is raised:
+// a segment's DecodeError, or the exception b._stream_failure returns for
+// the source's error segment ("error", its text) or a stream past max_bytes
+// ("max_bytes", its size, None if the source cut it off). A corrupt segment
+// header leaves nothing to follow the stream by: ("corrupt", why) at once.
+// Segments with CUDA tensors get their device buffer from b._stream_device.
 py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, const FrameHeader& h,
                               uint64_t max_bytes, const DecodeOptions& opts, const WaitPolicy& p, py::handle b) {
   struct Held {  // the slot of the message being decoded, released however we leave
     ShmChannel& c;
     ~Held() { c.release(); }
   } held{c};
-  auto raise = [&](const char* kind, py::object detail) -> py::object {
-    py::object e = b.attr("_stream_failure")(kind, detail);
+  auto raise = [](const py::object& e) {
     PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(e.ptr())), e.ptr());
     throw py::error_already_set();
   };
-  auto corrupt = [&]() -> py::object {
+  auto corrupt = [&]() {
     py::error_already_set e;
-    return raise("corrupt", py::str(e.value()));
-  };
-  auto raise_later = [](py::handle bb, const char* kind, py::object detail) {
-    return bb.attr("_stream_failure")(kind, detail);
+    raise(b.attr("_stream_failure")("corrupt", py::str(e.value())));
   };
   StreamDecoder dec(opts);
   if (!dec.open(data, len, h.payload_len)) corrupt();
   std::optional<py::error_already_set> decode_error;
   py::object failure;
-  uint64_t got = 0;
+  bool over = false, error_end = false;
+  uint64_t got = 0;   // payload bytes so far (message 0's frame header not counted)
   at::Tensor copied;  // a message longer than one slot, copied out of the ring
   const uint8_t* msg = data;
   uint64_t avail = len;
+  int64_t header = int64_t(kHeaderBytes);
   for (;;) {
     uint64_t msg_len = 0, device_len = 0;
     uint16_t flags = 0;
     if (!dec.segment(msg, avail, &msg_len, &device_len, &flags)) corrupt();
+    const bool following = !failure && !decode_error && !over;
+    const bool fits = int64_t(got + msg_len + device_len) - header <= int64_t(max_bytes);
     at::Tensor device;
     if (flags & SEG_CUDA) device = THPVariable_Unpack(b.attr("_stream_device")(device_len).ptr());
     got += msg_len + device_len;
-    if (!failure && !decode_error) {
-      if (flags & SEG_ERROR) {
-        failure = raise_later(b, "error", py::str(dec.error_text(msg, avail)));
-      } else if (got - kHeaderBytes > max_bytes) {
-        failure = raise_later(b, "max_bytes", py::int_(got - kHeaderBytes));
+    error_end = flags & SEG_ERROR;
+    if (following) {
+      if (error_end) {
+        failure = b.attr("_stream_failure")("error", py::str(dec.error_text(msg, avail)));
+      } else if (!fits) {
+        over = true;
       } else if (!dec.decode(msg, avail, device.defined() ? &device : nullptr)) {
         decode_error.emplace();
       }
@@ -605,7 +613,8 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
       c.take_inline();
       avail = next_len;
     } else {
-      copied = without_gil([&] { return c.recv(p); });
+      const bool keep = !failure && !decode_error && !over && int64_t(got + next_len) - header <= int64_t(max_bytes);
+      copied = without_gil([&] { return keep ? c.recv(p) : c.recv(p, 0, kSegmentHeaderBytes); });
       msg = copied.data_ptr<uint8_t>();
       avail = uint64_t(copied.numel());
     }
@@ -614,10 +623,9 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
     decode_error->restore();
     throw py::error_already_set();
   }
-  if (failure) {
-    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(failure.ptr())), failure.ptr());
-    throw py::error_already_set();
-  }
+  if (over) failure = b.attr("_stream_failure")("max_bytes", error_end ? py::object(py::none())
+                                                                        : py::object(py::int_(got - kHeaderBytes)));
+  if (failure) raise(failure);
   PyObject* out = dec.result();
   if (!out) throw py::error_already_set();
   return steal(out);
@@ -692,14 +700,15 @@ void bind_shm(py::module_& m) {
           py::arg("buf"), py::arg("nbytes"), py::arg("timeout_s") = py::none())
       .def(
           "recv",
-          [](Ch& c, std::optional<double> timeout_s, std::optional<uint64_t> max_len) {
+          [](Ch& c, std::optional<double> timeout_s, std::optional<uint64_t> max_len, std::optional<uint64_t> prefix) {
             WaitPolicy p = shm_policy(timeout_s);
-            at::Tensor t = without_gil([&] { return c.recv(p, max_len.value_or(UINT64_MAX)); });
+            at::Tensor t = without_gil(
+                [&] { return c.recv(p, max_len.value_or(UINT64_MAX), prefix.value_or(max_len.value_or(0))); });
             return steal(THPVariable_Wrap(t));
           },
-          py::arg("timeout_s") = py::none(), py::arg("max_len") = py::none(),
-          "The next message. One longer than max_len (and than a slot) is drained: its first max_len bytes "
-          "come back, the rest is released uncopied.")
+          py::arg("timeout_s") = py::none(), py::arg("max_len") = py::none(), py::arg("prefix") = py::none(),
+          "The next message. One longer than max_len (and than a slot) is drained: its first `prefix` bytes "
+          "(default max_len) come back, the rest is released uncopied.")
       .def(
           "send_object",
           [](Ch& c, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk, uint16_t version,

@@ -128,7 +128,7 @@ void ShmChannel::take_inline() {
   ++msg_seq_;
 }
 
-at::Tensor ShmChannel::recv(const WaitPolicy& policy, uint64_t max_len) {
+at::Tensor ShmChannel::recv(const WaitPolicy& policy, uint64_t max_len, uint64_t prefix) {
   check_usable(false);
   release();
   const uint64_t sb = ring_->slot_bytes();
@@ -149,9 +149,9 @@ at::Tensor ShmChannel::recv(const WaitPolicy& policy, uint64_t max_len) {
   auto mid = [&](const char* why) {
     if (broken_.empty()) broken_ = std::string("a receive stopped inside a message: ") + why;
   };
-  // A message over max_len is drained: only its first max_len bytes are
-  // kept, the rest of its slots are released unread.
-  const uint64_t keep_len = std::min(len, max_len);
+  // A message over max_len is drained: nothing past its first `prefix` bytes
+  // is copied, so a refused message costs no buffer of its size.
+  const uint64_t keep_len = len > max_len ? std::min(len, prefix) : len;
   at::Tensor block = guarded([&] { return PinnedPool::instance().acquire(keep_len); }, mid);
   uint8_t* dst = block.data_ptr<uint8_t>();
   uint64_t off = 0;

@@ -34,9 +34,10 @@ class ShmChannel {
   // Writer: returns once the last slot is published.
   void send(const uint8_t* data, uint64_t nbytes, const WaitPolicy& policy);
   // Reader: the next whole message (uint8, 1-D). A message longer than
-  // max_len (and than one slot) is received without being copied beyond its
-  // first max_len bytes, which are all that is returned.
-  at::Tensor recv(const WaitPolicy& policy, uint64_t max_len = UINT64_MAX);
+  // max_len (and than one slot) is drained: only its first `prefix` bytes are
+  // copied and returned (a receiver that refuses it needs no more than its
+  // header), the rest of its slots are released unread.
+  at::Tensor recv(const WaitPolicy& policy, uint64_t max_len = UINT64_MAX, uint64_t prefix = 0);
   // Reader: waits for the next message's first slot without taking the
   // message: the next recv() or take_inline() returns it. Returns its
   // payload if the whole message sits in that slot, else nullptr; *len is

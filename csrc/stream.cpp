@@ -212,7 +212,8 @@ bool StreamEncoder::next(StreamMessage* out) {
   return true;
 }
 
-StreamMessage StreamEncoder::error_segment(const std::string& message) {
+StreamMessage StreamEncoder::error_segment(const std::string& message, bool unsent) {
+  if (unsent && index_ > 1) --index_;
   StreamMessage m;
   size_t n = std::min<size_t>(message.size(), size_t(64) << 10);
   size_t cap = std::max<size_t>(segment_bytes_, kSegmentHeaderBytes + n);

@@ -67,7 +67,9 @@ class StreamEncoder {
   bool next(StreamMessage* out);
   // A segment that ends the stream with a message for the receivers (the
   // source failed mid-stream); ordinary memory when the pool is full.
-  StreamMessage error_segment(const std::string& message);
+  // unsent: the segment next() returned last is dropped (over max_bytes),
+  // so the error segment takes its index.
+  StreamMessage error_segment(const std::string& message, bool unsent = false);
   uint64_t segment_bytes() const { return segment_bytes_; }
 
  private:

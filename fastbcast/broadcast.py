@@ -204,7 +204,9 @@ class Broadcaster:
             BroadcastError saying why. A receiver also refuses a frame whose
             header announces more than its own max_bytes and raises
             BroadcastError (after receiving the rest, so the source is not
-            left waiting).
+            left waiting). Of a stream, each message's length is checked
+            before its bytes are received: one past the limit is followed to
+            the stream's end without being held, message 0 included.
         stream_bytes: a list, tuple or dict whose encoding passes this many
             bytes is sent as a stream of messages of about this size, each
             sent while the next is encoded and decoded while the next is
@@ -446,9 +448,11 @@ class Broadcaster:
             size = used - _C.HEADER_BYTES + device_len
             if size > self.max_bytes:
                 del block, cuda_tensors
+                # Of a stream only message 0 is encoded yet: the object is larger.
                 raise ValueError(
-                    f"the object encodes to {size} bytes, over this Broadcaster's max_bytes={self.max_bytes} "
-                    f"(Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); nothing was sent")
+                    f"the object encodes to {'more than ' if stream is not None else ''}{size} bytes, over this "
+                    f"Broadcaster's max_bytes={self.max_bytes} (Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); "
+                    f"nothing was sent")
         except BaseException as e:
             if ch is not None and ch.sending:
                 raise shm_failure(e) from e   # the send itself failed, not the encode

@@ -21,7 +21,14 @@ segment, is an ordinary frame, sent as before. Failures keep their meaning:
 a source that fails mid-stream sends an error segment (every receiver raises
 BroadcastError), a receiver past its max_bytes or unable to decode a segment
 receives the rest of the stream before it raises, so no rank is left
-waiting and the next call works.
+waiting and the next call works. Following needs no message whole: message
+0's prologue and each later message's segment header say how long every
+message is, so a receiver past its max_bytes (even in message 0) drains
+the rest in pieces of at most a chunk.
+
+A receiver holds at most one segment and one chunk beyond the decoded
+object (FORMAT.md 3.1): a message longer than a segment, whose one item is,
+is the exception; it is held whole while it decodes.
 """
 from __future__ import annotations
 
@@ -65,16 +72,21 @@ def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
     counted against max_bytes)."""
     pipe = _source_pipe(b._transport, route, deadline, enc.segment_bytes)
     while True:
+        made = False
         try:
             block, used, cuda_tensors, device_len, last = enc.next()
+            made = True
             sent += used + device_len
             if sent > b.max_bytes:
                 del block, cuda_tensors
-                raise ValueError(f"the object encodes to more than this Broadcaster's max_bytes={b.max_bytes} "
-                                 f"(Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); the stream was cut off")
+                raise ValueError(f"the object encodes to {'' if last else 'more than '}{sent} bytes, over this "
+                                 f"Broadcaster's max_bytes={b.max_bytes} (Broadcaster(max_bytes=) / "
+                                 f"FASTBCAST_MAX_BYTES); the stream was cut off")
         except BaseException as e:
+            # A segment made but over max_bytes is not sent: the error
+            # segment takes its index, as receivers expect.
             block, used = enc.error_segment(f"source (global rank {route.src}) failed to encode: "
-                                            f"{type(e).__name__}: {e}")
+                                            f"{type(e).__name__}: {e}", made)
             pipe.send(block, used)
             pipe.finish()
             raise
@@ -88,36 +100,42 @@ def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
 
 def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, error: type):
     """Receiver: the object of a frame with FLAG_STREAM (message 0 in
-    `frame`). Receives the whole stream whatever happens; then raises the
+    `frame`, or only its first STREAM_PREFIX_BYTES when it alone is over
+    max_bytes). Follows the whole stream whatever happens; then raises the
     first failure: `error` with the source's message for an error segment
     or a stream over max_bytes, the DecodeError of a segment that did not
-    decode."""
+    decode. Once a failure is known the messages after it are drained, not
+    kept: max_bytes is checked against each message's length before its
+    bytes are received."""
     payload_len = header[3]
     try:
         dec = _C.StreamDecoder(frame, payload_len, b.allow_pickle, b.trusted)
     except ValueError as e:
         raise _corrupt(route, e) from e
-    sink = _sink(t, route, deadline, dec.segment_bytes)
-    failure = None
+    sink = _sink(t, route, deadline, dec.segment_bytes, frame)
+    failure, over, error_end = None, False, False
     got = -_C.HEADER_BYTES
-    buf, whole = frame, True     # message 0 came whole, as a frame
+    buf, first = frame, True    # message 0 came as a frame: whole, or (over max_bytes) drained
     while True:
         try:
             msg_len, device_len, flags = dec.segment(buf)
         except ValueError as e:
             raise _corrupt(route, e) from e
-        if not whole:
-            buf = sink.rest(buf, msg_len)
+        following = failure is None and not over
+        fits = got + msg_len + device_len <= b.max_bytes
+        if not first and buf.numel() < msg_len:
+            buf = sink.rest(buf, msg_len, following and fits)
         device_buffer = sink.device(device_len) if flags & _C.SEG_CUDA else None
         got += msg_len + device_len
         last = flags & _C.SEG_LAST
         if not last:
             sink.post()     # the next message moves while this one is decoded
-        if failure is None:
-            if flags & _C.SEG_ERROR:
+        error_end = bool(flags & _C.SEG_ERROR)
+        if following:
+            if error_end:
                 failure = failure_of(b, route, "error", dec.error_text(buf), error)
-            elif got > b.max_bytes:
-                failure = failure_of(b, route, "max_bytes", got, error)
+            elif not fits:
+                over = True
             else:
                 try:
                     dec.decode(buf, device_buffer)
@@ -125,7 +143,11 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
                     failure = e
         if last:
             break
-        buf, whole = sink.take(), False
+        buf, first = sink.take(b.max_bytes - got if failure is None and not over else 0), False
+    if over:
+        # Followed to its end, the stream's size is known, unless the
+        # source cut it off with an error segment.
+        failure = failure_of(b, route, "max_bytes", None if error_end else got, error)
     if failure is not None:
         raise failure
     return dec.result()
@@ -134,15 +156,16 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
 def failure_of(b, route: Route, kind: str, detail, error: type) -> Exception:
     """What a receiver raises once a stream is over: kind "error" (the
     source's error segment; detail: its text), "max_bytes" (detail: the
-    bytes received when the stream passed b.max_bytes) or "corrupt" (a
-    segment header that makes no sense; detail: why)."""
+    stream's size, or None when the source cut it off with an error segment)
+    or "corrupt" (a segment header that makes no sense; detail: why)."""
     if kind == "error":
         return error(detail)
     if kind == "max_bytes":
+        size = f"more than {b.max_bytes}" if detail is None else str(detail)
         return error(
-            f"the source (global rank {route.src}) sent a stream of more than {b.max_bytes} bytes, over "
-            f"this rank's (global rank {route.rank}) max_bytes (Broadcaster(max_bytes=) / "
-            f"FASTBCAST_MAX_BYTES); it was received and dropped. Configure every rank alike.")
+            f"the source (global rank {route.src}) sent a stream of {size} bytes, over this rank's (global rank "
+            f"{route.rank}) max_bytes={b.max_bytes} (Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); it was "
+            f"received and dropped. Configure every rank alike.")
     return _corrupt(route, detail)
 
 
@@ -164,13 +187,13 @@ def _source_pipe(t, route: Route, deadline, segment: int):
     return _CollectiveSource(t, route, deadline, segment)
 
 
-def _sink(t, route: Route, deadline, segment: int):
+def _sink(t, route: Route, deadline, segment: int, first: torch.Tensor):
     if isinstance(t, ShmTransport):
         ch = t.state.ring(route, t.collective, deadline)
         if ch is not None:
             return _ShmSink(ch, t, route, deadline)
         t = t.collective
-    return _CollectiveSink(t, route, deadline, segment)
+    return _CollectiveSink(t, route, deadline, segment, first)
 
 
 class _ShmSource:
@@ -194,13 +217,15 @@ class _ShmSink:
     def post(self) -> None:
         pass    # the writer publishes into the ring without waiting for readers
 
-    def take(self) -> torch.Tensor:
+    def take(self, room: int) -> torch.Tensor:
         # The next message, in place in its slot when it fits one (the
-        # channel releases the previous message's slot first).
-        return _shm_call(self.ch.recv, _left(self.deadline))
+        # channel releases the previous message's slot first). One longer
+        # than a slot is copied out only if it fits in `room`; otherwise only
+        # its segment header is, and the rest of its slots are released.
+        return _shm_call(self.ch.recv, _left(self.deadline), max(room, 0), _C.STREAM_PREFIX_BYTES)
 
-    def rest(self, buf: torch.Tensor, msg_len: int) -> torch.Tensor:
-        return buf
+    def rest(self, buf: torch.Tensor, msg_len: int, keep: bool) -> torch.Tensor:
+        return buf      # take() received all of the message there is to keep
 
     def device(self, nbytes: int) -> torch.Tensor:
         return self.t.recv_device(nbytes, self.route, self.deadline)
@@ -254,54 +279,61 @@ class _CollectiveSource:
 
 
 class _CollectiveSink:
-    """Receiver over the group's collective: the next message's first
-    collective is posted into the other of two buffers before this one is
-    decoded."""
+    """Receiver over the group's collective. The next message's first
+    collective (segment_bytes) is posted into the other of two buffers
+    before this one is decoded; message 0's buffer (the transport's kept
+    receive buffer) is one of the two, so a stream of messages within a
+    segment holds one segment buffer more than a plain frame would. With
+    chunk < segment that second buffer would pass the bound of one segment
+    plus one chunk (FORMAT.md 3.1): then the next message is posted only
+    once this one is decoded, into the same buffer."""
 
-    def __init__(self, t: CollectiveTransport, route: Route, deadline, segment: int):
+    def __init__(self, t: CollectiveTransport, route: Route, deadline, segment: int, first: torch.Tensor):
         self.t, self.route, self.deadline, self.segment = t, route, deadline, segment
-        self.host = [None, None]
+        self.ahead = t.chunk >= segment
+        reuse = first if first.numel() >= segment else None
+        self.host = [None, reuse]       # message 0 is decoded while message 1 moves into host[0]
         self.dev = [None, None]
         self.n = 0
         self.pending = None
 
-    def post(self) -> None:
-        j = self.n % 2
+    def _post(self) -> None:
+        j = self.n % 2 if self.ahead else 1
         self.n += 1
         if self.host[j] is None:
             self.host[j] = _host(self.segment)
-            if self.t.cuda:
+        target = self.host[j]
+        if self.t.cuda:
+            if self.dev[j] is None:
                 self.dev[j] = torch.empty(self.segment, dtype=torch.uint8, device=self.t.device)
-        target = self.dev[j] if self.t.cuda else self.host[j]
+            target = self.dev[j]
         self.pending = (j, post_bcast(target[:self.segment], self.route, "a stream message"))
 
-    def take(self) -> torch.Tensor:
+    def post(self) -> None:
+        if self.ahead:
+            self._post()
+
+    def take(self, room: int) -> torch.Tensor:
+        if not self.ahead:
+            self._post()
         j, work = self.pending
         self.pending = None
         wait(work, self.deadline, "a stream message")
         if self.t.cuda:
             _to_host(self.dev[j], self.host[j], 0, self.segment)
-        return self.host[j]
+        return self.host[j][:self.segment]     # all a message longer than the segment has in it so far
 
-    def rest(self, buf: torch.Tensor, msg_len: int) -> torch.Tensor:
-        """The whole message, given its first collective's bytes."""
+    def rest(self, buf: torch.Tensor, msg_len: int, keep: bool) -> torch.Tensor:
+        """A message longer than a segment (its one item is), given its
+        first collective's bytes: whole if `keep`, else followed to its end
+        and dropped (the segment header is all that is left)."""
         s = self.segment
-        if msg_len <= s:
-            return buf
+        if not keep:
+            self.t.receive(None, s, msg_len, 0, self.route, self.deadline, "stream message collective")
+            return buf[:s]
         whole = _host(msg_len)
         whole[:s].copy_(buf[:s])
-        c = self.t.chunk
-        n = 1 + -(-(msg_len - s) // c)
-        if self.t.cuda:
-            dev = self.t._stage(msg_len)
-            for i, off in enumerate(range(s, msg_len, c)):
-                bcast(dev[off:min(off + c, msg_len)], self.route, self.deadline,
-                      f"stream message collective {i + 2} of {n}")
-            _to_host(dev, whole, s, msg_len)
-        else:
-            for i, off in enumerate(range(s, msg_len, c)):
-                bcast(whole[off:min(off + c, msg_len)], self.route, self.deadline,
-                      f"stream message collective {i + 2} of {n}")
+        self.t.receive(whole, s, msg_len, msg_len, self.route, self.deadline, "stream message collective")
         return whole
 
     def device(self, nbytes: int) -> torch.Tensor:

@@ -184,9 +184,9 @@ class CollectiveTransport:
             self._staging = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8, device=self.device)
         return self._staging
 
-    def _chunks(self, buf: torch.Tensor, total: int, route: Route, deadline, chunk: int | None = None):
-        """Moves buf[first_chunk:total] in collectives of `chunk` bytes."""
-        c = chunk or self.chunk
+    def _chunks(self, buf: torch.Tensor, total: int, route: Route, deadline) -> None:
+        """Source: moves buf[first_chunk:total] in collectives of `chunk` bytes."""
+        c = self.chunk
         n = 1 + -(-(total - self.first_chunk) // c)
         for i, off in enumerate(range(self.first_chunk, total, c)):
             bcast(buf[off:min(off + c, total)], route, deadline, f"collective {i + 2} of {n}")
@@ -219,7 +219,9 @@ class CollectiveTransport:
     def recv(self, route: Route, deadline, max_bytes: int):
         """Receiver: the whole frame. Returns (buf, header): buf is None when
         the frame was over max_bytes (its bytes were received in chunk-sized
-        pieces and dropped, so the source finished)."""
+        pieces and dropped, so the source finished); for a stream's message
+        0 over max_bytes it holds only the first STREAM_PREFIX_BYTES, what
+        the receiver needs to follow the rest of the stream."""
         f = self.first_chunk
         host = self._recv_buf if self._recv_buf is not None else _host(f)
         if self.cuda:
@@ -243,35 +245,55 @@ class CollectiveTransport:
             raise ProtocolMismatch(msg)
         total = max(total, f)
         announced = total - _C.HEADER_BYTES + (device_len if flags & _C.FLAG_CUDA else 0)
-        # A stream's first message is kept whole: the stream's layout is in
-        # it, and max_bytes applies to the whole stream (fastbcast.stream).
-        if version == FORMAT_VERSION and announced > max_bytes and not flags & _C.FLAG_STREAM:
-            self._drain(route, deadline, total, self.chunk)
-            return None, header
-        if host.numel() < total:
-            bigger = _host(total)
+        keep = total
+        if version == FORMAT_VERSION and announced > max_bytes:
+            if not flags & _C.FLAG_STREAM:
+                self._drain(route, deadline, total, self.chunk)
+                return None, header
+            # Over max_bytes already, but a stream goes on after message 0:
+            # its prologue is all the receiver needs to follow the rest.
+            keep = min(total, max(f, _C.STREAM_PREFIX_BYTES))
+        if host.numel() < keep:
+            bigger = _host(keep)
             bigger[:f].copy_(host[:f])
             host = bigger
         self._recv_buf = host
-        if total > f:
-            if self.cuda:
-                dev = self._stage(total)
-                self._chunks(dev, total, route, deadline)
-                _to_host(dev, host, f, total)
+        self.receive(host, f, total, keep, route, deadline, "collective")
+        return (host if keep == total else host[:keep]), header
+
+    def receive(self, buf: torch.Tensor, have: int, total: int, keep: int, route: Route, deadline, what: str,
+                chunk: int | None = None) -> None:
+        """Receives bytes [have, total) of a message whose first `have` are in
+        buf, in collectives of `chunk` bytes. Only bytes below `keep` land in
+        buf; the others go through one reused piece of at most a chunk, so a
+        refused message is followed to its end (no rank is left waiting)
+        without a buffer of its size."""
+        c = chunk or self.chunk
+        keep = min(keep, total)
+        n = 1 + -(-(total - have) // c)
+        dev = self._stage(min(total, keep + c)) if self.cuda else None
+        scratch = None
+        for i, off in enumerate(range(have, total, c)):
+            end = min(off + c, total)
+            if dev is not None:
+                # Past keep + c, a collective reuses the staging past keep.
+                dst = dev[off:end] if end <= keep + c else dev[keep:keep + end - off]
+            elif end <= keep:
+                dst = buf[off:end]
             else:
-                self._chunks(host, total, route, deadline)
-        return host, header
+                if scratch is None:
+                    scratch = torch.empty(min(c, total - off), dtype=torch.uint8)
+                dst = scratch[:end - off]
+            bcast(dst, route, deadline, f"{what} {i + 2} of {n}" + ("" if end <= keep else " (dropped)"))
+            if dev is None and off < keep < end:
+                buf[off:keep].copy_(scratch[:keep - off])
+        if dev is not None and keep > have:
+            _to_host(dev, buf, have, keep)
 
     def _drain(self, route: Route, deadline, total: int, chunk: int) -> None:
         """Receives the rest of a refused frame into one reused piece of at
         most `chunk` bytes, so the source finishes and nothing large is kept."""
-        if total > self.first_chunk:
-            piece = min(chunk, total - self.first_chunk)
-            scratch = self._stage(piece) if self.cuda else torch.empty(piece, dtype=torch.uint8)
-            n = 1 + -(-(total - self.first_chunk) // chunk)
-            for i, off in enumerate(range(self.first_chunk, total, chunk)):
-                bcast(scratch[:min(chunk, total - off)], route, deadline,
-                      f"collective {i + 2} of {n} (dropped)")
+        self.receive(None, self.first_chunk, total, 0, route, deadline, "collective", chunk)
 
     def release(self) -> None:
         """Receiver: done with the frame returned by recv. Its buffer is kept
@@ -549,11 +571,13 @@ class ShmTransport:
         ch = self.state.ring(route, self.collective, deadline)
         if ch is None:
             return self.collective.recv(route, deadline, max_bytes)
-        # A frame over max_bytes is drained in the ring, not copied.
-        buf = _shm_call(ch.recv, _left(deadline), max_bytes + _C.HEADER_BYTES)
+        # A frame over max_bytes is drained in the ring, not copied; of a
+        # stream's message 0 its prologue is kept, to follow the stream.
+        buf = _shm_call(ch.recv, _left(deadline), max_bytes + _C.HEADER_BYTES, _C.STREAM_PREFIX_BYTES)
         self._held = ch
         header = read_header(buf, route)
-        return (buf if buf.numel() >= header[2] else None), header
+        whole = buf.numel() >= header[2]
+        return (buf if whole or header[1] & _C.FLAG_STREAM else None), header
 
     def release(self) -> None:
         if self._held is not None:

@@ -295,6 +295,18 @@ def test_recv_drains_a_message_over_max_len_without_copying_it():
     small = payload(300, seed=6)
     w.send(small, small.numel(), 1.0)           # the stream goes on in step
     assert torch.equal(r.recv(1.0, 1000), small)
+    # prefix: a refused message keeps only what its reader asks for (a
+    # header), whatever max_len; a message within max_len comes whole.
+    t = threading.Thread(target=lambda: w.send(data, data.numel(), 10.0))
+    t.start()
+    got = r.recv(5.0, 1000, 88)
+    t.join()
+    assert got.numel() == 88 and torch.equal(got, data[:88])
+    t = threading.Thread(target=lambda: w.send(data, data.numel(), 10.0))
+    t.start()
+    got = r.recv(5.0, data.numel(), 88)
+    t.join()
+    assert torch.equal(got, data)
     w.close()
     r.close()
 

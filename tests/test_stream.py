@@ -1,8 +1,9 @@
 """Streamed frames (FORMAT.md section 3.1): the codec's segments in one
 process, then whole broadcasts over gloo on both transports (collective and
 shared memory): segment boundaries, containers of every kind, a source that
-fails mid-stream, a receiver with a smaller max_bytes, and what a receiver
-holds while it decodes."""
+fails mid-stream, a receiver with a smaller max_bytes (also smaller than
+message 0), a source over its own max_bytes, and what a receiver holds
+while it decodes."""
 from __future__ import annotations
 
 import dataclasses
@@ -296,8 +297,9 @@ def _check_results(results, transport):
                if k not in ("pool_after_large", "maxrss_growth_kb", "transport") and v is not True}
         assert not bad, (rank, res)
     for rank in range(1, len(results)):
-        # Two receive buffers of a segment (collective) or none (a ring slot
-        # is decoded in place), plus message 0: far below the 7 MB frame.
+        # Two receive buffers of a segment, message 0's one of them
+        # (collective), or none (a ring slot is decoded in place): far below
+        # the 7 MB frame. (Pool blocks are at least 64 KiB.)
         assert results[rank]["pool_after_large"] <= 8 * S + (1 << 20), results[rank]
 
 
@@ -349,3 +351,131 @@ def test_a_source_stalled_mid_stream_ends_receivers_at_their_timeout(transport):
     # The source finds its receivers gone (or its own timeout); it does not hang.
     assert results[0][1] < 4.0 + 1.5 + 5.0, results
 
+
+
+# ---------------------------------------------------------------------------
+# What a receiver holds, and max_bytes in the middle of a stream
+# ---------------------------------------------------------------------------
+
+SEG = 256 << 10     # a segment the pool's power-of-two blocks fit exactly
+
+
+def _big_first():
+    """A stream whose message 0 (one 3 MB item) and a later message (one
+    2 MB item) are each longer than a segment."""
+    return [_bin(3 << 20)] + _rows(600) + [_bin(2 << 20)] + _rows(100)
+
+
+def _stream_size(obj) -> tuple:
+    """(message 0's bytes, [bytes of the stream after each message]) as
+    max_bytes counts them: every message, less message 0's frame header."""
+    streaming, msgs = _messages(obj, segment=SEG)
+    assert streaming
+    sizes, total = [], -_C.HEADER_BYTES
+    for m in msgs:
+        total += m.numel()
+        sizes.append(total)
+    return msgs[0].numel() - _C.HEADER_BYTES, sizes
+
+
+def _receiver_memory_run(rank, world, transport):
+    import fastbcast
+    from fastbcast import Broadcaster, BroadcastError
+
+    out = {}
+    small = world - 1       # the receiver with a smaller max_bytes
+    rows = _rows(4000)
+
+    def grown(b, obj, name):
+        """Pool growth on this rank over one call of b; the call's outcome."""
+        gc.collect()
+        fastbcast.shrink_pool()
+        before = fastbcast.pool_stats()["bytes"]
+        try:
+            got = b.broadcast(obj if rank == 0 else None, src=0)
+            out[name] = ("ok", got == obj)
+        except (BroadcastError, ValueError) as e:
+            out[name] = (type(e).__name__, str(e))
+        out[name + "_growth"] = fastbcast.pool_stats()["bytes"] - before
+
+    def next_call_works(b, name):
+        got = b.broadcast(rows[:300] if rank == 0 else None, src=0)
+        got2 = b.broadcast({"a": 1} if rank == 0 else None, src=0)
+        out[name] = got == rows[:300] and got2 == {"a": 1}
+
+    # chunk >= segment: two segment buffers, one of them message 0's; chunk
+    # < segment: one, each message received after the one before decoded.
+    for chunk in (SEG, 64 << 10):
+        b = Broadcaster(transport=transport, stream_bytes=SEG, chunk=chunk)
+        b.broadcast([1, 2] if rank == 0 else None, src=0)      # the transport is set up
+        grown(b, rows, f"rows_{chunk}")
+
+    # max_bytes below message 0 (3 MB) on one receiver: it keeps message 0's
+    # prologue only, follows the stream to its end, then raises.
+    b = Broadcaster(transport=transport, stream_bytes=SEG, chunk=SEG, max_bytes=(1 << 20) if rank == small else None)
+    b.broadcast([1, 2] if rank == 0 else None, src=0)
+    grown(b, _big_first(), "below_message_0")
+    next_call_works(b, "after_below_message_0")
+    # max_bytes passed in a later message.
+    grown(b, rows, "later_message")
+    next_call_works(b, "after_later_message")
+    # A first collective shorter than message 0's prologue (88 bytes): the
+    # refusing receiver takes the prologue's rest out of the next collective.
+    b = Broadcaster(transport=transport, stream_bytes=SEG, chunk=64 << 10, first_chunk=64,
+                    max_bytes=(1 << 20) if rank == small else None)
+    grown(b, _big_first(), "first_chunk_64")
+    next_call_works(b, "after_first_chunk_64")
+
+    # The source's own max_bytes, passed by message 0 and by a later message.
+    b = Broadcaster(transport=transport, stream_bytes=SEG, chunk=SEG, max_bytes=(1 << 20) if rank == 0 else None)
+    grown(b, _big_first(), "source_message_0")
+    grown(b, rows, "source_later")
+    next_call_works(b, "after_source")
+    out["transport"] = b.transport
+    return out
+
+
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_receiver_memory_and_max_bytes_mid_stream(transport):
+    res = run_distributed(_receiver_memory_run, 3, transport, timeout=240)
+    small = len(res) - 1
+    rows_size = _stream_size(_rows(4000))[1]
+    big_msg0, big_sizes = _stream_size(_big_first())
+    for rank, r in enumerate(res):
+        assert r["transport"] == transport
+        for name in ("after_below_message_0", "after_later_message", "after_first_chunk_64", "after_source"):
+            assert r[name] is True, (rank, name, r)
+        for chunk in (SEG, 64 << 10):
+            assert r[f"rows_{chunk}"] == ("ok", True), (rank, r)
+            if rank:
+                # Peak pool growth of a receiver: one segment plus one chunk
+                # (the decoded object itself is not in the pool).
+                assert r[f"rows_{chunk}_growth"] <= SEG + chunk, (rank, chunk, r)
+
+        # A receiver whose max_bytes is below message 0.
+        if rank == small:
+            kind, text = r["below_message_0"]
+            assert kind == "BroadcastError", r
+            assert f"sent a stream of {big_sizes[-1]} bytes, over this rank's (global rank {rank}) " \
+                   f"max_bytes={1 << 20}" in text, text
+            # Message 0 (3 MB) and the 2 MB message were never held whole.
+            assert r["below_message_0_growth"] <= 2 * SEG, r
+            kind, text = r["later_message"]
+            assert kind == "BroadcastError" and f"sent a stream of {rows_size[-1]} bytes" in text, r
+            kind, text = r["first_chunk_64"]
+            assert kind == "BroadcastError" and f"sent a stream of {big_sizes[-1]} bytes" in text, r
+            assert r["first_chunk_64_growth"] <= SEG + (64 << 10), r
+        else:
+            for name in ("below_message_0", "later_message", "first_chunk_64"):
+                assert r[name] == ("ok", True), (rank, name, r)
+
+        # The source over its own max_bytes: the error says what is known
+        # (message 0's bytes, or the bytes sent when the limit was passed).
+        first_over = next(s for s in rows_size if s > 1 << 20)
+        for name, expect in (("source_message_0", f"the object encodes to more than {big_msg0} bytes, over "
+                                                  f"this Broadcaster's max_bytes={1 << 20}"),
+                             ("source_later", f"the object encodes to more than {first_over} bytes, over this "
+                                              f"Broadcaster's max_bytes={1 << 20}")):
+            kind, text = r[name]
+            assert kind == ("ValueError" if rank == 0 else "BroadcastError"), (rank, name, r)
+            assert expect in text, (rank, name, text)
