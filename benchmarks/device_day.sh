@@ -5,7 +5,8 @@
 #   bench:    benchmarks/device_cpu_session.sh (issue 10's per-step table, worlds 2/4/8)
 #   stream:   issue 12's phase profile and designs side by side on gloo, both
 #             transports, world 2 (and STREAM_WORLDS), rollout_64x1k and rollout_256x4k
-#   cudagloo: the streaming and broadcast tests' device-staging path with
+#   ab:       benchmarks/ab_small.py at worlds 2, 4 and 8 (collective vs pickle design, small payloads)
+#   cudagloo: the streaming tests' device-buffer paths with
 #             CUDA buffers moved by gloo (two processes on one GPU)
 # Logs land in $OUT.
 #   OUT=$OUT PARTS="bench stream" bash benchmarks/device_day.sh
@@ -37,6 +38,13 @@ for part in ${PARTS:-bench stream}; do
           grep -E "call / max" "$OUT/stream_${tr}_w$W.log"
         done
       done
+      ;;
+    ab)
+      for W in 2 4 8; do
+        timeout 100 python3 benchmarks/ab_small.py --world-size "$W" --blocks "${AB_BLOCKS:-150}" 2>&1 \
+          | grep -v Warn | tee -a "$OUT/ab_small.log"
+      done
+      echo "ab: done at $(( $(date +%s) - T0 )) s"
       ;;
     cudagloo)
       timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_stream.py \

@@ -294,17 +294,18 @@ const at::Tensor* device_or_null(const py::object& device_buffer, at::Tensor* ke
 void bind_stream(py::module_& m) {
   py::class_<PyStreamEncoder>(m, "StreamEncoder", "The source's side of a streamed frame (csrc/stream.h)")
       .def(py::init([](py::handle obj, uint64_t segment_bytes, bool compat, bool allow_pickle, bool collect_cuda,
-                       const py::object& trusted) {
+                       const py::object& trusted, uint64_t first_segment) {
              PyTypeObject* t = Py_TYPE(obj.ptr());
              if (t != &PyList_Type && t != &PyTuple_Type && t != &PyDict_Type)
                throw py::type_error("a stream carries an exact list, tuple or dict");
              auto* s = new PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr};
              s->enc = std::make_unique<StreamEncoder>(obj.ptr(), segment_bytes,
-                                                      encode_options(compat, allow_pickle, s->trusted), collect_cuda);
+                                                      encode_options(compat, allow_pickle, s->trusted), collect_cuda,
+                                                      first_segment);
              return s;
            }),
            py::arg("obj"), py::arg("segment_bytes"), py::arg("compat") = false, py::arg("allow_pickle") = false,
-           py::arg("collect_cuda") = false, py::arg("trusted") = py::none())
+           py::arg("collect_cuda") = false, py::arg("trusted") = py::none(), py::arg("first_segment") = 0)
       .def(
           "first",
           [](PyStreamEncoder& s, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,

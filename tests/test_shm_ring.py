@@ -281,6 +281,121 @@ def test_one_call_path_corrupt_slot_is_a_decode_error():
     r.close()
 
 
+# ------------------------------------------------- streams through recv_object
+# A stream whose message 0 sits in one slot is received by recv_object in C++
+# (csrc/python_api.cpp, recv_stream_inline): these check its rules against
+# hand-sent messages; tests/test_stream.py runs it inside broadcasts.
+
+class _Hooks:
+    """The two Broadcaster methods recv_object calls during a stream."""
+
+    def __init__(self):
+        self.failures = []
+
+    def _stream_failure(self, kind, detail):
+        self.failures.append((kind, detail))
+        return RuntimeError(f"{kind}: {detail}")
+
+    def _stream_device(self, nbytes):
+        raise AssertionError("no CUDA segments in these streams")
+
+
+def _stream_messages(obj, seq, segment=2048, first=512, allow_pickle=False):
+    from fastbcast._version import FORMAT_VERSION
+    block, n, _, _, enc = _C.encode_frame_or_stream(obj, segment, 4096, 1 << 26, FORMAT_VERSION, seq,
+                                                    allow_pickle=allow_pickle, first_segment=first)
+    assert enc is not None
+    msgs = [block[:n].clone()]
+    while True:
+        block, n, _, _, last = enc.next()
+        msgs.append(block[:n].clone())
+        if last:
+            return msgs
+
+
+def _send_all(w, msgs):
+    def send():
+        try:
+            for m in msgs:
+                w.send(m, m.numel(), 10.0)
+        except (_C.ShmPeerError, _C.ShmTimeoutError):
+            pass    # the reader gave up on a corrupt stream and closed its end
+
+    t = threading.Thread(target=send)
+    t.start()
+    return t
+
+
+def _recv_stream(r, seq, hooks, max_bytes=1 << 30, allow_pickle=False):
+    from fastbcast._version import FORMAT_VERSION
+    return r.recv_object(FORMAT_VERSION, seq, max_bytes, allow_pickle, (), 5.0, hooks)
+
+
+def _in_step(w, r, seq):
+    assert w.send_object(["after", seq], timeout_s=1.0, **_frame_args(seq)) is None
+    assert _recv_object(r, seq) == ["after", seq]
+
+
+@pytest.mark.parametrize("slot_bytes", [4096, 1024])   # 1024: later messages span slots (copied)
+def test_stream_received_in_place_message_by_message(slot_bytes):
+    w, r = local_pair(n_slots=4, slot_bytes=slot_bytes)
+    obj = [{"i": i, "s": "x" * (i % 50)} for i in range(400)]
+    msgs = _stream_messages(obj, 1)
+    assert len(msgs) > 4 and msgs[0].numel() <= min(slot_bytes, 1024)   # more messages than slots; sizes grow
+    assert msgs[1].numel() > msgs[0].numel()
+    hooks = _Hooks()
+    t = _send_all(w, msgs)
+    assert _recv_stream(r, 1, hooks) == obj
+    t.join()
+    assert hooks.failures == []
+    _in_step(w, r, 2)
+    w.close()
+    r.close()
+
+
+@pytest.mark.parametrize("case", ["decode_error", "error_segment", "max_bytes", "corrupt"])
+def test_stream_failures_in_recv_object(case):
+    """Every failure but a corrupt header is raised after the whole stream
+    was taken (the ring stays in step); a corrupt header at once."""
+    from fastbcast._version import FORMAT_VERSION
+    w, r = local_pair(n_slots=4, slot_bytes=1024)
+    obj = [{"i": i, "s": "x" * 40} for i in range(300)]
+    if case == "decode_error":
+        obj[150] = threading.Lock     # pickled by the source; this receiver takes no pickles
+    msgs = _stream_messages(obj, 1, allow_pickle=True)
+    sizes = [m.numel() for m in msgs]
+    max_bytes = 1 << 30
+    if case == "error_segment":
+        enc = _C.encode_frame_or_stream(obj, 2048, 4096, 1 << 26, FORMAT_VERSION, 1, first_segment=512)[4]
+        enc.next()
+        block, n = enc.error_segment("the source gave up")
+        msgs = msgs[:2] + [block[:n].clone()]
+    elif case == "max_bytes":
+        max_bytes = sum(sizes[:3]) - _C.HEADER_BYTES     # passed by message 3
+    elif case == "corrupt":
+        del msgs[2]                                      # segment 3 arrives where 2 is due
+    hooks = _Hooks()
+    t = _send_all(w, msgs)
+    if case == "decode_error":
+        with pytest.raises(_C.DecodeError, match="pickle"):
+            _recv_stream(r, 1, hooks, max_bytes)
+    else:
+        with pytest.raises(RuntimeError, match=case if case != "error_segment" else "error: the source gave up"):
+            _recv_stream(r, 1, hooks, max_bytes)
+    if case == "corrupt":
+        r.close()
+    t.join()
+    if case == "max_bytes":
+        assert hooks.failures == [("max_bytes", sum(sizes) - _C.HEADER_BYTES)]   # the whole stream's size
+    elif case == "corrupt":
+        assert hooks.failures[0][0] == "corrupt" and "segment 3 arrived" in hooks.failures[0][1]
+        w.close()
+        return                                           # the protocol gives the group up here
+    _in_step(w, r, 2)
+    w.close()
+    r.close()
+
+
 def test_recv_drains_a_message_over_max_len_without_copying_it():
     """A receiver's max_bytes on shared memory: a message over it is
     drained slot by slot; only its first max_len bytes are copied out."""

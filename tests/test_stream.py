@@ -315,11 +315,13 @@ def test_streams_over_nccl():
 
 
 @requires_gpus(1)
-def test_streams_through_device_buffers_over_gloo():
-    """The device-staging path of a stream (two device slots, asynchronous
-    copies, events; CUDA tensors per segment) with gloo moving the CUDA
-    buffers: two processes can share one GPU, which NCCL refuses."""
-    _check_results(run_distributed(_stream_run, 2, "collective", "cuda:0", timeout=240), "collective")
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_streams_through_device_buffers_over_gloo(transport):
+    """CUDA buffers in streams with gloo moving them (two processes can
+    share one GPU, which NCCL refuses): on the collective transport the
+    device-staging path (two device slots, asynchronous copies, events);
+    on shared memory each segment's CUDA tensors beside its ring message."""
+    _check_results(run_distributed(_stream_run, 2, transport, "cuda:0", timeout=240), transport)
 
 
 def _stalled_mid_stream(rank, world, transport):
@@ -366,10 +368,12 @@ def _big_first():
     return [_bin(3 << 20)] + _rows(600) + [_bin(2 << 20)] + _rows(100)
 
 
-def _stream_size(obj) -> tuple:
+def _stream_size(obj, transport: str) -> tuple:
     """(message 0's bytes, [bytes of the stream after each message]) as
-    max_bytes counts them: every message, less message 0's frame header."""
-    streaming, msgs = _messages(obj, segment=SEG)
+    max_bytes counts them: every message, less message 0's frame header.
+    (Over shared memory a stream starts with a smaller message.)"""
+    first = _C.SHM_FIRST_SEGMENT_BYTES if transport == "shm" else 0
+    streaming, msgs = _messages(obj, segment=SEG, first_segment=first)
     assert streaming
     sizes, total = [], -_C.HEADER_BYTES
     for m in msgs:
@@ -439,8 +443,8 @@ def _receiver_memory_run(rank, world, transport):
 def test_receiver_memory_and_max_bytes_mid_stream(transport):
     res = run_distributed(_receiver_memory_run, 3, transport, timeout=240)
     small = len(res) - 1
-    rows_size = _stream_size(_rows(4000))[1]
-    big_msg0, big_sizes = _stream_size(_big_first())
+    rows_size = _stream_size(_rows(4000), transport)[1]
+    big_msg0, big_sizes = _stream_size(_big_first(), transport)
     for rank, r in enumerate(res):
         assert r["transport"] == transport
         for name in ("after_below_message_0", "after_later_message", "after_first_chunk_64", "after_source"):
