@@ -581,17 +581,18 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
   std::optional<py::error_already_set> decode_error;
   py::object failure;
   bool over = false, error_end = false;
-  uint64_t got = 0;   // payload bytes so far (message 0's frame header not counted)
+  // Bytes of every message so far; max_bytes counts them less message 0's
+  // frame header (every sum stays far below 2^64: lengths are < 2^48).
+  uint64_t got = 0;
   at::Tensor copied;  // a message longer than one slot, copied out of the ring
   const uint8_t* msg = data;
   uint64_t avail = len;
-  int64_t header = int64_t(kHeaderBytes);
   for (;;) {
     uint64_t msg_len = 0, device_len = 0;
     uint16_t flags = 0;
     if (!dec.segment(msg, avail, &msg_len, &device_len, &flags)) corrupt();
     const bool following = !failure && !decode_error && !over;
-    const bool fits = int64_t(got + msg_len + device_len) - header <= int64_t(max_bytes);
+    const bool fits = got + msg_len + device_len - kHeaderBytes <= max_bytes;
     at::Tensor device;
     if (flags & SEG_CUDA) device = THPVariable_Unpack(b.attr("_stream_device")(device_len).ptr());
     got += msg_len + device_len;
@@ -614,7 +615,7 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
       c.take_inline();
       avail = next_len;
     } else {
-      const bool keep = !failure && !decode_error && !over && int64_t(got + next_len) - header <= int64_t(max_bytes);
+      const bool keep = !failure && !decode_error && !over && got + next_len - kHeaderBytes <= max_bytes;
       copied = without_gil([&] { return keep ? c.recv(p) : c.recv(p, 0, kSegmentHeaderBytes); });
       msg = copied.data_ptr<uint8_t>();
       avail = uint64_t(copied.numel());

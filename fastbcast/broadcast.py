@@ -200,8 +200,9 @@ class Broadcaster:
         max_bytes: the most bytes one broadcast may carry: the encoded value
             plus its CUDA tensors (default 4 GiB, or FASTBCAST_MAX_BYTES).
             The source refuses a larger object with ValueError before it
-            sends anything but an error frame, so every receiver raises
-            BroadcastError saying why. A receiver also refuses a frame whose
+            sends anything but an error frame (a stream: as soon as its
+            messages pass the limit, ending it with an error segment), so
+            every receiver raises BroadcastError saying why. A receiver also refuses a frame whose
             header announces more than its own max_bytes and raises
             BroadcastError (after receiving the rest, so the source is not
             left waiting). Of a stream, each message's length is checked
@@ -256,6 +257,9 @@ class Broadcaster:
         self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
         if self.max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
+        # No frame comes near 2^62 bytes; a larger cap means "no cap", and must
+        # still fit the unsigned 64-bit arguments of the C++ core.
+        self.max_bytes = min(self.max_bytes, 1 << 62)
         self.stream_bytes = int(streaming.DEFAULT_STREAM_BYTES if stream_bytes is None else stream_bytes)
         if self.stream_bytes < 0:
             raise ValueError(f"stream_bytes must be >= 0, got {stream_bytes!r}")

@@ -89,6 +89,7 @@ def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
                                             f"{type(e).__name__}: {e}", made)
             pipe.send(block, used)
             pipe.finish()
+            b._told_receivers = True   # in step: the group stays usable (Ctrl-C included)
             raise
         pipe.send(block, used)
         if device_len:

@@ -232,6 +232,8 @@ class CollectiveTransport:
             bcast(host[:f], route, deadline, "collective 1 (the first chunk)")
         header = read_header(host, route)
         version, flags, total, _, first_chunk, chunk, device_len, _ = header
+        # What the frame carries, not the first_chunk it is padded to.
+        announced = total - _C.HEADER_BYTES + (device_len if flags & _C.FLAG_CUDA else 0)
         if (first_chunk, chunk) != (f, self.chunk):
             msg = (f"chunk sizes differ between ranks: the source (global rank {route.src}) uses first_chunk="
                    f"{first_chunk}, chunk={chunk}; this rank (global rank {route.rank}) uses first_chunk={f}, "
@@ -244,7 +246,6 @@ class CollectiveTransport:
                     self.recv_device(device_len, route, deadline)
             raise ProtocolMismatch(msg)
         total = max(total, f)
-        announced = total - _C.HEADER_BYTES + (device_len if flags & _C.FLAG_CUDA else 0)
         keep = total
         if version == FORMAT_VERSION and announced > max_bytes:
             if not flags & _C.FLAG_STREAM:
@@ -352,13 +353,14 @@ def _alive(pid: int) -> bool:
 
 def shm_geometry() -> tuple[int, int]:
     """(slots, slot_bytes) of each ring: FASTBCAST_SHM_SLOTS and
-    FASTBCAST_SHM_BYTES (the whole ring), or the C++ defaults."""
+    FASTBCAST_SHM_BYTES (the whole ring, split evenly and rounded down to
+    the ring's 64-byte slot alignment), or the C++ defaults."""
     slots = _env_int("FASTBCAST_SHM_SLOTS", _C.SHM_DEFAULT_SLOTS)
     total = _env_int("FASTBCAST_SHM_BYTES", slots * _C.SHM_DEFAULT_SLOT_BYTES)
     if slots < 2 or total // slots < 4096:
         raise ValueError(f"FASTBCAST_SHM_SLOTS={slots} / FASTBCAST_SHM_BYTES={total}: need at least 2 slots of "
                          f"at least 4 KiB")
-    return slots, total // slots
+    return slots, total // slots // 64 * 64
 
 
 def host_key() -> int:
@@ -505,6 +507,8 @@ class GroupState:
                 ch = _C.ShmChannel.create(name, ranks, pids, slots, slot_bytes)
             except OSError as e:
                 err = e.errno or errno_mod.EIO
+            except ValueError:  # a geometry the ring refuses: every rank falls back, none is left waiting
+                err = errno_mod.EINVAL
         made = torch.tensor([err], dtype=torch.int64, device=dev)
         bcast(made, route, deadline, "setting up the shared-memory ring")
         err = int(made.item())

@@ -863,3 +863,23 @@ def test_idle_reader_cpu_long_wait_log_and_ctrl_c(nothing_left_in_dev_shm):
     assert any(f"global rank {ranks[1]} (reader 0) is still waiting for the writer (global rank {ranks[0]}) "
                "to publish slot 0 after" in m for m in logs), logs
     w.close()
+
+
+@pytest.mark.parametrize("env", [{"FASTBCAST_SHM_BYTES": "100000", "FASTBCAST_SHM_SLOTS": "2"},
+                                 {"FASTBCAST_SHM_BYTES": "100000000"}])
+def test_ring_size_from_the_environment_is_rounded_to_whole_slots(monkeypatch, env):
+    """FASTBCAST_SHM_BYTES split evenly need not give the ring's 64-byte
+    slot alignment: the slots are rounded down (the source once raised
+    there, leaving its receivers in the set-up collective)."""
+    from fastbcast.transport import shm_geometry
+    monkeypatch.delenv("FASTBCAST_SHM_SLOTS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    slots, slot_bytes = shm_geometry()
+    each = int(env["FASTBCAST_SHM_BYTES"]) // slots
+    assert slot_bytes % 64 == 0 and each - 64 < slot_bytes <= each
+    w, r = local_pair(n_slots=slots, slot_bytes=slot_bytes)
+    w.send(payload(5000), 5000, 1.0)
+    assert torch.equal(r.recv(1.0), payload(5000))
+    w.close()
+    r.close()

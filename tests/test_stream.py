@@ -51,6 +51,16 @@ class SlowToEncode:
 fastbcast.register(SlowToEncode)
 
 
+class Interrupting:
+    """Its __reduce__ raises KeyboardInterrupt: Ctrl-C in the source's encode."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+fastbcast.register(Interrupting)
+
+
 def _bin(total: int) -> bytes:
     """A new bytes object whose encoding is `total` bytes (bin 8/16/32
     header), the same on every rank."""
@@ -483,3 +493,46 @@ def test_receiver_memory_and_max_bytes_mid_stream(transport):
             kind, text = r[name]
             assert kind == ("ValueError" if rank == 0 else "BroadcastError"), (rank, name, r)
             assert expect in text, (rank, name, text)
+
+
+def _interrupt_and_caps_run(rank, world, transport):
+    """Ctrl-C while the source encodes an item after message 0, and
+    receivers with a cap below first_chunk or at 2^63 and more."""
+    import torch.distributed as dist
+
+    from fastbcast import Broadcaster, BroadcastError
+
+    g = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=30))
+    out = {}
+    b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=20)
+    obj = [_bin(S // 2) for _ in range(20)]
+    obj[12] = Interrupting()                             # a segment after message 0
+    try:
+        b.broadcast(obj if rank == 0 else None, src=0)
+        out["interrupt"] = "returned"
+    except KeyboardInterrupt:
+        out["interrupt"] = rank == 0 or "not a receiver's"
+    except BroadcastError as e:
+        out["interrupt"] = rank != 0 and "KeyboardInterrupt" in str(e)
+    # The error segment told the receivers: the group stays in step.
+    out["after_interrupt"] = b.broadcast(["next"] if rank == 0 else None, src=0) == ["next"]
+    small = [1, 2, 3]                                    # 8 bytes, in a 4 KiB first collective
+    for cap in (100, 1 << 63, (1 << 64) - 1, 1 << 70):
+        c = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=20,
+                        max_bytes=cap if rank else None)
+        ok = c.broadcast(small if rank == 0 else None, src=0) == small
+        rows = [_bin(300) for _ in range(100)]           # a 30 KB stream
+        try:
+            ok = ok and c.broadcast(rows if rank == 0 else None, src=0) == rows and (rank == 0 or cap > 100)
+        except BroadcastError as e:
+            ok = ok and cap == 100 and rank != 0 and "over this rank's" in str(e)
+        out[f"cap_{cap}"] = ok
+    out["transport"] = b.transport
+    return out
+
+
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_interrupted_encode_mid_stream_and_receiver_caps(transport):
+    for rank, res in enumerate(run_distributed(_interrupt_and_caps_run, 3, transport, timeout=180)):
+        assert res.pop("transport") == transport
+        assert all(v is True for v in res.values()), (rank, res)
