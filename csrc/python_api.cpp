@@ -495,6 +495,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 // ---- shared-memory ring (shm_ring.h, shm_channel.h) ----
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <optional>
 
 #include "shm_channel.h"
@@ -563,7 +564,8 @@ auto without_gil(F f) -> decltype(f()) {
 // header leaves nothing to follow the stream by: ("corrupt", why) at once.
 // Segments with CUDA tensors get their device buffer from b._stream_device.
 py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, const FrameHeader& h,
-                              uint64_t max_bytes, const DecodeOptions& opts, const WaitPolicy& p, py::handle b) {
+                              uint64_t max_bytes, const DecodeOptions& opts, const WaitPolicy& p,
+                              std::chrono::steady_clock::time_point started, py::handle b) {
   struct Held {  // the slot of the message being decoded, released however we leave
     ShmChannel& c;
     ~Held() { c.release(); }
@@ -575,6 +577,15 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
   auto corrupt = [&]() {
     py::error_already_set e;
     raise(b.attr("_stream_failure")("corrupt", py::str(e.value())));
+  };
+  // p.timeout_s bounds the whole call, from `started`: each wait gets what
+  // is left of it.
+  auto left = [&] {
+    WaitPolicy q = p;
+    if (p.timeout_s >= 0)
+      q.timeout_s = std::max(
+          0.0, p.timeout_s - std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+    return q;
   };
   StreamDecoder dec(opts);
   if (!dec.open(data, len, h.payload_len)) corrupt();
@@ -610,13 +621,14 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
     copied = at::Tensor();
     if (flags & SEG_LAST) break;
     uint64_t next_len = 0;
-    msg = without_gil([&] { return c.peek(p, &next_len); });
+    const WaitPolicy q = left();
+    msg = without_gil([&] { return c.peek(q, &next_len); });
     if (msg) {
       c.take_inline();
       avail = next_len;
     } else {
       const bool keep = !failure && !decode_error && !over && got + next_len - kHeaderBytes <= max_bytes;
-      copied = without_gil([&] { return keep ? c.recv(p) : c.recv(p, 0, kSegmentHeaderBytes); });
+      copied = without_gil([&] { return keep ? c.recv(q) : c.recv(q, 0, kSegmentHeaderBytes); });
       msg = copied.data_ptr<uint8_t>();
       avail = uint64_t(copied.numel());
     }
@@ -774,6 +786,7 @@ void bind_shm(py::module_& m) {
             // or call number, a longer or oversized frame) stays pending and
             // SHM_NOT_INLINE is returned: recv() then hands it to the
             // caller's general path, which says what is wrong.
+            const auto started = std::chrono::steady_clock::now();
             WaitPolicy p = shm_policy(timeout_s);
             uint64_t len = 0;
             const uint8_t* data = without_gil([&] { return c.peek(p, &len); });
@@ -786,7 +799,7 @@ void bind_shm(py::module_& m) {
             c.take_inline();
             if (h.flags == FLAG_STREAM) {
               DecodeOptions opts = decode_options(allow_pickle, trusted);
-              return recv_stream_inline(c, data, len, h, max_bytes, opts, p, b);
+              return recv_stream_inline(c, data, len, h, max_bytes, opts, p, started, b);
             }
             // A receiver that fails to decode still releases its slot.
             struct Release {

@@ -334,7 +334,7 @@ def test_streams_through_device_buffers_over_gloo(transport):
     _check_results(run_distributed(_stream_run, 2, transport, "cuda:0", timeout=240), transport)
 
 
-def _stalled_mid_stream(rank, world, transport):
+def _stalled_mid_stream(rank, world, transport, how):
     import torch.distributed as dist
 
     from fastbcast import Broadcaster, BroadcastError, BroadcastTimeoutError
@@ -343,7 +343,12 @@ def _stalled_mid_stream(rank, world, transport):
     b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=1.5)
     b.broadcast([1, 2] if rank == 0 else None, src=0)      # the transport is set up
     obj = [_bin(S // 2 - 64) for _ in range(10)]
-    obj[6] = SlowToEncode(4.0)                             # segment 3 of 5
+    if how == "stalled":
+        obj[6] = SlowToEncode(4.0)                         # segment 3 of 5
+    else:
+        # Every segment a little late (0.35 s), none past the timeout alone:
+        # the timeout bounds the whole call, not each wait.
+        obj = [x for _ in range(8) for x in (SlowToEncode(0.35), _bin(S))]
     started = time.monotonic()
     try:
         b.broadcast(obj if rank == 0 else None, src=0)
@@ -355,9 +360,10 @@ def _stalled_mid_stream(rank, world, transport):
     return outcome, time.monotonic() - started
 
 
+@pytest.mark.parametrize("how", ["stalled", "slow"])
 @pytest.mark.parametrize("transport", ["collective", "shm"])
-def test_a_source_stalled_mid_stream_ends_receivers_at_their_timeout(transport):
-    results = run_distributed(_stalled_mid_stream, 3, transport, timeout=120)
+def test_a_source_stalled_mid_stream_ends_receivers_at_their_timeout(transport, how):
+    results = run_distributed(_stalled_mid_stream, 3, transport, how, timeout=120)
     for outcome, seconds in results[1:]:
         assert outcome == "timeout" and seconds < 1.5 + 2.0, results
     # The source finds its receivers gone (or its own timeout); it does not hang.
