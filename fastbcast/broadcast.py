@@ -504,6 +504,11 @@ class Broadcaster:
             if flags & _C.FLAG_STREAM:
                 return self._recv_stream(t, frame, header, route, deadline)
             announced = payload_len + device_len
+            if flags & _C.FLAG_ERROR and frame is not None:
+                # The source's reason, whatever this rank's max_bytes (an
+                # error frame is small and has no device buffer).
+                self._check_seq(seq, route)
+                raise BroadcastError(_C.frame_message(frame, payload_len))
             if frame is None or announced > self.max_bytes:
                 t.recv_device(device_len, route, deadline)
                 raise BroadcastError(
@@ -514,8 +519,6 @@ class Broadcaster:
             # Everything the source sent has been received: errors from here
             # on leave no rank waiting.
             self._check_seq(seq, route)
-            if flags & _C.FLAG_ERROR:
-                raise BroadcastError(_C.frame_message(frame, payload_len))
             return _C.decode_frame(frame, payload_len, device_buffer, self.allow_pickle, self.trusted)
         finally:
             t.release()

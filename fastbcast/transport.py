@@ -247,7 +247,9 @@ class CollectiveTransport:
             raise ProtocolMismatch(msg)
         total = max(total, f)
         keep = total
-        if version == FORMAT_VERSION and announced > max_bytes:
+        # An error frame (at most max(first_chunk, 4 KiB)) is kept whatever
+        # max_bytes says: its text is the source's reason.
+        if version == FORMAT_VERSION and announced > max_bytes and not flags & _C.FLAG_ERROR:
             if not flags & _C.FLAG_STREAM:
                 self._drain(route, deadline, total, self.chunk)
                 return None, header
@@ -446,9 +448,15 @@ class GroupState:
         first broadcast on the group that may use shared memory)."""
         if self.agreed:
             return
-        slots, slot_bytes = shm_geometry()
-        mine = torch.tensor([host_key(), os.getpid(), shm_probe(slots * slot_bytes), secrets.randbits(62)],
-                            dtype=torch.int64, device=device)
+        try:
+            slots, slot_bytes = shm_geometry()
+            probe = shm_probe(slots * slot_bytes)
+        except ValueError as e:
+            # This rank's settings are wrong: say so here, and still join the
+            # collective below, so the group falls back instead of waiting.
+            logger.warning("fastbcast: %s", e)
+            probe = errno_mod.EINVAL
+        mine = torch.tensor([host_key(), os.getpid(), probe, secrets.randbits(62)], dtype=torch.int64, device=device)
         every = torch.empty(route.size * 4, dtype=torch.int64, device=device)
         collective(all_gather, every, route, deadline, "agreeing on the transport", input_tensor=mine)
         rows = every.view(route.size, 4).tolist()
@@ -458,7 +466,7 @@ class GroupState:
         if len({r[0] for r in rows}) != 1:
             self.no_shm = "the group spans more than one host (or IPC namespace, or /dev/shm mount)"
         elif failed:
-            self.no_shm = "; ".join(f"global rank {rk} cannot map a {slots * slot_bytes}-byte segment in /dev/shm "
+            self.no_shm = "; ".join(f"global rank {rk} cannot map its shared-memory ring in /dev/shm "
                                     f"({os.strerror(e)})" for rk, e in failed)
             logger.warning("fastbcast: group %s uses the collective transport instead of shared memory: %s",
                            list(route.ranks), self.no_shm)
@@ -507,8 +515,10 @@ class GroupState:
                 ch = _C.ShmChannel.create(name, ranks, pids, slots, slot_bytes)
             except OSError as e:
                 err = e.errno or errno_mod.EIO
-            except ValueError:  # a geometry the ring refuses: every rank falls back, none is left waiting
+            except ValueError as e:  # a geometry the ring refuses: every rank falls back, none is left waiting
                 err = errno_mod.EINVAL
+                logger.warning("fastbcast: cannot make the shared-memory ring of %d slots of %d bytes: %s",
+                               slots, slot_bytes, e)
         made = torch.tensor([err], dtype=torch.int64, device=dev)
         bcast(made, route, deadline, "setting up the shared-memory ring")
         err = int(made.item())

@@ -189,6 +189,25 @@ def _check_slot_boundaries(rank, world):
 
 
 @check
+def _check_one_rank_with_a_bad_ring_setting(rank, world):
+    """One rank's FASTBCAST_SHM_BYTES is unusable (under 4 KiB a slot): that
+    rank says why and the group falls back to the collective on every rank,
+    with nobody left waiting in the agreement."""
+    fb = _fb()
+    if rank == 2:
+        os.environ["FASTBCAST_SHM_SLOTS"], os.environ["FASTBCAST_SHM_BYTES"] = "2", "8191"
+    try:
+        g = _group(range(world))
+        b = fb.Broadcaster(g, timeout=30)
+        for src in range(world):
+            assert b.broadcast({"from": src} if rank == src else None, src=src) == {"from": src}
+        assert b.transport == "collective", b.transport
+    finally:
+        if rank == 2:
+            del os.environ["FASTBCAST_SHM_SLOTS"], os.environ["FASTBCAST_SHM_BYTES"]
+
+
+@check
 def _check_receiver_max_bytes_drains_in_the_ring(rank, world):
     """A receiver with a smaller max_bytes than a 3 MiB frame (several
     slots) raises BroadcastError after draining it in the ring, without a

@@ -533,6 +533,16 @@ def _interrupt_and_caps_run(rank, world, transport):
         except BroadcastError as e:
             ok = ok and cap == 100 and rank != 0 and "over this rank's" in str(e)
         out[f"cap_{cap}"] = ok
+        if cap == 100:
+            # A source that cannot encode: its reason reaches a receiver
+            # whatever that receiver's max_bytes.
+            try:
+                c.broadcast([1, Unregistered()] if rank == 0 else None, src=0)
+                out["reason_under_cap"] = "returned"
+            except TypeError:
+                out["reason_under_cap"] = rank == 0
+            except BroadcastError as e:
+                out["reason_under_cap"] = rank != 0 and "failed to encode" in str(e) and "max_bytes" not in str(e)
     out["transport"] = b.transport
     return out
 
