@@ -78,15 +78,10 @@ def collective(op, tensor: torch.Tensor, route: Route, deadline: float | None, w
     """Runs one collective (`dist.all_gather_into_tensor`, ...) on the
     route's group, bounded by `deadline` when there is one."""
     try:
-        if deadline is None:
-            op(tensor, group=route.group, **kwargs)
-            return
         work = op(tensor, group=route.group, async_op=True, **kwargs)
-        work.wait(timeout=datetime.timedelta(seconds=_left(deadline)))
-    except TransportError:
-        raise
     except RuntimeError as e:
         raise _failure(e, deadline, what) from e
+    wait(work, deadline, what)
 
 
 def bcast(tensor: torch.Tensor, route: Route, deadline: float | None, what: str) -> None:
