@@ -563,13 +563,17 @@ auto without_gil(F f) -> decltype(f()) {
 // ("max_bytes", its size, None if the source cut it off). A corrupt segment
 // header leaves nothing to follow the stream by: ("corrupt", why) at once.
 // Segments with CUDA tensors get their device buffer from b._stream_device.
+// Releases the slot a reader holds however the scope is left: a reader that
+// fails to decode must not block the writer.
+struct ReleaseOnExit {
+  ShmChannel& c;
+  ~ReleaseOnExit() { c.release(); }
+};
+
 py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, const FrameHeader& h,
                               uint64_t max_bytes, const DecodeOptions& opts, const WaitPolicy& p,
                               std::chrono::steady_clock::time_point started, py::handle b) {
-  struct Held {  // the slot of the message being decoded, released however we leave
-    ShmChannel& c;
-    ~Held() { c.release(); }
-  } held{c};
+  ReleaseOnExit held{c};
   auto raise = [](const py::object& e) {
     PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(e.ptr())), e.ptr());
     throw py::error_already_set();
@@ -801,11 +805,7 @@ void bind_shm(py::module_& m) {
               DecodeOptions opts = decode_options(allow_pickle, trusted);
               return recv_stream_inline(c, data, len, h, max_bytes, opts, p, started, b);
             }
-            // A receiver that fails to decode still releases its slot.
-            struct Release {
-              Ch& c;
-              ~Release() { c.release(); }
-            } done{c};
+            ReleaseOnExit done{c};
             DecodeOptions opts = decode_options(allow_pickle, trusted);
             return steal(decode_object(data + kHeaderBytes, h.payload_len, opts, kHeaderBytes));
           },
