@@ -3,8 +3,8 @@ interleaved block by block in one run (issue 10: no payload slower than the
 pickle design on the same transport, `[]` included).
 
 Three designs: the pickle design, fastbcast's collective transport, and the
-same with every broadcast through `dist.broadcast` as before 2026-12-03 (the
-transport now calls the ProcessGroup itself). Every rank runs blocks of
+same with the one-call path off (`fastbcast.transport.ONE_CALL = False`:
+the collective made from Python, as before 2026-12-04). Every rank runs blocks of
 `--block` back-to-back calls of one design, then of the next, rotating; a block is timed on rank 0 from a barrier to a
 barrier after its last call, so both designs pay the same two barriers and a
 load spike hits both alike. Prints, per payload, the median block time per
@@ -32,11 +32,6 @@ def _run(rank, world, port, args):
     from fastbcast.bench.payloads import payload_factory
     from fastbcast import transport
 
-    new_post = transport.post_bcast
-
-    def old_post(tensor, route, what):   # what every broadcast called before 2026-12-03
-        return dist.broadcast(tensor, src=route.src, group=route.group, async_op=True)
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     g = dist.new_group(list(range(world)))
     bar = dist.new_group(list(range(world)))
@@ -46,31 +41,29 @@ def _run(rank, world, port, args):
         designs = {
             "pickle design": lambda: pickle_broadcast_pyobj(obj if rank == 0 else None, rank, g, 0),
             "fastbcast-collective": lambda: b.broadcast(obj if rank == 0 else None, src=0),
-            "via dist.broadcast": lambda: b.broadcast(obj if rank == 0 else None, src=0),
+            "python path": lambda: b.broadcast(obj if rank == 0 else None, src=0),
         }
         times = {k: [] for k in designs}
         order = list(designs.items())
         for i in range(args.blocks + 5):
             for k, f in order[i % 3:] + order[:i % 3]:
-                if k == "via dist.broadcast":
-                    transport.post_bcast = old_post
+                transport.ONE_CALL = k != "python path"
                 dist.barrier(group=bar)
                 t = time.perf_counter()
                 for _ in range(args.block):
                     f()
                 dist.barrier(group=bar)
-                transport.post_bcast = new_post
                 if i >= 5:
                     times[k].append((time.perf_counter() - t) / args.block * 1e6)
         if rank == 0:
-            p, f, o = times["pickle design"], times["fastbcast-collective"], times["via dist.broadcast"]
+            p, f, o = times["pickle design"], times["fastbcast-collective"], times["python path"]
             n = len(p) // 3
             thirds = [statistics.median(p[j * n:(j + 1) * n]) / statistics.median(f[j * n:(j + 1) * n])
                       for j in range(3)]
             print(f"{name:16s} world {world}: pickle design {statistics.median(p):8.1f} us/call, "
                   f"fastbcast-collective {statistics.median(f):8.1f} us/call, pickle / fastbcast = "
                   f"{statistics.median(p) / statistics.median(f):.2f}x (thirds: "
-                  + ", ".join(f"{x:.2f}" for x in thirds) + f"); through dist.broadcast {statistics.median(o):8.1f} us/call "
+                  + ", ".join(f"{x:.2f}" for x in thirds) + f"); one-call path off {statistics.median(o):8.1f} us/call "
                   f"({statistics.median(p) / statistics.median(o):.2f}x)", flush=True)
         b.close()
     dist.destroy_process_group()

@@ -9,6 +9,7 @@
 #include "decoder.h"
 #include "encoder.h"
 #include "frame.h"
+#include "group_collective.h"
 #include "pinned_pool.h"
 #include "stream.h"
 #include "type_registry.h"
@@ -18,6 +19,7 @@ namespace py = pybind11;
 
 namespace fastbcast {
 void bind_shm(py::module_& m);  // the shared-memory block at the end of this file
+void bind_collective(py::module_& m);  // the collective transport's one-call path, after it
 void bind_stream(py::module_& m);  // streamed frames, after encode/decode
 }
 
@@ -490,6 +492,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("DEVICE_ALIGN") = kDeviceAlign;
   bind_stream(m);
   bind_shm(m);
+  bind_collective(m);
 }
 
 // ---- shared-memory ring (shm_ring.h, shm_channel.h) ----
@@ -842,6 +845,141 @@ void bind_shm(py::module_& m) {
           },
           py::arg("header"), py::arg("publish"),
           "Test hook: overwrite the next slot's header with these bytes; publish it as the next slot if asked.");
+}
+
+
+// ---- the collective transport's one-call path (group_collective.h) ----
+namespace {
+PyObject* g_collective_error = nullptr;
+}
+
+void bind_collective(py::module_& m) {
+  g_collective_error = PyErr_NewExceptionWithDoc(
+      "fastbcast.CollectiveError",
+      "A broadcast collective made from C++ failed: a peer died or closed its end, or the wait passed its "
+      "timeout. A RuntimeError; the message starts with the c10d error's class.",
+      PyExc_RuntimeError, nullptr);
+  if (!g_collective_error) throw py::error_already_set();
+  m.attr("CollectiveError") = py::reinterpret_steal<py::object>(g_collective_error);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CollectiveFailed& e) {
+      PyErr_SetString(g_collective_error, (e.type + ": " + e.what()).c_str());
+    }
+  });
+  auto seconds = [](const std::optional<double>& t) { return t ? std::max(*t, 0.0) : -1.0; };
+
+  using G = GroupCollective;
+  py::class_<G, std::shared_ptr<G>>(m, "CollectiveChannel",
+                                    "One source's frames over a CPU process group's broadcast collective, made "
+                                    "from C++ (csrc/group_collective.h)")
+      .def(py::init([](py::handle pg, uint32_t first_chunk, uint32_t chunk) {
+             if (first_chunk < kHeaderBytes) throw py::value_error("first_chunk is shorter than a frame header");
+             return std::make_shared<G>(py::cast<c10::intrusive_ptr<c10d::ProcessGroup>>(pg), first_chunk, chunk);
+           }),
+           py::arg("group"), py::arg("first_chunk"), py::arg("chunk"),
+           "group: a torch.distributed ProcessGroup whose broadcast moves CPU tensors. RuntimeError if it is not "
+           "a c10d ProcessGroup.")
+      .def_readwrite("root", &G::root, "The source of the next frames, as a group rank.")
+      .def_property(
+          "buffer", [](G& g) { return steal(THPVariable_Wrap(g.buffer())); },
+          [](G& g, py::handle b) {
+            g.set_buffer(b.is_none() ? at::Tensor() : host_bytes(b, "buffer"));
+            if (b.is_none() || g.buffer().numel() >= g.first_chunk()) return;
+            g.set_buffer(at::Tensor());
+            throw py::value_error("buffer is shorter than first_chunk");
+          },
+          "Where frames are received (at least first_chunk bytes; None: a pool block at the next receive).")
+      .def(
+          "send_object",
+          [seconds](G& g, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
+                    uint16_t version, uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda,
+                    const py::object& trusted, uint64_t max_bytes, std::optional<double> timeout_s) -> py::object {
+            // ShmChannel.send_object's contract, with "one slot" read as "the
+            // first collective": anything else comes back unsent, in a block
+            // at least first_chunk long (the general path moves that much).
+            if (first_chunk != g.first_chunk() || chunk != g.chunk())
+              throw py::value_error("first_chunk/chunk differ from the channel's");
+            g.sending = false;
+            if (streamable(obj.ptr(), stream_bytes))
+              return encode_frame_or_stream(obj, stream_bytes, first_chunk, chunk, version, seq, compat,
+                                            allow_pickle, collect_cuda, std::max<size_t>(first_chunk, g.size_hint),
+                                            trusted);
+            std::vector<at::Tensor> cuda;
+            const bool small = g.size_hint <= first_chunk;
+            Encoded e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle,
+                                           small ? 0 : g.size_hint, trusted, collect_cuda ? &cuda : nullptr,
+                                           small ? &g.scratch() : nullptr, first_chunk);
+            g.size_hint = e.len;
+            if (e.len > first_chunk || !cuda.empty() || e.len - kHeaderBytes > max_bytes) {
+              if (!e.block.defined()) {
+                e.block = PinnedPool::instance().acquire(first_chunk);
+                std::memcpy(e.block.data_ptr<uint8_t>(), e.data, e.len);
+              }
+              py::list tensors;
+              for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
+              return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
+            }
+            at::Tensor frame = e.block.defined() ? e.block.narrow(0, 0, first_chunk)
+                                                 : at::from_blob(g.scratch().data(), {int64_t(first_chunk)}, at::kByte);
+            const double t = seconds(timeout_s);
+            g.sending = true;
+            {
+              py::gil_scoped_release nogil;
+              g.broadcast(frame, g.root, t);
+            }
+            g.sending = false;
+            return py::none();
+          },
+          py::arg("obj"), py::arg("stream_bytes"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
+          py::arg("seq"), py::arg("compat"), py::arg("allow_pickle"), py::arg("collect_cuda"), py::arg("trusted"),
+          py::arg("max_bytes"), py::arg("timeout_s") = py::none(),
+          "Encodes obj as a frame and, if it fits the first collective, has no CUDA tensors, is within max_bytes "
+          "and is not a stream, broadcasts it and returns None. Otherwise returns encode_frame_or_stream's "
+          "(block, frame_bytes, cuda_tensors, device_len, stream), unsent. Encode errors raise before anything "
+          "is sent; `sending` tells a failure of the collective (CollectiveError) apart.")
+      .def_property_readonly("sending", [](G& g) { return g.sending; })
+      .def(
+          "recv_object",
+          [seconds](G& g, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle,
+                    const py::object& trusted, std::optional<double> timeout_s, py::handle) -> py::object {
+            // A plain frame of this version and call number within the first
+            // collective is decoded from it. Anything else stays pending
+            // (SHM_NOT_INLINE is returned): take() gives its first
+            // collective to the general path, which says what is wrong.
+            at::Tensor buf = g.buffer().narrow(0, 0, g.first_chunk());
+            const double t = seconds(timeout_s);
+            {
+              py::gil_scoped_release nogil;
+              g.broadcast(buf, g.root, t);
+            }
+            const uint8_t* data = buf.data_ptr<uint8_t>();
+            FrameHeader h;
+            std::string err;
+            if (!read_header(data, g.first_chunk(), version, &h, &err) || h.version != version || h.flags != 0 ||
+                h.seq != seq || h.frame_len > g.first_chunk() || h.first_chunk != g.first_chunk() || h.chunk != g.chunk() ||
+                h.payload_len > max_bytes) {
+              g.pending = true;
+              return py::reinterpret_borrow<py::object>(g_not_inline);
+            }
+            DecodeOptions opts = decode_options(allow_pickle, trusted);
+            return steal(decode_object(data + kHeaderBytes, h.payload_len, opts, kHeaderBytes));
+          },
+          py::arg("version"), py::arg("seq"), py::arg("max_bytes"), py::arg("allow_pickle"), py::arg("trusted"),
+          py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(),
+          "Receives the first collective of the next frame and decodes it if it is a plain frame of this version "
+          "and call number that fits there; otherwise returns SHM_NOT_INLINE with the bytes pending (take()).")
+      .def(
+          "take",
+          [](G& g) -> py::object {
+            if (!g.pending) return py::none();
+            g.pending = false;
+            return steal(THPVariable_Wrap(g.buffer()));
+          },
+          "The buffer whose first first_chunk bytes hold the pending first collective, or None if none is "
+          "pending.")
+      .def_property_readonly("collectives", &G::collectives, "Collectives this channel has made.");
 }
 
 }  // namespace fastbcast

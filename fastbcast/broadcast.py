@@ -46,8 +46,8 @@ from .codec import _prefixes
 from ._version import FORMAT_VERSION
 from . import stream as streaming
 from .mesh import Route, resolve
-from .transport import (CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport, TransportError,
-                        TransportTimeout, _left, shm_failure)
+from .transport import (CHANNEL_ERRORS, CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport,
+                        TransportError, TransportTimeout, _left, channel_failure)
 
 __all__ = ["Broadcaster", "BroadcastError", "BroadcastTimeoutError", "broadcast", "broadcast_pyobj",
            "DEFAULT_FIRST_CHUNKS", "DEFAULT_CHUNK", "DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT", "DEFAULT_TRANSPORT"]
@@ -458,8 +458,8 @@ class Broadcaster:
                     f"Broadcaster's max_bytes={self.max_bytes} (Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); "
                     f"nothing was sent")
         except BaseException as e:
-            if ch is not None and ch.sending:
-                raise shm_failure(e) from e   # the send itself failed, not the encode
+            if ch is not None and ch.sending:   # the send itself failed, not the encode
+                raise channel_failure(e, deadline, "collective 1 of 1 (the first chunk)") from e
             # Receivers are already waiting for a frame: tell them.
             msg = f"source (global rank {route.src}) failed to encode: {type(e).__name__}: {e}"
             block, used = _C.error_frame(msg, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq,
@@ -487,8 +487,8 @@ class Broadcaster:
             try:
                 obj = ch.recv_object(FORMAT_VERSION, self._state.seq, self.max_bytes, self.allow_pickle,
                                      self.trusted, _left(deadline), self)
-            except (_C.ShmTimeoutError, _C.ShmPeerError) as e:
-                raise shm_failure(e) from e
+            except CHANNEL_ERRORS as e:
+                raise channel_failure(e, deadline, "collective 1 (the first chunk)") from e
             if obj is not _C.SHM_NOT_INLINE:
                 return obj
         frame, header = t.recv(route, deadline, self.max_bytes)

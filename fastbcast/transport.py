@@ -121,7 +121,9 @@ def wait(work, deadline: float | None, what: str) -> None:
 def _failure(e: RuntimeError, deadline: float | None, what: str) -> TransportError:
     if deadline is not None and (time.monotonic() >= deadline - 1e-3 or "timed out" in str(e).lower()):
         return TransportTimeout(f"{what}: {e}")
-    return TransportError(f"{what}: {type(e).__name__}: {e}")
+    # A CollectiveError's text starts with the class of the c10d error.
+    name = "" if isinstance(e, _C.CollectiveError) else f"{type(e).__name__}: "
+    return TransportError(f"{what}: {name}{e}")
 
 
 def read_header(buf: torch.Tensor, route: Route) -> tuple:
@@ -145,6 +147,10 @@ def _host(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
+#: Whether a CPU group's small frames take the one-call path
+#: (`CollectiveTransport.inline_channel`); off, every collective is made
+#: from Python through `post_bcast` (tests that hook it turn this off).
+ONE_CALL = True
 #: The longest a rank waits to map a ring that its source has made.
 ATTACH_TIMEOUT_S = 60.0
 #: Receive buffers up to this size are kept for the next call.
@@ -172,6 +178,7 @@ class CollectiveTransport:
         self._staging: torch.Tensor | None = None   # device bytes (NCCL only)
         self._inflight = None                       # (host block, event) of the last H2D copy
         self._recv_buf: torch.Tensor | None = None  # receivers reuse one host buffer
+        self._channel = False                       # CollectiveChannel; None: not usable; False: not made yet
 
     # -- helpers ---------------------------------------------------------
     def _stage(self, nbytes: int) -> torch.Tensor:
@@ -187,7 +194,26 @@ class CollectiveTransport:
             bcast(buf[off:min(off + c, total)], route, deadline, f"collective {i + 2} of {n}")
 
     def inline_channel(self, route: Route, deadline):
-        return None  # every frame takes send()/recv()
+        """The one-call channel of route's source (`_C.CollectiveChannel`)
+        on a CPU group: a frame that fits the first collective is encoded,
+        broadcast and decoded by one call each (send_object / recv_object),
+        with no Python around the collective. None on NCCL (frames are
+        staged through device memory here), with ONE_CALL off, or for a
+        group that C++ cannot drive."""
+        if self.cuda or not ONE_CALL:
+            return None
+        ch = self._channel
+        if ch is False:
+            pg = route.group if route.group is not None else dist.group.WORLD
+            try:
+                ch = _C.CollectiveChannel(pg, self.first_chunk, self.chunk)
+                ch.buffer = self._recv_buf
+            except (TypeError, RuntimeError):   # not a c10d ProcessGroup of this torch
+                ch = None
+            self._channel = ch
+        if ch is not None and ch.root != route.src_group_rank:
+            ch.root = route.src_group_rank
+        return ch
 
     def settle(self) -> None:
         # The previous source call's H2D copy may still read its host block;
@@ -218,12 +244,16 @@ class CollectiveTransport:
         0 over max_bytes it holds only the first STREAM_PREFIX_BYTES, what
         the receiver needs to follow the rest of the stream."""
         f = self.first_chunk
-        host = self._recv_buf if self._recv_buf is not None else _host(f)
-        if self.cuda:
+        first = self._channel.take() if self._channel else None   # what recv_object received, not decoded
+        if first is not None:
+            host = first
+        elif self.cuda:
+            host = self._recv_buf if self._recv_buf is not None else _host(f)
             dev = self._stage(max(f, host.numel()))
             bcast(dev[:f], route, deadline, "collective 1 (the first chunk)")
             _to_host(dev, host, 0, f)
         else:
+            host = self._recv_buf if self._recv_buf is not None else _host(f)
             bcast(host[:f], route, deadline, "collective 1 (the first chunk)")
         header = read_header(host, route)
         version, flags, total, _, first_chunk, chunk, device_len, _ = header
@@ -255,7 +285,7 @@ class CollectiveTransport:
             bigger = _host(keep)
             bigger[:f].copy_(host[:f])
             host = bigger
-        self._recv_buf = host
+        self._keep(host)
         self.receive(host, f, total, keep, route, deadline, "collective")
         return (host if keep == total else host[:keep]), header
 
@@ -298,7 +328,13 @@ class CollectiveTransport:
         for the next call unless it is large: a Broadcaster lives as long as
         its group, and one large frame must not pin its size for good."""
         if self._recv_buf is not None and self._recv_buf.numel() > KEEP_RECV_BUFFER:
-            self._recv_buf = None
+            self._keep(None)
+
+    def _keep(self, buf: torch.Tensor | None) -> None:
+        """The receive buffer for the next frame, shared with the one-call channel."""
+        self._recv_buf = buf
+        if self._channel:
+            self._channel.buffer = buf
 
     # -- CUDA tensors ----------------------------------------------------
     def send_device(self, buf: torch.Tensor, route: Route, deadline) -> None:
@@ -315,6 +351,7 @@ class CollectiveTransport:
         self.settle()
         self._staging = None
         self._recv_buf = None
+        self._channel = False
 
 
 class ProtocolMismatch(TransportError):
@@ -566,8 +603,10 @@ class ShmTransport:
     def inline_channel(self, route: Route, deadline):
         """The ring of route's source, when it carries this source's frames:
         small frames then go through its send_object / recv_object, one
-        call each, with no tensor made for them."""
-        return self.state.ring(route, self.collective, deadline)
+        call each, with no tensor made for them. A source without a ring
+        uses the collective's channel."""
+        ch = self.state.ring(route, self.collective, deadline)
+        return ch if ch is not None else self.collective.inline_channel(route, deadline)
 
     def send(self, block: torch.Tensor, nbytes: int, route: Route, deadline) -> None:
         ch = self.state.ring(route, self.collective, deadline)
@@ -620,13 +659,20 @@ def _shm_call(fn, *args):
     try:
         return fn(*args)
     except (_C.ShmTimeoutError, _C.ShmPeerError) as e:
-        raise shm_failure(e) from e
+        raise channel_failure(e) from e
 
 
-def shm_failure(e: BaseException) -> BaseException:
-    """What a shared-memory channel's exception means to the protocol."""
+#: What an inline channel (ShmChannel, CollectiveChannel) raises when bytes could not move.
+CHANNEL_ERRORS = (_C.ShmTimeoutError, _C.ShmPeerError, _C.CollectiveError)
+
+
+def channel_failure(e: BaseException, deadline: float | None = None, what: str = "") -> BaseException:
+    """What an inline channel's exception means to the protocol; `what`
+    names the collective a CollectiveError came from."""
     if isinstance(e, _C.ShmTimeoutError):
         return TransportTimeout(str(e))
     if isinstance(e, _C.ShmPeerError):
         return TransportError(str(e))
+    if isinstance(e, _C.CollectiveError):
+        return _failure(e, deadline, what)
     return e

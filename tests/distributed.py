@@ -65,12 +65,14 @@ def requires_gpus(n: int):
 
 
 def hook_broadcasts(before) -> "callable":
-    """Calls `before()` as fastbcast starts each broadcast collective (every
-    one goes through `fastbcast.transport.post_bcast`). Returns the function
-    that removes the hook."""
+    """Calls `before()` as fastbcast starts each broadcast collective: every
+    one goes through `fastbcast.transport.post_bcast` once the one-call path
+    (collectives made from C++) is off, as it is while hooked. Returns the
+    function that removes the hook."""
     from fastbcast import stream, transport
 
-    orig = transport.post_bcast
+    orig, one_call = transport.post_bcast, transport.ONE_CALL
+    transport.ONE_CALL = False
 
     def hooked(*args, **kwargs):
         before()
@@ -82,6 +84,7 @@ def hook_broadcasts(before) -> "callable":
     def restore():
         for m in (transport, stream):
             m.post_bcast = orig
+        transport.ONE_CALL = one_call
 
     return restore
 

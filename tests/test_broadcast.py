@@ -708,6 +708,63 @@ def _check_chunk_size_mismatch(rank, world):
                 f"what was left of the rejected frame as a new frame ({e})") from e
 
 
+@check
+def _check_one_call_path(rank, world):
+    """On a CPU group a frame within the first collective is encoded,
+    broadcast and decoded by one call into C++ on each rank
+    (`_C.CollectiveChannel`): one collective per call, every source. What
+    that call does not decode goes on through the Python path and must end
+    exactly as it does with the one-call path off: same result, or same
+    exception and text, on every rank."""
+    fb = _fb()
+    from fastbcast import transport as tmod
+    h = _header_bytes()
+    g = _group(range(world), timeout=10)
+    with fb.Broadcaster(g, transport="collective") as b:
+        f = b.first_chunk
+        b.broadcast([] if rank == 0 else None, src=0)
+        ch = b._transport._channel
+        assert ch is not None and ch.collectives == 1, ch
+        for src in range(world):
+            for obj in ([], [_small_obj(f"oc{src}")], _bytes_encoding_to(f - h)):
+                n = ch.collectives
+                _check_round(lambda o: b.broadcast(o, src=src), rank, src, obj)
+                assert ch.collectives == n + 1, (src, ch.collectives - n)
+            # One byte over: the source's frame comes back unsent and goes
+            # through Python; receivers took its first collective in C++.
+            n = ch.collectives
+            _check_round(lambda o: b.broadcast(o, src=src), rank, src, _bytes_encoding_to(f - h + 1))
+            assert ch.collectives == n + (rank != src), (src, ch.collectives - n)
+
+    def outcome(fn):
+        try:
+            got = fn()
+        except Exception as e:  # noqa: BLE001 - compared below
+            return type(e).__name__, str(e)
+        return "ok", repr(got)
+
+    def scenarios():
+        out = []
+        with fb.Broadcaster(g, transport="collective", max_bytes=64 if rank == 2 else None,
+                            chunk=999 if rank == 3 else None) as b:
+            # unencodable (error frame), over rank 2's max_bytes, rank 3's
+            # chunk differs (the header says so), a frame over first_chunk
+            for src, obj in ((1, _bad_obj()), (0, bytes(200)), (2, [1, "x"]), (0, bytes(5000))):
+                out.append(outcome(lambda: b.broadcast(obj if rank == src else None, src=src)))
+        return out
+
+    on = scenarios()
+    tmod.ONE_CALL = False
+    try:
+        off = scenarios()
+    finally:
+        tmod.ONE_CALL = True
+    assert on == off, (rank, on, off)
+    assert on[0][0] == ("TypeError" if rank == 1 else "BroadcastError"), on[0]
+    assert on[1][0] == ("BroadcastError" if rank in (2, 3) else "ok"), on[1]
+    assert on[2][0] == ("BroadcastError" if rank == 3 else "ok") and (rank != 3 or "chunk" in on[2][1]), on[2]
+
+
 def _run_checks(rank, world_size, outdir, names, transport):
     """The checks, with `transport` as every Broadcaster's default."""
     _bmod().DEFAULT_TRANSPORT = transport
@@ -812,6 +869,10 @@ def test_version_mismatch_on_source(four_rank_run):
 
 def test_chunk_size_mismatch_leaves_no_rank_waiting(four_rank_run):
     _expect_ok(four_rank_run, "chunk_size_mismatch")
+
+
+def test_one_call_path_and_its_fallbacks(four_rank_run):
+    _expect_ok(four_rank_run, "one_call_path")
 
 
 def test_every_check_has_a_test():

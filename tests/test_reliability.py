@@ -483,7 +483,7 @@ def test_every_check_has_a_test():
 # A peer killed with SIGKILL mid-broadcast (processes that may die)
 # --------------------------------------------------------------------------
 
-KILL_WORLD = 3
+KILL_WORLD = 4
 KILL_TIMEOUT_S = 5.0
 
 
@@ -501,13 +501,19 @@ def _die_on_collective(n: int):
 
 def _killed_peer(rank, world_size):
     """Global rank 1 is a source that dies after its first chunk; global rank
-    2 is a receiver that dies after the first chunk. Rank 0 survives both:
-    as a receiver without timeout= (gloo notices the closed connection, or
-    the group's timeout fires), then as the source with timeout=."""
+    2 is a receiver that dies after the first chunk; global rank 3 is a
+    source that dies before it sends a small frame, which rank 0 waits for
+    inside the one-call path (C++). Rank 0 survives all three: as a
+    receiver without timeout= (gloo notices the closed connection, or the
+    group's timeout fires), then as the source with timeout=."""
     fb = _fb()
     _collective_only()
     g01 = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=KILL_TIMEOUT_S))
     g02 = dist.new_group([0, 2], timeout=datetime.timedelta(seconds=KILL_TIMEOUT_S))
+    g03 = dist.new_group([0, 3], timeout=datetime.timedelta(seconds=KILL_TIMEOUT_S))
+    if rank == 3:
+        time.sleep(0.5)   # rank 0 is waiting in the collective by now
+        os.kill(os.getpid(), signal.SIGKILL)
     payload = b"k" * 50_000            # 13 collectives of 4 KiB
     out = {}
     if rank == 1:
@@ -528,6 +534,9 @@ def _killed_peer(rank, world_size):
     out["dead_receiver"] = (type(e).__name__, str(e), took)
     e, _ = _expect(fb.BroadcastError, b.broadcast, payload, src=0)
     out["after"] = str(e)
+    b = fb.Broadcaster(g03)
+    e, took = _expect(fb.BroadcastError, b.broadcast, None, src=3)
+    out["dead_small_source"] = (type(e).__name__, str(e), took, b._transport._channel is not None)
     return out
 
 
@@ -546,4 +555,8 @@ def test_peer_killed_mid_broadcast():
     assert took < KILL_TIMEOUT_S + SLACK_S, out
     assert "source" in msg, msg
     assert "can no longer be used" in out["after"], out["after"]
+    kind, msg, took, one_call = out["dead_small_source"]
+    assert res[3] == ("died", -signal.SIGKILL), res[3]
+    assert one_call and took < KILL_TIMEOUT_S + SLACK_S, out
+    assert "receiver of global rank 3" in msg and "collective 1 (the first chunk)" in msg, msg
     assert time.monotonic() - started < 100

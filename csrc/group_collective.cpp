@@ -1,0 +1,42 @@
+#include "group_collective.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "pinned_pool.h"
+
+namespace fastbcast {
+
+GroupCollective::GroupCollective(c10::intrusive_ptr<c10d::ProcessGroup> pg, uint32_t first_chunk, uint32_t chunk)
+    : pg_(std::move(pg)), first_chunk_(first_chunk), chunk_(chunk), scratch_(first_chunk) {}
+
+at::Tensor& GroupCollective::buffer() {
+  if (!buffer_.defined()) buffer_ = PinnedPool::instance().acquire(first_chunk_);
+  return buffer_;
+}
+
+void GroupCollective::broadcast(const at::Tensor& t, int root, double timeout_s) {
+  ++collectives_;
+  std::vector<at::Tensor> tensors{t};
+  c10d::BroadcastOptions opts;
+  opts.rootRank = root;
+  opts.rootTensor = 0;
+  try {
+    auto work = pg_->broadcast(tensors, opts);
+    if (timeout_s < 0) {
+      work->wait();
+    } else {
+      // Rounded up: a wait of 0 ms would mean "no timeout" to some backends.
+      auto ms = std::chrono::milliseconds(std::max<int64_t>(1, int64_t(std::ceil(timeout_s * 1e3))));
+      work->wait(ms);
+    }
+  } catch (const c10::DistBackendError& e) {
+    throw CollectiveFailed("DistBackendError", e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    throw CollectiveFailed("RuntimeError", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    throw CollectiveFailed("RuntimeError", e.what());
+  }
+}
+
+}  // namespace fastbcast
