@@ -253,6 +253,13 @@ py::object stream_or_none(std::unique_ptr<PyStreamEncoder> s, bool streaming) {
   return py::cast(s.release(), py::return_value_policy::take_ownership);
 }
 
+// encode_frame_or_stream's answer: (block, frame_bytes, cuda_tensors,
+// device_len, the encoder of the rest or None).
+py::tuple first_tuple(StreamMessage& msg, std::unique_ptr<PyStreamEncoder> s, bool streaming) {
+  py::tuple m = message_tuple(msg, false);
+  return py::make_tuple(m[0], m[1], m[2], m[3], stream_or_none(std::move(s), streaming));
+}
+
 // Whether obj may become a stream: a list (not of ints), tuple or dict of two
 // items or more, and streaming is on (stream_bytes not 0).
 bool streamable(PyObject* o, uint64_t stream_bytes) {
@@ -280,8 +287,7 @@ py::tuple encode_frame_or_stream(py::handle obj, uint64_t stream_bytes, uint32_t
                                            collect_cuda, first_segment);
   bool streaming = false;
   StreamMessage msg = stream_first(*s, first_chunk, chunk, version, seq, min_capacity, &streaming);
-  py::tuple m = message_tuple(msg, false);
-  return py::make_tuple(m[0], m[1], m[2], m[3], stream_or_none(std::move(s), streaming));
+  return first_tuple(msg, std::move(s), streaming);
 }
 
 const at::Tensor* device_or_null(const py::object& device_buffer, at::Tensor* keep) {
@@ -555,17 +561,91 @@ auto without_gil(F f) -> decltype(f()) {
 
 }  // namespace
 
-// A stream (FORMAT.md section 3.1) whose message 0 the reader has taken in
-// place, decoded message by message straight from the ring: the same
-// protocol as fastbcast.stream.receive, without a Python call per message.
-// Every message is taken whatever happens, so the source is never left
-// waiting; once a failure is known the rest is drained (a message longer
-// than a slot is then not copied). At the end the first failure is raised:
-// a segment's DecodeError, or the exception b._stream_failure returns for
-// the source's error segment ("error", its text) or a stream past max_bytes
-// ("max_bytes", its size, None if the source cut it off). A corrupt segment
-// header leaves nothing to follow the stream by: ("corrupt", why) at once.
-// Segments with CUDA tensors get their device buffer from b._stream_device.
+// A call's timeout_s bounds the whole call, from its start: each wait gets
+// what is left of it.
+struct CallClock {
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  WaitPolicy p;
+  explicit CallClock(const std::optional<double>& timeout_s) : p(shm_policy(timeout_s)) {}
+  WaitPolicy left() const {
+    WaitPolicy q = p;
+    if (p.timeout_s >= 0)
+      q.timeout_s = std::max(
+          0.0, p.timeout_s - std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+    return q;
+  }
+};
+
+[[noreturn]] void raise_object(const py::object& e) {
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(e.ptr())), e.ptr());
+  throw py::error_already_set();
+}
+
+// A stream (FORMAT.md section 3.1) sent whole by its source: message 0
+// (`msg`, within max_bytes) and every later message, each published as soon
+// as it is encoded; a segment's CUDA tensors go to
+// b._stream_send_device(tensors, device_len, route, deadline) after its
+// message. An encode that fails, or messages past max_bytes, end the stream
+// with an error segment (text, and for max_bytes the exception, from
+// b._stream_cut(route, error or None, bytes so far, last)); then
+// b._told_receivers is set and the error raised: the group stays in step.
+// Until the stream ends, c.sending() says a failure is the send's.
+void send_stream(ShmChannel& c, StreamEncoder& enc, StreamMessage msg, uint64_t max_bytes, const CallClock& clock,
+                 py::handle b, py::handle route, py::handle deadline) {
+  auto publish = [&](const StreamMessage& m) {
+    const uint8_t* data = m.block.data_ptr<uint8_t>();
+    const WaitPolicy q = clock.left();
+    without_gil([&] { c.send(data, m.len, q); });
+    if (m.device_len) {
+      py::list tensors;
+      for (auto& t : m.cuda) tensors.append(steal(THPVariable_Wrap(t)));
+      b.attr("_stream_send_device")(tensors, m.device_len, route, deadline);
+    }
+  };
+  c.set_in_stream(true);
+  uint64_t sent = msg.len - kHeaderBytes + msg.device_len;  // as max_bytes counts it
+  publish(msg);
+  for (bool last = false; !last;) {
+    msg = StreamMessage();  // back to the pool before the next is encoded
+    const bool made = enc.next(&msg);
+    if (made) {
+      sent += msg.len + msg.device_len;
+      last = msg.last;
+      if (sent <= max_bytes) {
+        publish(msg);
+        continue;
+      }
+    }
+    std::optional<py::error_already_set> raised;
+    if (!made) raised.emplace();
+    msg = StreamMessage();  // past max_bytes: not sent, the error segment takes its index
+    py::tuple cut = b.attr("_stream_cut")(route, raised ? raised->value() : py::none(), sent, last);
+    publish(enc.error_segment(cut[1].cast<std::string>(), made));
+    c.set_in_stream(false);
+    b.attr("_told_receivers") = true;
+    if (raised) {
+      raised->restore();
+      throw py::error_already_set();
+    }
+    raise_object(cut[0]);
+  }
+  c.set_in_stream(false);
+}
+
+// A stream (FORMAT.md section 3.1) whose message 0 the reader has taken
+// (in place, or `copied` out of several slots, its prologue only past
+// max_bytes), decoded message by message straight from the ring: the
+// receive rules of shared-memory streams live here only. Every message is
+// taken whatever happens, so the source is never left waiting; once a
+// failure is known the rest is drained (a message longer than a slot is
+// then not copied). At the end, a call number other than `seq` raises
+// through b._check_seq(source's, route); else the first failure is raised:
+// a segment's DecodeError, or the exception b._stream_failure(kind, detail,
+// route) returns for the source's error segment ("error", its text) or a
+// stream past max_bytes ("max_bytes", its size, None if the source cut it
+// off). A corrupt segment header leaves nothing to follow the stream by:
+// ("corrupt", why) at once. Segments with CUDA tensors get their device
+// buffer from b._stream_device(nbytes, route, deadline).
 // Releases the slot a reader holds however the scope is left: a reader that
 // fails to decode must not block the writer.
 struct ReleaseOnExit {
@@ -573,26 +653,13 @@ struct ReleaseOnExit {
   ~ReleaseOnExit() { c.release(); }
 };
 
-py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, const FrameHeader& h,
-                              uint64_t max_bytes, const DecodeOptions& opts, const WaitPolicy& p,
-                              std::chrono::steady_clock::time_point started, py::handle b) {
+py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, at::Tensor copied,
+                              const FrameHeader& h, uint64_t seq, uint64_t max_bytes, const DecodeOptions& opts,
+                              const CallClock& clock, py::handle b, py::handle route, py::handle deadline) {
   ReleaseOnExit held{c};
-  auto raise = [](const py::object& e) {
-    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(e.ptr())), e.ptr());
-    throw py::error_already_set();
-  };
   auto corrupt = [&]() {
     py::error_already_set e;
-    raise(b.attr("_stream_failure")("corrupt", py::str(e.value())));
-  };
-  // p.timeout_s bounds the whole call, from `started`: each wait gets what
-  // is left of it.
-  auto left = [&] {
-    WaitPolicy q = p;
-    if (p.timeout_s >= 0)
-      q.timeout_s = std::max(
-          0.0, p.timeout_s - std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
-    return q;
+    raise_object(b.attr("_stream_failure")("corrupt", py::str(e.value()), route));
   };
   StreamDecoder dec(opts);
   if (!dec.open(data, len, h.payload_len)) corrupt();
@@ -602,7 +669,6 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
   // Bytes of every message so far; max_bytes counts them less message 0's
   // frame header (every sum stays far below 2^64: lengths are < 2^48).
   uint64_t got = 0;
-  at::Tensor copied;  // a message longer than one slot, copied out of the ring
   const uint8_t* msg = data;
   uint64_t avail = len;
   for (;;) {
@@ -612,12 +678,12 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
     const bool following = !failure && !decode_error && !over;
     const bool fits = got + msg_len + device_len - kHeaderBytes <= max_bytes;
     at::Tensor device;
-    if (flags & SEG_CUDA) device = THPVariable_Unpack(b.attr("_stream_device")(device_len).ptr());
+    if (flags & SEG_CUDA) device = THPVariable_Unpack(b.attr("_stream_device")(device_len, route, deadline).ptr());
     got += msg_len + device_len;
     error_end = flags & SEG_ERROR;
     if (following) {
       if (error_end) {
-        failure = b.attr("_stream_failure")("error", py::str(dec.error_text(msg, avail)));
+        failure = b.attr("_stream_failure")("error", py::str(dec.error_text(msg, avail)), route);
       } else if (!fits) {
         over = true;
       } else if (!dec.decode(msg, avail, device.defined() ? &device : nullptr)) {
@@ -628,7 +694,7 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
     copied = at::Tensor();
     if (flags & SEG_LAST) break;
     uint64_t next_len = 0;
-    const WaitPolicy q = left();
+    const WaitPolicy q = clock.left();
     msg = without_gil([&] { return c.peek(q, &next_len); });
     if (msg) {
       c.take_inline();
@@ -640,13 +706,15 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
       avail = uint64_t(copied.numel());
     }
   }
+  if (h.seq != seq) b.attr("_check_seq")(h.seq, route);  // raises: another call's stream, followed to its end
   if (decode_error) {
     decode_error->restore();
     throw py::error_already_set();
   }
-  if (over) failure = b.attr("_stream_failure")("max_bytes", error_end ? py::object(py::none())
-                                                                        : py::object(py::int_(got - kHeaderBytes)));
-  if (failure) raise(failure);
+  if (over)
+    failure = b.attr("_stream_failure")(
+        "max_bytes", error_end ? py::object(py::none()) : py::object(py::int_(got - kHeaderBytes)), route);
+  if (failure) raise_object(failure);
   PyObject* out = dec.result();
   if (!out) throw py::error_already_set();
   return steal(out);
@@ -734,28 +802,38 @@ void bind_shm(py::module_& m) {
           "send_object",
           [](Ch& c, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk, uint16_t version,
              uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda, const py::object& trusted,
-             uint64_t max_bytes, std::optional<double> timeout_s) -> py::object {
+             uint64_t max_bytes, std::optional<double> timeout_s, py::handle b, py::handle route,
+             py::handle deadline) -> py::object {
             // The per-step path: encode and send in one call, with no tensor
-            // made for the frame. A frame that needs more than one slot,
-            // carries CUDA tensors or is over max_bytes, and message 0 of a
-            // stream, come back as encode_frame_or_stream's tuple, unsent,
-            // for the caller's general path.
+            // made for a frame. A frame that needs more than one slot,
+            // carries CUDA tensors or is over max_bytes, and a stream whose
+            // message 0 is over max_bytes (or any stream without `b`), come
+            // back as encode_frame_or_stream's tuple, unsent, for the
+            // caller's general path.
+            const CallClock clock(timeout_s);
             const uint64_t slot = c.ring().slot_bytes();
             std::vector<at::Tensor> cuda;
             Encoded e;
             if (streamable(obj.ptr(), stream_bytes)) {
               // Streams use at most a slot as their segment, so readers
               // decode each message in place, and start small.
-              py::tuple r = encode_frame_or_stream(obj, std::min(stream_bytes, slot), first_chunk, chunk, version,
-                                                   seq, compat, allow_pickle, collect_cuda, 0, trusted,
-                                                   kShmFirstSegmentBytes);
-              if (!r[4].is_none() || py::len(r[2]) || r[1].cast<uint64_t>() > slot ||
-                  r[1].cast<uint64_t>() - kHeaderBytes > max_bytes)
-                return std::move(r);
-              const at::Tensor& block = THPVariable_Unpack(r[0].ptr());
-              e.block = block;
-              e.data = block.data_ptr<uint8_t>();
-              e.len = r[1].cast<uint64_t>();
+              auto s = std::make_unique<PyStreamEncoder>(
+                  PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr});
+              s->enc = std::make_unique<StreamEncoder>(obj.ptr(), std::min(stream_bytes, slot),
+                                                       encode_options(compat, allow_pickle, s->trusted), collect_cuda,
+                                                       kShmFirstSegmentBytes);
+              bool streaming = false;
+              StreamMessage msg = stream_first(*s, first_chunk, chunk, version, seq, 0, &streaming);
+              const bool within = msg.len - kHeaderBytes + msg.device_len <= max_bytes;
+              if (streaming && within && !b.is_none()) {
+                send_stream(c, *s->enc, std::move(msg), max_bytes, clock, b, route, deadline);
+                return py::none();
+              }
+              if (streaming || !msg.cuda.empty() || msg.len > slot || !within)
+                return first_tuple(msg, std::move(s), streaming);
+              e.block = msg.block;
+              e.data = msg.block.data_ptr<uint8_t>();
+              e.len = msg.len;
             } else {
               e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle, 0, trusted,
                                      collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
@@ -769,54 +847,70 @@ void bind_shm(py::module_& m) {
                 return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
               }
             }
-            WaitPolicy p = shm_policy(timeout_s);
-            without_gil([&] { c.send(e.data, e.len, p); });
+            without_gil([&] { c.send(e.data, e.len, clock.p); });
             return py::none();
           },
           py::arg("obj"), py::arg("stream_bytes"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
           py::arg("seq"), py::arg("compat"), py::arg("allow_pickle"), py::arg("collect_cuda"), py::arg("trusted"),
-          py::arg("max_bytes"), py::arg("timeout_s") = py::none(),
+          py::arg("max_bytes"), py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(),
+          py::arg("route") = py::none(), py::arg("deadline") = py::none(),
           "Encodes obj as a frame (arguments as encode_frame_or_stream; a stream's segments are at most a slot) "
-          "and, if it fits one slot, has no CUDA tensors, is within max_bytes and is not a stream, sends it and "
-          "returns None. Otherwise returns encode_frame_or_stream's (block, frame_bytes, cuda_tensors, "
-          "device_len, stream), unsent. Encode errors raise before anything is sent; `sending` tells a failure "
-          "of the send itself apart.")
+          "and sends it, returning None, if it fits one slot, has no CUDA tensors and is within max_bytes, or if "
+          "it is a stream whose message 0 is within max_bytes and `broadcaster` is given (send_stream: every "
+          "message, calling the broadcaster's _stream_send_device/_stream_cut with route and deadline). "
+          "Otherwise returns encode_frame_or_stream's (block, frame_bytes, cuda_tensors, device_len, stream), "
+          "unsent. Encode errors before anything is sent raise; `sending` tells a failure of the send itself "
+          "apart.")
       .def_property_readonly("sending", &Ch::sending,
                              "True while a send is unfinished: set when a send starts, cleared when it returns.")
       .def(
           "recv_object",
           [](Ch& c, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle, const py::object& trusted,
-             std::optional<double> timeout_s, py::handle b) -> py::object {
+             std::optional<double> timeout_s, py::handle b, py::handle route, py::handle deadline) -> py::object {
             // The per-step path: a plain frame of this version and call
             // number that sits in one slot is decoded straight from the
-            // ring. Anything else (an error or CUDA frame, another version
+            // ring, and (with `b`) a stream of this version is followed
+            // whole. Anything else (an error or CUDA frame, another version
             // or call number, a longer or oversized frame) stays pending and
             // SHM_NOT_INLINE is returned: recv() then hands it to the
             // caller's general path, which says what is wrong.
-            const auto started = std::chrono::steady_clock::now();
-            WaitPolicy p = shm_policy(timeout_s);
+            const CallClock clock(timeout_s);
             uint64_t len = 0;
-            const uint8_t* data = without_gil([&] { return c.peek(p, &len); });
+            const uint8_t* head = nullptr;
+            const uint8_t* data = without_gil([&] { return c.peek(clock.p, &len, &head); });
             FrameHeader h;
             std::string err;
-            if (!data || !read_header(data, len, version, &h, &err) || h.version != version ||
-                (h.flags != 0 && h.flags != FLAG_STREAM) || h.seq != seq || h.frame_len != len ||
-                h.payload_len > max_bytes || (h.flags == FLAG_STREAM && b.is_none()))
+            if (!read_header(head, std::min(len, c.ring().slot_bytes()), version, &h, &err) || h.version != version)
+              return py::reinterpret_borrow<py::object>(g_not_inline);
+            DecodeOptions opts = decode_options(allow_pickle, trusted);
+            if ((h.flags & FLAG_STREAM) && !b.is_none()) {
+              at::Tensor copied;
+              if (data) {
+                c.take_inline();
+              } else {
+                // Message 0 spans slots: copied out, as ShmTransport.recv
+                // does; past max_bytes only its prologue, to follow by.
+                const WaitPolicy q = clock.left();
+                copied = without_gil([&] { return c.recv(q, max_bytes + kHeaderBytes, kStreamBodyOffset); });
+                data = copied.data_ptr<uint8_t>();
+                len = uint64_t(copied.numel());
+              }
+              return recv_stream_inline(c, data, len, std::move(copied), h, seq, max_bytes, opts, clock, b, route,
+                                        deadline);
+            }
+            if (!data || h.flags != 0 || h.seq != seq || h.frame_len != len || h.payload_len > max_bytes)
               return py::reinterpret_borrow<py::object>(g_not_inline);
             c.take_inline();
-            if (h.flags == FLAG_STREAM) {
-              DecodeOptions opts = decode_options(allow_pickle, trusted);
-              return recv_stream_inline(c, data, len, h, max_bytes, opts, p, started, b);
-            }
             ReleaseOnExit done{c};
-            DecodeOptions opts = decode_options(allow_pickle, trusted);
             return steal(decode_object(data + kHeaderBytes, h.payload_len, opts, kHeaderBytes));
           },
           py::arg("version"), py::arg("seq"), py::arg("max_bytes"), py::arg("allow_pickle"), py::arg("trusted"),
-          py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(),
+          py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(), py::arg("route") = py::none(),
+          py::arg("deadline") = py::none(),
           "Decodes the next message in place if it is a plain frame of this version and call number in one slot, "
-          "or (with `broadcaster`) a stream whose message 0 is: every message of it then decoded as it comes "
-          "(recv_stream_inline). Anything else stays pending and SHM_NOT_INLINE is returned.")
+          "or (with `broadcaster`) follows a stream of this version, message 0 in one slot or several, decoding "
+          "every message as it comes (recv_stream_inline: the broadcaster's _stream_device/_stream_failure/"
+          "_check_seq get route and deadline). Anything else stays pending and SHM_NOT_INLINE is returned.")
       .def("release", &Ch::release)
       .def("close", &Ch::close)
       .def_property_readonly("n_slots", [](Ch& c) { return c.ring().n_slots(); })
@@ -895,10 +989,12 @@ void bind_collective(py::module_& m) {
           "send_object",
           [seconds](G& g, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
                     uint16_t version, uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda,
-                    const py::object& trusted, uint64_t max_bytes, std::optional<double> timeout_s) -> py::object {
+                    const py::object& trusted, uint64_t max_bytes, std::optional<double> timeout_s, py::handle,
+                    py::handle, py::handle) -> py::object {
             // ShmChannel.send_object's contract, with "one slot" read as "the
-            // first collective": anything else comes back unsent, in a block
-            // at least first_chunk long (the general path moves that much).
+            // first collective": anything else, a stream included, comes back
+            // unsent, in a block at least first_chunk long (the general path
+            // moves that much), so broadcaster/route/deadline go unused.
             if (first_chunk != g.first_chunk() || chunk != g.chunk())
               throw py::value_error("first_chunk/chunk differ from the channel's");
             g.sending = false;
@@ -934,7 +1030,8 @@ void bind_collective(py::module_& m) {
           },
           py::arg("obj"), py::arg("stream_bytes"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
           py::arg("seq"), py::arg("compat"), py::arg("allow_pickle"), py::arg("collect_cuda"), py::arg("trusted"),
-          py::arg("max_bytes"), py::arg("timeout_s") = py::none(),
+          py::arg("max_bytes"), py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(),
+          py::arg("route") = py::none(), py::arg("deadline") = py::none(),
           "Encodes obj as a frame and, if it fits the first collective, has no CUDA tensors, is within max_bytes "
           "and is not a stream, broadcasts it and returns None. Otherwise returns encode_frame_or_stream's "
           "(block, frame_bytes, cuda_tensors, device_len, stream), unsent. Encode errors raise before anything "
@@ -943,7 +1040,8 @@ void bind_collective(py::module_& m) {
       .def(
           "recv_object",
           [seconds](G& g, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle,
-                    const py::object& trusted, std::optional<double> timeout_s, py::handle) -> py::object {
+                    const py::object& trusted, std::optional<double> timeout_s, py::handle, py::handle,
+                    py::handle) -> py::object {
             // A plain frame of this version and call number within the first
             // collective is decoded from it. Anything else stays pending
             // (SHM_NOT_INLINE is returned): take() gives its first
@@ -967,7 +1065,8 @@ void bind_collective(py::module_& m) {
             return steal(decode_object(data + kHeaderBytes, h.payload_len, opts, kHeaderBytes));
           },
           py::arg("version"), py::arg("seq"), py::arg("max_bytes"), py::arg("allow_pickle"), py::arg("trusted"),
-          py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(),
+          py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(), py::arg("route") = py::none(),
+          py::arg("deadline") = py::none(),
           "Receives the first collective of the next frame and decodes it if it is a plain frame of this version "
           "and call number that fits there; otherwise returns SHM_NOT_INLINE with the bytes pending (take()).")
       .def(

@@ -109,7 +109,7 @@ SlotHeader ShmChannel::first_slot(const WaitPolicy& policy, const uint8_t** p) {
   return h;
 }
 
-const uint8_t* ShmChannel::peek(const WaitPolicy& policy, uint64_t* len) {
+const uint8_t* ShmChannel::peek(const WaitPolicy& policy, uint64_t* len, const uint8_t** head) {
   check_usable(false);
   release();
   const uint8_t* p;
@@ -117,6 +117,7 @@ const uint8_t* ShmChannel::peek(const WaitPolicy& policy, uint64_t* len) {
   pending_p_ = p;
   pending_ = true;
   *len = pending_h_.msg_len;
+  if (head) *head = p;
   return pending_h_.msg_len <= ring_->slot_bytes() ? p : nullptr;
 }
 

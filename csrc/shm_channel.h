@@ -41,15 +41,19 @@ class ShmChannel {
   // Reader: waits for the next message's first slot without taking the
   // message: the next recv() or take_inline() returns it. Returns its
   // payload if the whole message sits in that slot, else nullptr; *len is
-  // the message's length either way.
-  const uint8_t* peek(const WaitPolicy& policy, uint64_t* len);
+  // the message's length either way, and *head (if given) that first slot's
+  // payload (min(*len, slot_bytes) bytes: enough to read a frame header).
+  const uint8_t* peek(const WaitPolicy& policy, uint64_t* len, const uint8_t** head = nullptr);
   // Reader: takes the one-slot message peek() returned; its slot stays held
   // (the pointer valid) until release(). This is how a small message is
   // decoded straight from the ring, with no tensor made for it.
   void take_inline();
   void release();
   void close();
-  bool sending() const { return sending_; }
+  bool sending() const { return sending_ || in_stream_; }
+  // Writer: a stream's messages go out in several sends; between them (a
+  // device buffer, the next encode) a failure still counts as the send's.
+  void set_in_stream(bool on) { in_stream_ = on; }
   // Writer: memory a small frame is encoded into before it is sent.
   std::vector<uint8_t>& scratch() { return scratch_; }
 
@@ -71,6 +75,7 @@ class ShmChannel {
   const uint8_t* pending_p_ = nullptr;
   std::string broken_;    // why this end can no longer be used
   bool sending_ = false;  // writer: inside send(), or a send() that threw
+  bool in_stream_ = false;  // writer: inside a stream (set_in_stream)
   std::vector<uint8_t> scratch_;
 };
 

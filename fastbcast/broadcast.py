@@ -273,7 +273,6 @@ class Broadcaster:
         self._told_receivers = False                # this call's source sent an error frame
         self._size_hint = 0                         # bytes of this source's previous frame (the first block's size)
         self._stream_segment = None                 # bytes of a stream's messages, once the transport is known
-        self._call = None                           # (route, deadline) of the call inside ShmChannel.recv_object
 
     # ---- public ---------------------------------------------------------
     @property
@@ -435,12 +434,13 @@ class Broadcaster:
         stream = None
         try:
             if ch is not None:
-                # One call encodes and sends a frame that fits one slot; a
-                # bigger one, one with CUDA tensors, or a stream's message 0
-                # comes back encoded, unsent.
+                # One call encodes and sends a frame that fits one slot, or
+                # a whole stream (calling _stream_send_device/_stream_cut); a
+                # bigger frame, one with CUDA tensors, or either over
+                # max_bytes comes back encoded, unsent.
                 sent = ch.send_object(obj, self.stream_bytes, self.first_chunk, self.chunk, FORMAT_VERSION,
                                       self._state.seq, self.compat, self.allow_pickle, self.device.type == "cuda",
-                                      self.trusted, self.max_bytes, _left(deadline))
+                                      self.trusted, self.max_bytes, _left(deadline), self, route, deadline)
                 if sent is None:
                     return obj
                 block, used, cuda_tensors, device_len, stream = sent
@@ -460,10 +460,11 @@ class Broadcaster:
         except BaseException as e:
             if ch is not None and ch.sending:   # the send itself failed, not the encode
                 raise channel_failure(e, deadline, "collective 1 of 1 (the first chunk)") from e
+            if self._told_receivers:
+                raise   # send_object ended its stream with an error segment
             # Receivers are already waiting for a frame: tell them.
-            msg = f"source (global rank {route.src}) failed to encode: {type(e).__name__}: {e}"
-            block, used = _C.error_frame(msg, self.first_chunk, self.chunk, FORMAT_VERSION, self._state.seq,
-                                         max(self.first_chunk, 4096), t.min_capacity)
+            block, used = _C.error_frame(streaming.encode_failure(route, e), self.first_chunk, self.chunk,
+                                         FORMAT_VERSION, self._state.seq, max(self.first_chunk, 4096), t.min_capacity)
             t.send(block, used, route, deadline)
             self._told_receivers = True
             raise
@@ -480,13 +481,12 @@ class Broadcaster:
         ch = t.inline_channel(route, deadline)
         if ch is not None:
             # A plain frame of this call in one slot is decoded in place by
-            # one call, and so is a stream whose message 0 sits in one slot
-            # (message by message, calling _stream_device/_stream_failure);
-            # anything else stays pending for t.recv below.
-            self._call = (route, deadline)
+            # one call, and a stream is followed whole (message by message,
+            # calling _stream_device/_stream_failure/_check_seq); anything
+            # else stays pending for t.recv below.
             try:
                 obj = ch.recv_object(FORMAT_VERSION, self._state.seq, self.max_bytes, self.allow_pickle,
-                                     self.trusted, _left(deadline), self)
+                                     self.trusted, _left(deadline), self, route, deadline)
             except CHANNEL_ERRORS as e:
                 raise channel_failure(e, deadline, "collective 1 (the first chunk)") from e
             if obj is not _C.SHM_NOT_INLINE:
@@ -524,14 +524,26 @@ class Broadcaster:
             t.release()
 
 
-    def _stream_device(self, nbytes: int):
-        """A stream segment's device buffer, for ShmChannel.recv_object."""
-        route, deadline = self._call
+    # ShmChannel.send_object / recv_object call these while they carry a stream.
+    def _stream_send_device(self, cuda_tensors: list, device_len: int, route: Route, deadline) -> None:
+        """A stream segment's device buffer, sent after its message."""
+        self._transport.send_device(_C.pack_device(cuda_tensors, device_len, self.device), route, deadline)
+
+    def _stream_cut(self, route: Route, error: BaseException | None, sent: int, last: bool) -> tuple:
+        """A source's stream that fails after message 0: (the exception it
+        raises, its error segment's text). error None: its messages passed
+        max_bytes (`sent` bytes of them; `last`: all)."""
+        if error is None:
+            error = streaming.over_max_bytes(self, sent, last)
+        return error, streaming.encode_failure(route, error)
+
+    def _stream_device(self, nbytes: int, route: Route, deadline):
+        """A stream segment's device buffer, received."""
         return self._transport.recv_device(nbytes, route, deadline)
 
-    def _stream_failure(self, kind: str, detail) -> Exception:
-        """What ShmChannel.recv_object raises once a stream is over (stream.failure_of)."""
-        return streaming.failure_of(self, self._call[0], kind, detail, BroadcastError)
+    def _stream_failure(self, kind: str, detail, route: Route) -> Exception:
+        """What a receiver raises once a stream is over (stream.failure_of)."""
+        return streaming.failure_of(self, route, kind, detail, BroadcastError)
 
     def _check_seq(self, seq: int, route: Route) -> None:
         if seq != self._state.seq:

@@ -14,7 +14,9 @@ stream, so classes and shared references work across segments.
   (decoding) in this thread overlaps them; NCCL stages them through two
   device slots with asynchronous copies.
 * Shared memory: each message is one ring message; the ring holds up to
-  its slot count of them ahead of the slowest reader.
+  its slot count of them ahead of the slowest reader. There the whole
+  stream is one C++ call on each side (ShmChannel.send_object /
+  recv_object); this module's sending and receiving serve the collective.
 
 A frame that is not such a container, or whose encoding fits in one
 segment, is an ordinary frame, sent as before. Failures keep their meaning:
@@ -39,8 +41,8 @@ import torch
 
 from ._loader import _C
 from .mesh import Route
-from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _left, _shm_call, _to_host,
-                        bcast, post_bcast, shm_geometry, wait)
+from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _to_host, post_bcast,
+                        shm_geometry, wait)
 
 __all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
 
@@ -68,9 +70,9 @@ def encode(b, obj, version: int, min_capacity: int) -> tuple:
 
 
 def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
-    """Source: every message after message 0 (already sent, `sent` bytes
-    counted against max_bytes)."""
-    pipe = _source_pipe(b._transport, route, deadline, enc.segment_bytes)
+    """Source, collective transport: every message after message 0
+    (already sent, `sent` bytes counted against max_bytes)."""
+    pipe = _CollectiveSource(_collective(b._transport), route, deadline, enc.segment_bytes)
     while True:
         made = False
         try:
@@ -79,14 +81,11 @@ def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
             sent += used + device_len
             if sent > b.max_bytes:
                 del block, cuda_tensors
-                raise ValueError(f"the object encodes to {'' if last else 'more than '}{sent} bytes, over this "
-                                 f"Broadcaster's max_bytes={b.max_bytes} (Broadcaster(max_bytes=) / "
-                                 f"FASTBCAST_MAX_BYTES); the stream was cut off")
+                raise over_max_bytes(b, sent, last)
         except BaseException as e:
             # A segment made but over max_bytes is not sent: the error
             # segment takes its index, as receivers expect.
-            block, used = enc.error_segment(f"source (global rank {route.src}) failed to encode: "
-                                            f"{type(e).__name__}: {e}", made)
+            block, used = enc.error_segment(encode_failure(route, e), made)
             pipe.send(block, used)
             pipe.finish()
             b._told_receivers = True   # in step: the group stays usable (Ctrl-C included)
@@ -99,8 +98,20 @@ def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
     pipe.finish()
 
 
+def over_max_bytes(b, sent: int, last: bool) -> ValueError:
+    """The source's error once its stream's messages pass its max_bytes."""
+    return ValueError(f"the object encodes to {'' if last else 'more than '}{sent} bytes, over this Broadcaster's "
+                      f"max_bytes={b.max_bytes} (Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); the stream was cut "
+                      f"off")
+
+
+def encode_failure(route: Route, e: BaseException) -> str:
+    """The text of the error segment that ends a failed source's stream."""
+    return f"source (global rank {route.src}) failed to encode: {type(e).__name__}: {e}"
+
+
 def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, error: type):
-    """Receiver: the object of a frame with FLAG_STREAM (message 0 in
+    """Receiver, collective transport: the object of a frame with FLAG_STREAM (message 0 in
     `frame`, or only its first STREAM_PREFIX_BYTES when it alone is over
     max_bytes). Follows the whole stream whatever happens; then raises the
     first failure: `error` with the source's message for an error segment
@@ -113,7 +124,7 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
         dec = _C.StreamDecoder(frame, payload_len, b.allow_pickle, b.trusted)
     except ValueError as e:
         raise _corrupt(route, e) from e
-    sink = _sink(t, route, deadline, dec.segment_bytes, frame)
+    sink = _CollectiveSink(_collective(t), route, deadline, dec.segment_bytes, frame)
     failure, over, error_end = None, False, False
     got = -_C.HEADER_BYTES
     buf, first = frame, True    # message 0 came as a frame: whole, or (over max_bytes) drained
@@ -179,57 +190,10 @@ def _corrupt(route: Route, e) -> TransportError:
 # Where the messages after message 0 move
 # ---------------------------------------------------------------------------
 
-def _source_pipe(t, route: Route, deadline, segment: int):
-    if isinstance(t, ShmTransport):
-        ch = t.state.ring(route, t.collective, deadline)   # made by message 0
-        if ch is not None:
-            return _ShmSource(ch, t, route, deadline)
-        t = t.collective
-    return _CollectiveSource(t, route, deadline, segment)
-
-
-def _sink(t, route: Route, deadline, segment: int, first: torch.Tensor):
-    if isinstance(t, ShmTransport):
-        ch = t.state.ring(route, t.collective, deadline)
-        if ch is not None:
-            return _ShmSink(ch, t, route, deadline)
-        t = t.collective
-    return _CollectiveSink(t, route, deadline, segment, first)
-
-
-class _ShmSource:
-    def __init__(self, ch, t: ShmTransport, route: Route, deadline):
-        self.ch, self.t, self.route, self.deadline = ch, t, route, deadline
-
-    def send(self, block: torch.Tensor, nbytes: int) -> None:
-        _shm_call(self.ch.send, block, nbytes, _left(self.deadline))
-
-    def send_device(self, buf: torch.Tensor) -> None:
-        self.t.send_device(buf, self.route, self.deadline)
-
-    def finish(self) -> None:
-        pass
-
-
-class _ShmSink:
-    def __init__(self, ch, t: ShmTransport, route: Route, deadline):
-        self.ch, self.t, self.route, self.deadline = ch, t, route, deadline
-
-    def post(self) -> None:
-        pass    # the writer publishes into the ring without waiting for readers
-
-    def take(self, room: int) -> torch.Tensor:
-        # The next message, in place in its slot when it fits one (the
-        # channel releases the previous message's slot first). One longer
-        # than a slot is copied out only if it fits in `room`; otherwise only
-        # its segment header is, and the rest of its slots are released.
-        return _shm_call(self.ch.recv, _left(self.deadline), max(room, 0), _C.STREAM_PREFIX_BYTES)
-
-    def rest(self, buf: torch.Tensor, msg_len: int, keep: bool) -> torch.Tensor:
-        return buf      # take() received all of the message there is to keep
-
-    def device(self, nbytes: int) -> torch.Tensor:
-        return self.t.recv_device(nbytes, self.route, self.deadline)
+def _collective(t):
+    # A ShmTransport here has no ring for this source: its collective
+    # carries the stream (on a ring, ShmChannel's C++ calls carry it).
+    return t.collective if isinstance(t, ShmTransport) else t
 
 
 class _CollectiveSource:

@@ -14,6 +14,7 @@ import os
 import random
 import struct
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -97,11 +98,14 @@ def test_scribbled_segment():
 class _Hooks:
     """The Broadcaster methods recv_object calls while it follows a stream."""
 
-    def _stream_failure(self, kind, detail):
+    def _stream_failure(self, kind, detail, route):
         return RuntimeError(f"{kind}: {detail}")
 
-    def _stream_device(self, nbytes):
+    def _stream_device(self, nbytes, route, deadline):
         raise RuntimeError("no device buffers here")
+
+    def _check_seq(self, seq, route):
+        raise RuntimeError("calls out of step")
 
 
 def _stream(seed):
@@ -120,7 +124,8 @@ def _stream(seed):
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 3), flips=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 2**16),
                                                        st.integers(0, 255)), max_size=6))
-def test_mutated_stream_through_recv_object(seed, flips):
+@pytest.mark.parametrize("n_slots, slot_bytes", [(16, 4096), (64, 256)])   # 256: message 0 spans slots
+def test_mutated_stream_through_recv_object(n_slots, slot_bytes, seed, flips):
     """A stream (FORMAT.md 3.1) with bytes changed anywhere (frame header,
     prologue, segment headers, bodies) decoded by recv_object in C++: the
     object, or an expected error, never a crash or a read out of bounds."""
@@ -131,7 +136,7 @@ def test_mutated_stream_through_recv_object(seed, flips):
         msg[at % len(msg)] = value
     name = f"{PREFIX}{next(_names)}"
     pid = os.getpid()
-    w = _C.ShmChannel.create(name, [0, 1], [pid, pid], 16, 4096)
+    w = _C.ShmChannel.create(name, [0, 1], [pid, pid], n_slots, slot_bytes)
     r = _C.ShmChannel.attach(name, 0, [0, 1], [pid, pid], 1.0)
     try:
         w.unlink()

@@ -287,17 +287,30 @@ def test_one_call_path_corrupt_slot_is_a_decode_error():
 # hand-sent messages; tests/test_stream.py runs it inside broadcasts.
 
 class _Hooks:
-    """The two Broadcaster methods recv_object calls during a stream."""
+    """The Broadcaster methods send_object and recv_object call during a stream."""
 
     def __init__(self):
         self.failures = []
+        self.seqs = []
+        self._told_receivers = False
 
-    def _stream_failure(self, kind, detail):
+    def _stream_failure(self, kind, detail, route):
         self.failures.append((kind, detail))
         return RuntimeError(f"{kind}: {detail}")
 
-    def _stream_device(self, nbytes):
+    def _stream_device(self, nbytes, route, deadline):
         raise AssertionError("no CUDA segments in these streams")
+
+    def _stream_send_device(self, tensors, device_len, route, deadline):
+        raise AssertionError("no CUDA segments in these streams")
+
+    def _check_seq(self, seq, route):
+        self.seqs.append(seq)
+        raise RuntimeError(f"calls out of step: the source sent call {seq}")
+
+    def _stream_cut(self, route, error, sent, last):
+        error = error or ValueError(f"over max_bytes at {sent} bytes{' (last)' if last else ''}")
+        return error, f"source failed to encode: {type(error).__name__}: {error}"
 
 
 def _stream_messages(obj, seq, segment=2048, first=512, allow_pickle=False):
@@ -324,6 +337,15 @@ def _send_all(w, msgs):
     t = threading.Thread(target=send)
     t.start()
     return t
+
+
+def _cut_after_message_1(obj, msgs):
+    """msgs up to message 1, then an error segment (the source gave up)."""
+    from fastbcast._version import FORMAT_VERSION
+    enc = _C.encode_frame_or_stream(obj, 2048, 4096, 1 << 26, FORMAT_VERSION, 1, first_segment=512)[4]
+    enc.next()
+    block, n = enc.error_segment("the source gave up")
+    return msgs[:2] + [block[:n].clone()]
 
 
 def _recv_stream(r, seq, hooks, max_bytes=1 << 30, allow_pickle=False):
@@ -366,10 +388,7 @@ def test_stream_failures_in_recv_object(case):
     sizes = [m.numel() for m in msgs]
     max_bytes = 1 << 30
     if case == "error_segment":
-        enc = _C.encode_frame_or_stream(obj, 2048, 4096, 1 << 26, FORMAT_VERSION, 1, first_segment=512)[4]
-        enc.next()
-        block, n = enc.error_segment("the source gave up")
-        msgs = msgs[:2] + [block[:n].clone()]
+        msgs = _cut_after_message_1(obj, msgs)
     elif case == "max_bytes":
         max_bytes = sum(sizes[:3]) - _C.HEADER_BYTES     # passed by message 3
     elif case == "corrupt":
@@ -391,6 +410,115 @@ def test_stream_failures_in_recv_object(case):
         assert hooks.failures[0][0] == "corrupt" and "segment 3 arrived" in hooks.failures[0][1]
         w.close()
         return                                           # the protocol gives the group up here
+    _in_step(w, r, 2)
+    w.close()
+    r.close()
+
+
+@pytest.mark.parametrize("case", ["whole", "below_message_0", "error_segment", "decode_error", "other_seq"])
+def test_stream_whose_message_0_spans_slots_in_recv_object(case):
+    """Message 0 longer than a slot is copied out (only its prologue when it
+    alone is past max_bytes) and the stream followed by the same C++ loop."""
+    from fastbcast._version import FORMAT_VERSION
+    w, r = local_pair(n_slots=4, slot_bytes=1024)
+    obj = [b"m" * 3000] + [{"i": i, "s": "x" * 40} for i in range(100)]
+    if case == "decode_error":
+        obj[60] = threading.Lock      # pickled by the source; this receiver takes no pickles
+    msgs = _stream_messages(obj, 1, allow_pickle=True)
+    sizes = [m.numel() for m in msgs]
+    assert sizes[0] > 2 * 1024 and len(msgs) > 3       # message 0 spans three slots
+    max_bytes, seq = 1 << 30, 1
+    if case == "below_message_0":
+        max_bytes = 1000
+    elif case == "error_segment":
+        msgs = _cut_after_message_1(obj, msgs)
+    elif case == "other_seq":
+        seq = 2
+    hooks = _Hooks()
+    t = _send_all(w, msgs)
+    if case == "whole":
+        assert _recv_stream(r, seq, hooks, max_bytes) == obj
+    elif case == "decode_error":
+        with pytest.raises(_C.DecodeError, match="pickle"):
+            _recv_stream(r, seq, hooks, max_bytes, allow_pickle=False)
+    else:
+        expect = {"below_message_0": f"max_bytes: {sum(sizes) - _C.HEADER_BYTES}$",
+                  "error_segment": "error: the source gave up$",
+                  "other_seq": "calls out of step: the source sent call 1$"}[case]
+        with pytest.raises(RuntimeError, match=expect):
+            _recv_stream(r, seq, hooks, max_bytes)
+    t.join()
+    assert hooks.seqs == ([1] if case == "other_seq" else [])   # checked once the stream was followed
+    _in_step(w, r, 2)
+    w.close()
+    r.close()
+
+
+def _send_stream(w, obj, hooks, seq=1, max_bytes=1 << 30, allow_pickle=False):
+    """send_object of a whole stream in a thread (the reader takes its
+    messages meanwhile): [None] or [the exception it raised]."""
+    done = []
+
+    def send():
+        try:
+            done.append(w.send_object(obj, timeout_s=10.0, broadcaster=hooks,
+                                      **_frame_args(seq, stream_bytes=2048, max_bytes=max_bytes,
+                                                    allow_pickle=allow_pickle)))
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt included
+            done.append(e)
+
+    t = threading.Thread(target=send)
+    t.start()
+    return t, done
+
+
+class _Unregistered:
+    """Not registered or trusted: the source refuses it (TypeError)."""
+
+
+class _Interrupting:
+    def __reduce__(self):
+        raise KeyboardInterrupt("pressed")
+
+
+_C.register(_Interrupting)
+
+
+@pytest.mark.parametrize("case", ["whole", "type_error", "interrupt", "max_bytes"])
+def test_send_object_sends_a_whole_stream(case):
+    """send_object sends every message of a stream, message 0 over several
+    slots included; a failure after message 0 ends it with an error segment
+    at the right index, sets _told_receivers and raises the source's error."""
+    w, r = local_pair(n_slots=4, slot_bytes=1024)
+    obj = [b"m" * 3000] + [{"i": i, "s": "x" * 40} for i in range(100)]
+    max_bytes = 1 << 30
+    if case == "type_error":
+        obj[70] = _Unregistered()
+    elif case == "interrupt":
+        obj[70] = _Interrupting()
+    elif case == "max_bytes":
+        max_bytes = 5000
+    hooks, rhooks = _Hooks(), _Hooks()
+    t, done = _send_stream(w, obj, hooks, max_bytes=max_bytes)
+    try:
+        got = _recv_stream(r, 1, rhooks)
+    except RuntimeError as e:
+        got = e
+    t.join()
+    assert not w.sending
+    if case == "whole":
+        assert done == [None] and got == obj and not hooks._told_receivers
+    else:
+        error = done[0]
+        assert hooks._told_receivers and isinstance(got, RuntimeError)
+        assert str(got) == f"error: source failed to encode: {type(error).__name__}: {error}"
+        if case == "type_error":
+            assert isinstance(error, TypeError) and "data[70]" in str(error)
+        elif case == "interrupt":
+            assert isinstance(error, KeyboardInterrupt) and str(error) == "pressed"
+        else:
+            assert isinstance(error, ValueError) and str(error).startswith("over max_bytes at ")
+            assert int(str(error).split()[3]) > max_bytes
     _in_step(w, r, 2)
     w.close()
     r.close()

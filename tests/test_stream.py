@@ -552,3 +552,97 @@ def test_interrupted_encode_mid_stream_and_receiver_caps(transport):
     for rank, res in enumerate(run_distributed(_interrupt_and_caps_run, 3, transport, timeout=180)):
         assert res.pop("transport") == transport
         assert all(v is True for v in res.values()), (rank, res)
+
+
+# ---------------------------------------------------------------------------
+# Shared memory with small slots: message 0 over several slots, every failure
+# ---------------------------------------------------------------------------
+
+SLOT = 4096         # FASTBCAST_SHM_BYTES / FASTBCAST_SHM_SLOTS of this test
+
+
+def _multi_slot_obj(bad=None):
+    """A stream whose message 0 (one 12 KB item) spans three slots; item 30,
+    in a later message, is `bad` if given."""
+    obj = [_bin(3 * SLOT)] + _rows(100, 50)
+    if bad is not None:
+        obj[30] = bad
+    return obj
+
+
+def _shm_sizes(obj) -> list:
+    """The stream's size after each message, as max_bytes counts it."""
+    streaming, msgs = _messages(obj, segment=SLOT, first_segment=_C.SHM_FIRST_SEGMENT_BYTES, allow_pickle=True)
+    assert streaming and msgs[0].numel() > 2 * SLOT
+    sizes, total = [], -_C.HEADER_BYTES
+    for m in msgs:
+        total += m.numel()
+        sizes.append(total)
+    return sizes
+
+
+def _small_slots_run(rank, world):
+    import os
+
+    os.environ["FASTBCAST_SHM_SLOTS"] = "4"
+    os.environ["FASTBCAST_SHM_BYTES"] = str(4 * SLOT)
+    from fastbcast import Broadcaster
+
+    out = {}
+    small = world - 1
+
+    def call(b, name, obj):
+        try:
+            got = b.broadcast(obj if rank == 0 else None, src=0)
+            out[name] = ("ok", got == obj)
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt included
+            out[name] = (type(e).__name__, str(e))
+        nxt = ["next", name]
+        out["after_" + name] = b.broadcast(nxt if rank == 0 else None, src=0) == nxt
+
+    b = Broadcaster(transport="shm", stream_bytes=S, timeout=60)
+    call(b, "whole", _multi_slot_obj())
+    call(b, "error_mid", _multi_slot_obj(Unregistered()))
+    call(b, "interrupt_mid", _multi_slot_obj(Interrupting()))
+    call(Broadcaster(transport="shm", stream_bytes=S, timeout=60, max_bytes=8000 if rank == small else None),
+         "below_message_0", _multi_slot_obj())
+    call(Broadcaster(transport="shm", stream_bytes=S, timeout=60, allow_pickle=rank != small),
+         "decode_error", _multi_slot_obj(dataclasses.Field))
+    call(Broadcaster(transport="shm", stream_bytes=S, timeout=60, max_bytes=16000 if rank == 0 else None),
+         "source_max_mid", _multi_slot_obj())
+    out["transport"] = b.transport
+    out["slot_bytes"] = b._state.rings[0].slot_bytes
+    return out
+
+
+def test_shm_streams_whose_message_0_spans_slots():
+    """One C++ call on each side carries the stream (ShmChannel.send_object /
+    recv_object), message 0 over several slots included: every rank's
+    outcome and error text, and the next call works on every rank."""
+    res = run_distributed(_small_slots_run, 3, timeout=240)
+    small = len(res) - 1
+    sizes = _shm_sizes(_multi_slot_obj())
+    over = next(i for i, s in enumerate(sizes) if s > 16000)
+    cut = f"the object encodes to {'' if over == len(sizes) - 1 else 'more than '}{sizes[over]} bytes, over " \
+          f"this Broadcaster's max_bytes=16000 (Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); the stream was cut off"
+    src = res[0]
+    assert src["error_mid"][0] == "TypeError" and "data[30]" in src["error_mid"][1], src
+    assert src["interrupt_mid"][0] == "KeyboardInterrupt", src
+    assert src["source_max_mid"] == ("ValueError", cut), src
+    for rank, r in enumerate(res):
+        assert r.pop("transport") == "shm" and r.pop("slot_bytes") == SLOT, r
+        assert all(r[k] is True for k in r if k.startswith("after_")), (rank, r)
+        assert r["whole"] == ("ok", True), (rank, r)
+        if rank:
+            for name, kind in (("error_mid", "TypeError"), ("interrupt_mid", "KeyboardInterrupt"),
+                               ("source_max_mid", "ValueError")):
+                assert r[name] == ("BroadcastError", f"source (global rank 0) failed to encode: {kind}: "
+                                                     f"{src[name][1]}"), (rank, name, r)
+        if rank == small:
+            assert r["below_message_0"] == (
+                "BroadcastError", f"the source (global rank 0) sent a stream of {sizes[-1]} bytes, over this rank's "
+                f"(global rank {rank}) max_bytes=8000 (Broadcaster(max_bytes=) / FASTBCAST_MAX_BYTES); it was "
+                f"received and dropped. Configure every rank alike."), r
+            assert r["decode_error"][0] == "DecodeError" and "pickle" in r["decode_error"][1], r
+        else:
+            assert r["below_message_0"] == ("ok", True) and r["decode_error"] == ("ok", True), (rank, r)
