@@ -1373,7 +1373,16 @@ class Encoder {
     if (t == &PySet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_SET) : too_deep(o);
     if (t == &PyFrozenSet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_FROZENSET) : too_deep(o);
     if (t == &PyComplex_Type) return write_complex(o);
-    if (is_exact_tensor(o)) return shared_leaf(o, &Encoder::write_tensor);
+    if (is_exact_tensor(o)) {
+      // The TENSOR ext has no room for requires_grad: a leaf that requires
+      // grad travels as a kind 7 instance of torch.Tensor, which carries it,
+      // as pickle does. A non-leaf goes detached, as always (pickle refuses it).
+      const at::Tensor& src = unpack_tensor(o);
+      if (FB_LIKELY(!src.requires_grad() || !src.is_leaf() || opts_.compat)) return shared_leaf(o, &Encoder::write_tensor);
+      TypeInfo* info = TypeRegistry::instance().for_encode(t);
+      if (!info) return false;
+      return enter(o, depth) ? write_instance(o, info, depth + 1) : too_deep(o);
+    }
     if (PyType_Check(o)) return write_class_ref(o);
     TypeInfo* info = TypeRegistry::instance().for_encode(t);
     if (!info) return false;

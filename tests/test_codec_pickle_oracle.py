@@ -124,6 +124,7 @@ def _zoo():
     tagged_t = torch.arange(6.0).reshape(2, 3).as_subclass(ct.TaggedTensor)
     tagged_t.note = {"k": [1, 2]}
     param = torch.nn.Parameter(torch.zeros(3))
+    grad_t = torch.arange(6.0, requires_grad=True)
     zoo = {
         "dataclass": ct.Point(1, 2.5),
         "dataclass-undeclared-attr": with_extra,
@@ -141,6 +142,7 @@ def _zoo():
         "unregistered-dataclass": [NotRegistered(1)],
         "parameter": torch.nn.Parameter(torch.ones(2, 2)),
         "parameter-no-grad": [torch.nn.Parameter(torch.arange(4), requires_grad=False)],
+        "tensor-requires-grad": [grad_t, {"again": grad_t}, torch.zeros(2), torch.ones(3).requires_grad_()],
         "tensor-subclass": tagged_t,
         "shared-parameter": [param, {"again": param}],
         "lone-surrogate": ["hi \ud83d there", {"\udc80": "\ud800"}],
