@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import numbers
 import os
 import threading
 import time
@@ -87,6 +88,28 @@ DEFAULT_TIMEOUT = _env_seconds("FASTBCAST_TIMEOUT")
 TRANSPORTS = ("auto", "shm", "collective")
 #: The default `transport=` of every Broadcaster (FASTBCAST_TRANSPORT).
 DEFAULT_TRANSPORT = os.environ.get("FASTBCAST_TRANSPORT", "auto") or "auto"
+
+
+#: Longer timeouts mean none: the deadline arithmetic (a timedelta, the
+#: shared-memory wait's nanoseconds) cannot hold them, and nobody waits that long.
+_MAX_TIMEOUT_S = 1e9
+
+
+def _timeout_seconds(timeout) -> float | None:
+    """`timeout=` as seconds, or None for no timeout (None, inf or over
+    _MAX_TIMEOUT_S). Checked where the Broadcaster is made, so a bad value
+    fails there and not at the group's first broadcast."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    elif isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds, a datetime.timedelta or None, got "
+                        f"{type(timeout).__name__} {timeout!r}")
+    timeout = float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return None if timeout > _MAX_TIMEOUT_S else timeout
 
 
 class BroadcastError(RuntimeError):
@@ -191,8 +214,8 @@ class Broadcaster:
             receivers may rebuild (see `fastbcast.decode`).
         timeout: seconds (or a datetime.timedelta) that one `broadcast` call
             may take, from its start on this rank to its last transfer;
-            None (default, or FASTBCAST_TIMEOUT) waits as long as the process
-            group's own timeout. Past it the call raises
+            None (default, or FASTBCAST_TIMEOUT), inf or more than 10^9 s
+            waits as long as the process group's own timeout. Past it the call raises
             BroadcastTimeoutError. On the source the encode counts too, so
             allow for it on receivers. On NCCL a wait with a timeout blocks
             this CPU thread until the GPU finished the collective (torch
@@ -216,6 +239,7 @@ class Broadcaster:
 
     Raises:
         ValueError: bad arguments.
+        TypeError: a timeout that is not a number, a timedelta or None.
     """
 
     def __init__(self, group=None, *, mesh=None, dim=None, device=None, transport: str | None = None,
@@ -247,13 +271,7 @@ class Broadcaster:
         self.compat = compat
         self.allow_pickle = allow_pickle
         self.trusted = _prefixes(trusted)
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        if isinstance(timeout, datetime.timedelta):
-            timeout = timeout.total_seconds()
-        if timeout is not None and not (float(timeout) > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = _timeout_seconds(DEFAULT_TIMEOUT if timeout is None else timeout)
         self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
         if self.max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
@@ -577,6 +595,8 @@ def _cached(group, device, **opts) -> Broadcaster:
 
 
 def _seconds(timeout):
+    # Checked before it keys a cache (an unhashable one would say only that).
+    _timeout_seconds(timeout)
     # A timedelta and its seconds must share one cached Broadcaster.
     return timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
 
