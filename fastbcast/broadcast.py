@@ -143,8 +143,10 @@ def _count_failed_call(group) -> None:
 
 def _plain(key: tuple) -> bool:
     """Whether a (src, src_group_rank, rank) key may index a cache: plain
-    ints or None (a 0-d tensor hashes by identity)."""
-    return all(type(k) is int or k is None for k in key)
+    ints or None (a 0-d tensor hashes by identity, and 1.0 and True equal 1:
+    they must reach resolve() and its TypeError, not 1's route)."""
+    s, g, r = key
+    return (s is None or type(s) is int) and (g is None or type(g) is int) and (r is None or type(r) is int)
 
 
 def _backend(group) -> str:
@@ -341,7 +343,7 @@ class Broadcaster:
         if _PG_MAP is None or self._pg not in _PG_MAP:
             _require_live(self.group)
         key = (src, src_group_rank, rank)
-        route = self._routes.get(key)   # only plain keys are ever stored: a tensor key misses
+        route = self._routes.get(key) if _plain(key) else None
         if route is None:
             try:
                 route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
