@@ -454,6 +454,8 @@ class Broadcaster:
         ch = t.inline_channel(route, deadline)
         stream = None
         try:
+            if type(obj) is _Refused:
+                raise obj.error
             if ch is not None:
                 # One call encodes and sends a frame that fits one slot; a
                 # bigger one, one with CUDA tensors, or a stream's message 0
@@ -580,6 +582,16 @@ class Broadcaster:
         return obj
 
 
+class _Refused:
+    """Sent in place of an object the caller refused before encoding: the
+    source raises `error` after sending an error frame with its message, so
+    every receiver raises BroadcastError at the same call."""
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 # Broadcaster per (group, device, options) for the one-line functions below:
 # a documented cache so repeated calls reuse the staging buffers. Entries live
 # as long as the process (process groups normally do too); see close_all().
@@ -700,7 +712,14 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
     if b is None or b._closed:
         b = _PYOBJ[key] = _pyobj_broadcaster(dist_group, force_cpu_device, allow, trusted, timeout, max_bytes,
                                              transport)
-    if data is not None and len(data) == 0:
+    try:
+        empty = data is not None and len(data) == 0
+    except TypeError as e:
+        # SGLang's own raises this on the source (len(data)) and leaves its
+        # receivers waiting; here they raise BroadcastError at this call.
+        # Receivers ignore `data`, as SGLang's do.
+        return b.broadcast(_Refused(e), src=src, rank=rank)
+    if empty:
         # SGLang sends size 0 for any empty `data` and receivers build `[]`:
         # an empty tuple must arrive as `[]` too. The source still returns
         # its own `data`.
