@@ -736,6 +736,7 @@ _PYOBJ: dict = {}
 def _pyobj_broadcaster(dist_group, force_cpu_device, allow, trusted, timeout, max_bytes, transport) -> Broadcaster:
     group = dist.group.WORLD if dist_group is None else dist_group
     _require_live(group)
+    resolve(group=dist_group)   # a non-member: resolve's ValueError, before torch's bare one below
     backend = _backend(group)
     if backend == "nccl" and force_cpu_device:
         raise ValueError("broadcast_pyobj(force_cpu_device=True) needs a group that carries CPU tensors (gloo); "
