@@ -1378,7 +1378,8 @@ class Encoder {
       // grad travels as a kind 7 instance of torch.Tensor, which carries it,
       // as pickle does. A non-leaf goes detached, as always (pickle refuses it).
       const at::Tensor& src = unpack_tensor(o);
-      if (FB_LIKELY(!src.requires_grad() || !src.is_leaf() || opts_.compat)) return shared_leaf(o, &Encoder::write_tensor);
+      if (FB_LIKELY(!src.requires_grad() || !src.is_leaf() || opts_.compat))
+        return shared_leaf(o, &Encoder::write_tensor);
       TypeInfo* info = TypeRegistry::instance().for_encode(t);
       if (!info) return false;
       return enter(o, depth) ? write_instance(o, info, depth + 1) : too_deep(o);

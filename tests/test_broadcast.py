@@ -708,6 +708,14 @@ def _check_chunk_size_mismatch(rank, world):
                 f"what was left of the rejected frame as a new frame ({e})") from e
 
 
+def _failed_call(rank, src, exc, call, obj, says):
+    """One call in which the source (passing obj) raises exc and every
+    receiver (passing None) BroadcastError, each saying `says`. Returns the error."""
+    e = _raises(exc, call, obj) if rank == src else _raises(_fb().BroadcastError, call, None)
+    assert says in str(e), str(e)
+    return e
+
+
 def _same_as_pickle(got, data):
     """got has pickle's round trip of data, cycles and shared containers
     included (pickle's bytes spell out which objects are one)."""
@@ -747,21 +755,12 @@ def _check_drop_in_reference_cycles(rank, world):
         assert got[30]["c"][1] is got[30]["c"] and got[30]["c"][0] is got[30]
         # Through the streamed container itself, past message 0: refused on
         # the source, BroadcastError on every receiver, and the next call works.
-        data = requests(30, through_container=True)
-        if rank == 2:
-            e = _raises(ValueError, b.broadcast, data, src=2)
-            assert "through the top-level container" in str(e), str(e)
-        else:
-            e = _raises(fb.BroadcastError, b.broadcast, None, src=2)
-            assert "reference cycle" in str(e), str(e)
+        e = _failed_call(rank, 2, ValueError, lambda o: b.broadcast(o, src=2), requests(30, True), "reference cycle")
+        assert rank != 2 or "through the top-level container" in str(e), str(e)
         assert b.broadcast(["after"] if rank == 3 else None, src=3) == ["after"]
     # Strict: the clear error on the source, BroadcastError on the receivers.
-    if rank == 0:
-        e = _raises(ValueError, fb.broadcast_pyobj, selfref, rank, g, 0, allow_pickle=False)
-        assert "reference cycle" in str(e), str(e)
-    else:
-        e = _raises(fb.BroadcastError, fb.broadcast_pyobj, None, rank, g, 0, allow_pickle=False)
-        assert "reference cycle" in str(e), str(e)
+    _failed_call(rank, 0, ValueError, lambda o: fb.broadcast_pyobj(o, rank, g, 0, allow_pickle=False), selfref,
+                 "reference cycle")
     assert fb.broadcast_pyobj(["next"] if rank == 0 else None, rank, g, 0) == ["next"]
 
 
@@ -843,12 +842,8 @@ def _check_drop_in_data_without_len(rank, world):
         sglang_says = str(e)
     for src in (0, 3):
         started = time.monotonic()
-        if rank == src:
-            e = _raises(TypeError, fb.broadcast_pyobj, 5, rank, g, src)
-            assert str(e) == sglang_says, str(e)
-        else:
-            e = _raises(fb.BroadcastError, fb.broadcast_pyobj, None, rank, g, src)
-            assert sglang_says in str(e), str(e)
+        e = _failed_call(rank, src, TypeError, lambda o: fb.broadcast_pyobj(o, rank, g, src), 5, sglang_says)
+        assert rank != src or str(e) == sglang_says, str(e)
         assert time.monotonic() - started < CHECK_TIMEOUT_S / 2
         # the next call works on every rank; receivers ignore their data, as SGLang's do
         assert fb.broadcast_pyobj(["next", src] if rank == src else 7, rank, g, src) == ["next", src]
