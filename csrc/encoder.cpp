@@ -41,10 +41,16 @@ class Encoder {
                                  : std::max({opts_.min_capacity, opts_.reserve, PinnedPool::kMinBlock});
     if (!set_block(first)) return false;
     len_ = opts_.reserve;
+    const Mark start = mark();
     if (!enc(obj, 0)) {
+      if (cycle_) return pickle_whole(obj, start) && finish(out);
       if (!pending_is_fatal()) add_path_to_error();
       return false;
     }
+    return finish(out);
+  }
+
+  bool finish(Encoded* out) {
     out->block = std::move(block_);
     out->data = data_;
     out->len = len_;
@@ -62,20 +68,52 @@ class Encoder {
   }
 
   // One item of a top-level container, at the depth write_list gives it.
-  bool top_item(PyObject* container, Py_ssize_t i, PyObject* item) {
+  // pickle_cycles: a cycle inside the item (not through the container) makes
+  // the item one pickle; used once earlier items are sent and the whole
+  // value can no longer be (StreamEncoder).
+  bool top_item(PyObject* container, Py_ssize_t i, PyObject* item, bool pickle_cycles) {
     stack_[0] = container;
     Hold h(item);
+    Mark m = mark();
     if (enc(item, 1)) return true;
+    if (pickle_cycles && cycle_) {
+      if (!cycle_top_) return pickle_whole(item, m) || top_failed(index_segment(i));
+      cycle_through_sent_container();
+    }
     return top_failed(index_segment(i));
   }
 
-  bool top_pair(PyObject* container, PyObject* k, PyObject* v) {
+  bool top_pair(PyObject* container, PyObject* k, PyObject* v, bool pickle_cycles) {
     stack_[0] = container;
     Hold hk(k), hv(v);
     if (opts_.compat && !compat_key(k)) return top_failed(key_segment(k, true));
     if (!enc(k, 1)) return top_failed(key_segment(k, true));
-    if (!enc(v, 1)) return top_failed(key_segment(k, false));
-    return true;
+    Mark m = mark();
+    if (enc(v, 1)) return true;
+    if (pickle_cycles && cycle_) {
+      if (!cycle_top_) return pickle_whole(v, m) || top_failed(key_segment(k, false));
+      cycle_through_sent_container();
+    }
+    return top_failed(key_segment(k, false));
+  }
+
+  void cycle_through_sent_container() {
+    if (pending_is_fatal()) return;
+    PyErr_SetString(PyExc_ValueError,
+                    "the object contains a reference cycle through the top-level container, found after its first "
+                    "items were streamed, so it cannot travel as one pickle (FASTBCAST_STREAM_BYTES=0 or "
+                    "Broadcaster(stream_bytes=0) sends it whole)");
+  }
+
+  // After a failed item: whether a cycle (with pickles allowed) failed it,
+  // so the caller may send the whole value as one pickle instead.
+  bool found_cycle() const { return cycle_; }
+
+  // The session's whole value as one pickle in a new block (nothing of it
+  // was sent yet).
+  bool pickle_session(PyObject* obj, size_t min_bytes, size_t room) {
+    rollback(Mark{});
+    return open_block(min_bytes, room) && write_pickle(obj);
   }
 
   bool append(const uint8_t* p, size_t n) {
@@ -833,7 +871,9 @@ class Encoder {
     if (it == memo_.end()) return 0;
     if (!memo_ready_[it->second]) {
       // Only an object rebuilt from its arguments (a __reduce__) is still
-      // missing on the receiver while they are read.
+      // missing on the receiver while they are read. (Where the cycle
+      // runs is unknown here: taken as through the top-level value.)
+      if (opts_.allow_pickle && !opts_.compat) cycle_ = cycle_top_ = true;
       PyErr_Format(PyExc_ValueError,
                    "the object contains a reference cycle through the arguments of %s.__reduce__, which pickle "
                    "protocol state cannot express",
@@ -1333,7 +1373,17 @@ class Encoder {
     if (t == &PySet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_SET) : too_deep(o);
     if (t == &PyFrozenSet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_FROZENSET) : too_deep(o);
     if (t == &PyComplex_Type) return write_complex(o);
-    if (is_exact_tensor(o)) return shared_leaf(o, &Encoder::write_tensor);
+    if (is_exact_tensor(o)) {
+      // The TENSOR ext has no room for requires_grad: a leaf that requires
+      // grad travels as a kind 7 instance of torch.Tensor, which carries it,
+      // as pickle does. A non-leaf goes detached, as always (pickle refuses it).
+      const at::Tensor& src = unpack_tensor(o);
+      if (FB_LIKELY(!src.requires_grad() || !src.is_leaf() || opts_.compat))
+        return shared_leaf(o, &Encoder::write_tensor);
+      TypeInfo* info = TypeRegistry::instance().for_encode(t);
+      if (!info) return false;
+      return enter(o, depth) ? write_instance(o, info, depth + 1) : too_deep(o);
+    }
     if (PyType_Check(o)) return write_class_ref(o);
     TypeInfo* info = TypeRegistry::instance().for_encode(t);
     if (!info) return false;
@@ -1357,6 +1407,57 @@ class Encoder {
     return fallback(o, (std::string("unsupported type ") + t->tp_name).c_str());
   }
 
+  // ---- reference cycles ---------------------------------------------------
+  // With pickles allowed, a value holding a cycle through containers travels
+  // as one pickle, so receivers get pickle's cycle structure. The walk that
+  // found the cycle is undone back to a Mark: bytes, memo slots, class table
+  // entries and CUDA tensors written since, none of which the receivers see.
+  struct Mark {
+    size_t len = 0, memo = 0, table = 0, pickles = 0, cuda = 0;
+    uint64_t device_len = 0;
+  };
+  Mark mark() const {
+    return {len_, memo_held_.size(), table_.size(), pickles_, opts_.cuda_tensors ? opts_.cuda_tensors->size() : 0,
+            device_len_};
+  }
+  void rollback(const Mark& m) {
+    PyErr_Clear();
+    path_.clear();
+    cycle_ = cycle_top_ = false;
+    len_ = m.len;
+    pickles_ = m.pickles;
+    device_len_ = m.device_len;
+    if (opts_.cuda_tensors) opts_.cuda_tensors->resize(m.cuda);
+    while (memo_held_.size() > m.memo) {
+      PyObject* o = memo_held_.back();
+      memo_.erase(o);
+      memo_held_.pop_back();
+      memo_ready_.pop_back();
+      Py_DECREF(o);
+    }
+    while (table_.size() > m.table) {
+      TableEntry& e = table_.back();
+      if (e.info && e.info->msg_epoch == epoch_ && e.info->msg_index >= m.table) e.info->msg_epoch = 0;
+      if (e.fn) calls_.erase(e.fn);
+      Py_DECREF(e.info ? e.info->cls : e.fn);
+      Py_XDECREF(e.layout);
+      table_.pop_back();
+    }
+  }
+  bool pickle_whole(PyObject* o, const Mark& m) {
+    if (pending_is_fatal()) return false;
+    rollback(m);
+    return write_pickle(o);
+  }
+  void cycle_found(PyObject* o) {
+    if (!opts_.allow_pickle || opts_.compat) return;
+    cycle_ = true;
+    // In a session stack_[0] is the top-level container, whose earlier items
+    // may be sent already: an item's own pickle would copy it.
+    cycle_top_ = o == stack_[0];
+    for (int i = 1; i < stopped_at_ && !cycle_top_; ++i) cycle_top_ = stack_[i] == stack_[0];
+  }
+
   // Depth bookkeeping for containers and instances; tells a cycle from deep
   // nesting. False (no error set) when `o` is one level too deep, or the
   // thread's C stack is nearly used up.
@@ -1376,6 +1477,7 @@ class Encoder {
   bool too_deep(PyObject* o) {
     for (int i = 0; i < stopped_at_; ++i) {
       if (stack_[i] == o) {
+        cycle_found(o);
         PyErr_Format(PyExc_ValueError, "the object contains a reference cycle (a %s that contains itself)",
                      Py_TYPE(o)->tp_name);
         return false;
@@ -1525,6 +1627,8 @@ class Encoder {
   std::vector<PyObject*> memo_held_;     // strong references, one per memo slot
   std::vector<uint8_t> memo_ready_;      // 0 while a __reduce__'s arguments are being written
   size_t pickles_ = 0;                   // pickle exts written so far
+  bool cycle_ = false;                   // the walk failed on a reference cycle that may travel as a pickle
+  bool cycle_top_ = false;               // ... and the cycle runs through stack_[0]
 };
 
 }  // namespace
@@ -1543,11 +1647,15 @@ struct EncoderSession::Impl {
 EncoderSession::EncoderSession(const EncodeOptions& opts) : impl_(std::make_unique<Impl>(opts)) {}
 EncoderSession::~EncoderSession() = default;
 bool EncoderSession::open(size_t min_bytes, size_t room) { return impl_->enc.open_block(min_bytes, room); }
-bool EncoderSession::item(PyObject* container, Py_ssize_t index, PyObject* value) {
-  return impl_->enc.top_item(container, index, value);
+bool EncoderSession::item(PyObject* container, Py_ssize_t index, PyObject* value, bool pickle_cycles) {
+  return impl_->enc.top_item(container, index, value, pickle_cycles);
 }
-bool EncoderSession::pair(PyObject* container, PyObject* key, PyObject* value) {
-  return impl_->enc.top_pair(container, key, value);
+bool EncoderSession::pair(PyObject* container, PyObject* key, PyObject* value, bool pickle_cycles) {
+  return impl_->enc.top_pair(container, key, value, pickle_cycles);
+}
+bool EncoderSession::found_cycle() const { return impl_->enc.found_cycle(); }
+bool EncoderSession::pickle_whole(PyObject* obj, size_t min_bytes, size_t room) {
+  return impl_->enc.pickle_session(obj, min_bytes, room);
 }
 bool EncoderSession::append(const uint8_t* p, size_t n) { return impl_->enc.append(p, n); }
 uint8_t* EncoderSession::data() { return impl_->enc.data(); }

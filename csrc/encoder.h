@@ -38,8 +38,10 @@ struct Encoded {
 
 // Returns false with a Python exception set. TypeError names the path to an
 // unsupported object (`data[0]['messages'][2].content: unsupported type Foo`),
-// including a class the receivers would not rebuild; ValueError for cycles
-// and (without allow_pickle) nesting past kMaxDepth. An exception that is not
+// including a class the receivers would not rebuild; ValueError (without
+// allow_pickle) for reference cycles through containers and nesting past
+// kMaxDepth. With allow_pickle a value holding such a cycle is written as one
+// pickle, so receivers get pickle's result. An exception that is not
 // an Exception (KeyboardInterrupt, SystemExit) raised by user code reaches
 // the caller unchanged.
 bool encode_object(PyObject* obj, const EncodeOptions& opts, Encoded* out);
@@ -56,8 +58,15 @@ class EncoderSession {
   ~EncoderSession();
   // A new block of at least min_bytes whose first `room` bytes are left free.
   bool open(size_t min_bytes, size_t room);
-  bool item(PyObject* container, Py_ssize_t index, PyObject* value);
-  bool pair(PyObject* container, PyObject* key, PyObject* value);
+  // pickle_cycles (allow_pickle only): an item holding a reference cycle
+  // that does not run through the container travels as its own pickle.
+  bool item(PyObject* container, Py_ssize_t index, PyObject* value, bool pickle_cycles = false);
+  bool pair(PyObject* container, PyObject* key, PyObject* value, bool pickle_cycles = false);
+  // After a failed item: a reference cycle failed it (allow_pickle only).
+  bool found_cycle() const;
+  // Starts over with one block of at least min_bytes holding, after `room`
+  // free bytes, the whole of obj as one pickle.
+  bool pickle_whole(PyObject* obj, size_t min_bytes, size_t room);
   bool append(const uint8_t* p, size_t n);
   uint8_t* data();
   size_t len() const;

@@ -88,7 +88,7 @@ bool StreamEncoder::encode_next() {
       return false;
     }
     ++next_;
-    return session_.pair(o, k, v);
+    return session_.pair(o, k, v, index_ > 0);
   }
   Py_ssize_t i = Py_ssize_t(next_++);
   if (PyList_CheckExact(o)) {
@@ -96,9 +96,9 @@ bool StreamEncoder::encode_next() {
       PyErr_SetString(PyExc_RuntimeError, "list changed size during encoding");
       return false;
     }
-    return session_.item(o, i, PyList_GET_ITEM(o, i));
+    return session_.item(o, i, PyList_GET_ITEM(o, i), index_ > 0);
   }
-  return session_.item(o, i, PyTuple_GET_ITEM(o, i));
+  return session_.item(o, i, PyTuple_GET_ITEM(o, i), index_ > 0);
 }
 
 // Fills the current block with items until the message reaches
@@ -162,7 +162,24 @@ bool StreamEncoder::first(FrameHeader h, uint16_t version, size_t min_capacity, 
   while (next_ < n_) {
     before = session_.len();
     n_cuda = cuda_.size();
-    if (!encode_next()) return false;
+    if (!encode_next()) {
+      if (!session_.found_cycle()) return false;
+      // Nothing is sent yet: the whole value goes as one pickle, an
+      // ordinary frame, as encode_object writes it.
+      cuda_.clear();
+      if (!session_.pickle_whole(obj_, min_capacity, kHeaderBytes)) return false;
+      *streaming = false;
+      out->block = session_.block();
+      out->len = session_.len();
+      out->device_len = 0;
+      out->items = 1;
+      out->last = true;
+      h.flags = 0;
+      h.device_len = 0;
+      h.payload_len = out->len - kHeaderBytes;
+      write_header(out->block.data_ptr<uint8_t>(), h, version);
+      return true;
+    }
     ++items;
     if (session_.len() + shift >= target() && next_ < n_) break;
   }

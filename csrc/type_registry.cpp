@@ -75,8 +75,8 @@ PyObject* slot_names(PyObject* cls) {
 }
 
 // Classes the codec rebuilds without being asked: their pickle protocol
-// names the class itself, or (nn.Parameter) the codec rebuilds it as torch's
-// own rebuild function does, and building one runs no user code.
+// names the class itself, or (nn.Parameter; torch.Tensor, a leaf requiring grad)
+// the codec rebuilds it as torch's own rebuild function does, and building one runs no user code.
 struct Builtin {
   const char* module;
   const char* name;
@@ -88,7 +88,7 @@ constexpr Builtin kBuiltins[] = {
     {"builtins", "list"},     {"builtins", "dict"},       {"builtins", "set"},         {"builtins", "frozenset"},
     {"builtins", "tuple"},    {"builtins", "int"},        {"builtins", "float"},       {"builtins", "str"},
     {"builtins", "bytes"},    {"builtins", "bool"},       {"builtins", "complex"},     {"builtins", "bytearray"},
-    {"builtins", "object"},   {"torch.nn.parameter", "Parameter"},
+    {"builtins", "object"},   {"torch.nn.parameter", "Parameter"}, {"torch", "Tensor"},
 };
 
 const Builtin* builtin_named(const char* s, Py_ssize_t n) {

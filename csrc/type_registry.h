@@ -7,7 +7,7 @@
 // the codec refused) leaves the cache with it. Decoding rebuilds only
 // classes that were registered with fastbcast.register(), that sit under a
 // trusted prefix, or that are on the short list of standard-library classes
-// (datetime, uuid, decimal, collections; and torch.nn.Parameter) the codec
+// (datetime, uuid, decimal, collections; torch.nn.Parameter, torch.Tensor) the codec
 // rebuilds without asking, and calls only the __reduce__ callables that are
 // registered classes or under a trusted prefix; it finds both among loaded
 // modules and never imports a module named by the bytes.

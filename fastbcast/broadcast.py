@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import numbers
 import os
 import threading
 import time
@@ -89,6 +90,28 @@ TRANSPORTS = ("auto", "shm", "collective")
 DEFAULT_TRANSPORT = os.environ.get("FASTBCAST_TRANSPORT", "auto") or "auto"
 
 
+#: Longer timeouts mean none: the deadline arithmetic (a timedelta, the
+#: shared-memory wait's nanoseconds) cannot hold them, and nobody waits that long.
+_MAX_TIMEOUT_S = 1e9
+
+
+def _timeout_seconds(timeout) -> float | None:
+    """`timeout=` as seconds, or None for no timeout (None, inf or over
+    _MAX_TIMEOUT_S). Checked where the Broadcaster is made, so a bad value
+    fails there and not at the group's first broadcast."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    elif isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds, a datetime.timedelta or None, got "
+                        f"{type(timeout).__name__} {timeout!r}")
+    timeout = float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return None if timeout > _MAX_TIMEOUT_S else timeout
+
+
 class BroadcastError(RuntimeError):
     """A broadcast failed on another rank or between ranks: the source could
     not encode its object, or the ranks disagree on the protocol (format
@@ -120,8 +143,10 @@ def _count_failed_call(group) -> None:
 
 def _plain(key: tuple) -> bool:
     """Whether a (src, src_group_rank, rank) key may index a cache: plain
-    ints or None (a 0-d tensor hashes by identity)."""
-    return all(type(k) is int or k is None for k in key)
+    ints or None (a 0-d tensor hashes by identity, and 1.0 and True equal 1:
+    they must reach resolve() and its TypeError, not 1's route)."""
+    s, g, r = key
+    return (s is None or type(s) is int) and (g is None or type(g) is int) and (r is None or type(r) is int)
 
 
 def _backend(group) -> str:
@@ -191,8 +216,8 @@ class Broadcaster:
             receivers may rebuild (see `fastbcast.decode`).
         timeout: seconds (or a datetime.timedelta) that one `broadcast` call
             may take, from its start on this rank to its last transfer;
-            None (default, or FASTBCAST_TIMEOUT) waits as long as the process
-            group's own timeout. Past it the call raises
+            None (default, or FASTBCAST_TIMEOUT), inf or more than 10^9 s
+            waits as long as the process group's own timeout. Past it the call raises
             BroadcastTimeoutError. On the source the encode counts too, so
             allow for it on receivers. On NCCL a wait with a timeout blocks
             this CPU thread until the GPU finished the collective (torch
@@ -216,6 +241,7 @@ class Broadcaster:
 
     Raises:
         ValueError: bad arguments.
+        TypeError: a timeout that is not a number, a timedelta or None.
     """
 
     def __init__(self, group=None, *, mesh=None, dim=None, device=None, transport: str | None = None,
@@ -247,13 +273,7 @@ class Broadcaster:
         self.compat = compat
         self.allow_pickle = allow_pickle
         self.trusted = _prefixes(trusted)
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        if isinstance(timeout, datetime.timedelta):
-            timeout = timeout.total_seconds()
-        if timeout is not None and not (float(timeout) > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = _timeout_seconds(DEFAULT_TIMEOUT if timeout is None else timeout)
         self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
         if self.max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes!r}")
@@ -322,7 +342,7 @@ class Broadcaster:
         if _PG_MAP is None or self._pg not in _PG_MAP:
             _require_live(self.group)
         key = (src, src_group_rank, rank)
-        route = self._routes.get(key)   # only plain keys are ever stored: a tensor key misses
+        route = self._routes.get(key) if _plain(key) else None
         if route is None:
             try:
                 route = resolve(mesh=self._mesh, dim=self._dim, group=self.group if self._mesh is None else None,
@@ -433,6 +453,8 @@ class Broadcaster:
         ch = t.inline_channel(route, deadline)
         stream = None
         try:
+            if type(obj) is _Refused:
+                raise obj.error
             if ch is not None:
                 # One call encodes and sends a frame that fits one slot, or
                 # a whole stream (calling _stream_send_device/_stream_cut); a
@@ -572,6 +594,16 @@ class Broadcaster:
         return obj
 
 
+class _Refused:
+    """Sent in place of an object the caller refused before encoding: the
+    source raises `error` after sending an error frame with its message, so
+    every receiver raises BroadcastError at the same call."""
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 # Broadcaster per (group, device, options) for the one-line functions below:
 # a documented cache so repeated calls reuse the staging buffers. Entries live
 # as long as the process (process groups normally do too); see close_all().
@@ -589,6 +621,8 @@ def _cached(group, device, **opts) -> Broadcaster:
 
 
 def _seconds(timeout):
+    # Checked before it keys a cache (an unhashable one would say only that).
+    _timeout_seconds(timeout)
     # A timedelta and its seconds must share one cached Broadcaster.
     return timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
 
@@ -690,7 +724,14 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
     if b is None or b._closed:
         b = _PYOBJ[key] = _pyobj_broadcaster(dist_group, force_cpu_device, allow, trusted, timeout, max_bytes,
                                              transport)
-    if data is not None and len(data) == 0:
+    try:
+        empty = data is not None and len(data) == 0
+    except TypeError as e:
+        # SGLang's own raises this on the source (len(data)) and leaves its
+        # receivers waiting; here they raise BroadcastError at this call.
+        # Receivers ignore `data`, as SGLang's do.
+        return b.broadcast(_Refused(e), src=src, rank=rank)
+    if empty:
         # SGLang sends size 0 for any empty `data` and receivers build `[]`:
         # an empty tuple must arrive as `[]` too. The source still returns
         # its own `data`.
@@ -707,6 +748,7 @@ _PYOBJ: dict = {}
 def _pyobj_broadcaster(dist_group, force_cpu_device, allow, trusted, timeout, max_bytes, transport) -> Broadcaster:
     group = dist.group.WORLD if dist_group is None else dist_group
     _require_live(group)
+    resolve(group=dist_group)   # a non-member: resolve's ValueError, before torch's bare one below
     backend = _backend(group)
     if backend == "nccl" and force_cpu_device:
         raise ValueError("broadcast_pyobj(force_cpu_device=True) needs a group that carries CPU tensors (gloo); "

@@ -417,9 +417,38 @@ def host_key() -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+#: Bytes the probe reserves and maps: enough to show /dev/shm works.
+PROBE_BYTES = 4096
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (shared-memory pages are RAM
+    and count as used there); no limit if it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
+
+
 def shm_probe(nbytes: int) -> int:
-    """0 if this process can create, reserve and map a segment of `nbytes` in
-    /dev/shm; otherwise the errno that stopped it."""
+    """0 if this process can create and map a segment in /dev/shm and a ring
+    of `nbytes` fits its free space and this host's available memory;
+    otherwise the errno that stopped it. Every rank probes at once, so it
+    reserves one page, not the ring (reserving the ring on every rank at
+    once put a rank in the OOM killer's way); the source's ring creation
+    reserves the ring, and every rank falls back if that fails."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError as e:
+        return e.errno or errno_mod.EIO
+    if st.f_bavail * st.f_frsize < nbytes:
+        return errno_mod.ENOSPC
+    if _available_memory() < nbytes:
+        return errno_mod.ENOMEM
     path = f"/dev/shm/fastbcast-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -427,13 +456,24 @@ def shm_probe(nbytes: int) -> int:
         return e.errno or errno_mod.EIO
     try:
         os.unlink(path)
-        os.posix_fallocate(fd, 0, nbytes)
-        mmap.mmap(fd, nbytes).close()
+        n = min(nbytes, PROBE_BYTES)
+        os.posix_fallocate(fd, 0, n)
+        mmap.mmap(fd, n).close()
         return 0
     except OSError as e:
         return e.errno or errno_mod.EIO
     finally:
         os.close(fd)
+
+
+#: agree()'s code for a rank whose FASTBCAST_SHM_* settings make no ring (not an errno).
+BAD_SETTINGS = -1
+
+
+def _cannot_map(rank: int, code: int, own_reason: str | None) -> str:
+    if code == BAD_SETTINGS:
+        return f"global rank {rank}: {own_reason or 'its FASTBCAST_SHM_SLOTS / FASTBCAST_SHM_BYTES are unusable'}"
+    return f"global rank {rank} cannot map its shared-memory ring in /dev/shm ({os.strerror(code)})"
 
 
 class GroupState:
@@ -480,14 +520,15 @@ class GroupState:
         first broadcast on the group that may use shared memory)."""
         if self.agreed:
             return
+        reason = None
         try:
             slots, slot_bytes = shm_geometry()
             probe = shm_probe(slots * slot_bytes)
         except ValueError as e:
-            # This rank's settings are wrong: say so here, and still join the
-            # collective below, so the group falls back instead of waiting.
-            logger.warning("fastbcast: %s", e)
-            probe = errno_mod.EINVAL
+            # This rank's settings are wrong: it still joins the collective
+            # below, so the group falls back instead of waiting, and the
+            # fallback's warning says why.
+            reason, probe = str(e), BAD_SETTINGS
         mine = torch.tensor([host_key(), os.getpid(), probe, secrets.randbits(62)], dtype=torch.int64, device=device)
         every = torch.empty(route.size * 4, dtype=torch.int64, device=device)
         collective(all_gather, every, route, deadline, "agreeing on the transport", input_tensor=mine)
@@ -498,8 +539,7 @@ class GroupState:
         if len({r[0] for r in rows}) != 1:
             self.no_shm = "the group spans more than one host (or IPC namespace, or /dev/shm mount)"
         elif failed:
-            self.no_shm = "; ".join(f"global rank {rk} cannot map its shared-memory ring in /dev/shm "
-                                    f"({os.strerror(e)})" for rk, e in failed)
+            self.no_shm = "; ".join(_cannot_map(rk, e, reason if rk == route.rank else None) for rk, e in failed)
             logger.warning("fastbcast: group %s uses the collective transport instead of shared memory: %s",
                            list(route.ranks), self.no_shm)
         self.agreed = True

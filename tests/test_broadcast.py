@@ -765,6 +765,147 @@ def _check_one_call_path(rank, world):
     assert on[2][0] == ("BroadcastError" if rank == 3 else "ok") and (rank != 3 or "chunk" in on[2][1]), on[2]
 
 
+def _failed_call(rank, src, exc, call, obj, says):
+    """One call in which the source (passing obj) raises exc and every
+    receiver (passing None) BroadcastError, each saying `says`. Returns the error."""
+    e = _raises(exc, call, obj) if rank == src else _raises(_fb().BroadcastError, call, None)
+    assert says in str(e), str(e)
+    return e
+
+
+def _same_as_pickle(got, data):
+    """got has pickle's round trip of data, cycles and shared containers
+    included (pickle's bytes spell out which objects are one)."""
+    assert pickle.dumps(got) == pickle.dumps(pickle.loads(pickle.dumps(data))), (got, data)
+
+
+@check
+def _check_drop_in_reference_cycles(rank, world):
+    fb = _fb()
+    g = _group(range(world))
+    selfref = [1, "x"]
+    selfref.append(selfref)
+    d1, d2 = {"n": 1}, {"n": 2}
+    d1["other"], d2["other"] = d2, d1
+    for data in (selfref, [d1, d2], [{"big": bytes(300000)}, d1]):   # the last one streams
+        got = fb.broadcast_pyobj(data if rank == 0 else None, rank, g, 0)
+        assert got is data if rank == 0 else True
+        _same_as_pickle(got, data)
+    got = fb.broadcast_pyobj(selfref if rank == 1 else None, rank, g, 1)
+    assert got[2] is got
+
+    def requests(cycle_at, through_container=False):
+        data = [{"i": i, "pad": "p" * 200} for i in range(40)]   # about 9 KB: a stream of 1 KiB messages
+        inner = [data[cycle_at]]
+        inner.append(inner)
+        data[cycle_at]["c"] = data if through_container else inner
+        return data
+
+    with fb.Broadcaster(g, allow_pickle=True, stream_bytes=1024) as b:
+        # In message 0 (nothing sent yet): the whole value as one pickle.
+        data = requests(0)
+        _same_as_pickle(b.broadcast(data if rank == 2 else None, src=2), data)
+        # Past message 0: the item holding the cycle as its own pickle.
+        data = requests(30)
+        got = b.broadcast(data if rank == 2 else None, src=2)
+        assert got == data if rank == 2 else got[:30] == data[:30] and got[31:] == data[31:], got
+        assert got[30]["c"][1] is got[30]["c"] and got[30]["c"][0] is got[30]
+        # Through the streamed container itself, past message 0: refused on
+        # the source, BroadcastError on every receiver, and the next call works.
+        e = _failed_call(rank, 2, ValueError, lambda o: b.broadcast(o, src=2), requests(30, True), "reference cycle")
+        assert rank != 2 or "through the top-level container" in str(e), str(e)
+        assert b.broadcast(["after"] if rank == 3 else None, src=3) == ["after"]
+    # Strict: the clear error on the source, BroadcastError on the receivers.
+    _failed_call(rank, 0, ValueError, lambda o: fb.broadcast_pyobj(o, rank, g, 0, allow_pickle=False), selfref,
+                 "reference cycle")
+    assert fb.broadcast_pyobj(["next"] if rank == 0 else None, rank, g, 0) == ["next"]
+
+
+@check
+def _check_requires_grad_survives(rank, world):
+    fb = _fb()
+    g = _group(range(world))
+    t = torch.arange(4.0, requires_grad=True)
+    data = [t, {"again": t}, torch.ones(2), torch.nn.Parameter(torch.zeros(3))]
+    for allow in (True, False):
+        got = fb.broadcast_pyobj(data if rank == 0 else None, rank, g, 0, allow_pickle=allow)
+        want = pickle.loads(pickle.dumps(data))
+        assert [x.requires_grad for x in (got[0], got[1]["again"], got[2], got[3])] == [True, True, False, True]
+        assert all(x.is_leaf for x in (got[0], got[2], got[3])) and got[1]["again"] is got[0]
+        assert type(got[3]) is type(want[3]) and torch.equal(got[0], want[0])
+
+
+@check
+def _check_timeout_arguments(rank, world):
+    fb = _fb()
+    g = _group(range(world))
+    inf = float("inf")
+    b = fb.Broadcaster(g, timeout=inf)
+    assert b.timeout is None
+    assert b.broadcast("inf" if rank == 0 else None, src=0) == "inf"
+    assert fb.broadcast(1 if rank == 1 else None, group=g, src=1, timeout=inf) == 1
+    assert fb.broadcast_pyobj([2] if rank == 2 else None, rank, g, 2, timeout=inf) == [2]
+    assert fb.Broadcaster(g, timeout=datetime.timedelta(days=10 ** 6)).timeout is None
+    for bad in ("3", True, [3], None.__class__):
+        e = _raises(TypeError, fb.Broadcaster, g, timeout=bad)
+        assert "timeout must be a number of seconds" in str(e), str(e)
+        _raises(TypeError, fb.broadcast, 1, group=g, timeout=bad)
+        _raises(TypeError, fb.broadcast_pyobj, [1], rank, g, 0, timeout=bad)
+    for bad in (0, -1, float("nan")):
+        _raises(ValueError, fb.Broadcaster, g, timeout=bad)
+    # Nothing was sent: the group works.
+    assert fb.broadcast_pyobj([3] if rank == 3 else None, rank, g, 3, timeout=5) == [3]
+
+
+@check
+def _check_bad_src_before_a_broken_group(rank, world):
+    fb = _fb()
+    g = _group(range(world))
+    b = fb.Broadcaster(g)
+    assert b.broadcast("x" if rank == 1 else None, src=1) == "x"
+    for bad in (1.0, True):   # equal to 1, which this Broadcaster has a route for
+        e = _raises(TypeError, b.broadcast, "y", src=bad)
+        assert "src= must be an int rank" in str(e), str(e)
+        _raises(TypeError, fb.broadcast_pyobj, ["y"], rank, g, bad)
+    assert b.broadcast("z" if rank == 1 else None, src=1) == "z"
+    sys.modules["fastbcast.transport"].GroupState.of(g).give_up("given up by the test")
+    e = _raises(TypeError, b.broadcast, "y", src=1.0)
+    assert "src= must be an int rank" in str(e), str(e)
+    _raises(TypeError, fb.broadcast_pyobj, ["y"], rank, g, 1.0)
+    e = _raises(fb.BroadcastError, b.broadcast, "y", src=1)
+    assert "given up by the test" in str(e), str(e)
+
+
+@check
+def _check_call_from_a_non_member(rank, world):
+    fb = _fb()
+    g01 = _group([0, 1])
+    if rank in (2, 3):
+        for call in (lambda: fb.broadcast_pyobj([1], rank, g01, 0), lambda: fb.broadcast([1], group=g01, src=0),
+                     lambda: fb.Broadcaster(g01)):
+            e = _raises(ValueError, call)
+            assert f"global rank {rank}) is not a member of the group" in str(e), str(e)
+    else:
+        assert fb.broadcast_pyobj(["members"] if rank == 0 else None, rank, g01, 0) == ["members"]
+
+
+@check
+def _check_drop_in_data_without_len(rank, world):
+    fb = _fb()
+    g = _group(range(world))
+    try:
+        len(5)
+    except TypeError as e:
+        sglang_says = str(e)
+    for src in (0, 3):
+        started = time.monotonic()
+        e = _failed_call(rank, src, TypeError, lambda o: fb.broadcast_pyobj(o, rank, g, src), 5, sglang_says)
+        assert rank != src or str(e) == sglang_says, str(e)
+        assert time.monotonic() - started < CHECK_TIMEOUT_S / 2
+        # the next call works on every rank; receivers ignore their data, as SGLang's do
+        assert fb.broadcast_pyobj(["next", src] if rank == src else 7, rank, g, src) == ["next", src]
+
+
 def _run_checks(rank, world_size, outdir, names, transport):
     """The checks, with `transport` as every Broadcaster's default."""
     _bmod().DEFAULT_TRANSPORT = transport
@@ -873,6 +1014,30 @@ def test_chunk_size_mismatch_leaves_no_rank_waiting(four_rank_run):
 
 def test_one_call_path_and_its_fallbacks(four_rank_run):
     _expect_ok(four_rank_run, "one_call_path")
+
+
+def test_drop_in_reference_cycles(four_rank_run):
+    _expect_ok(four_rank_run, "drop_in_reference_cycles")
+
+
+def test_requires_grad_survives(four_rank_run):
+    _expect_ok(four_rank_run, "requires_grad_survives")
+
+
+def test_timeout_arguments(four_rank_run):
+    _expect_ok(four_rank_run, "timeout_arguments")
+
+
+def test_bad_src_before_a_broken_group(four_rank_run):
+    _expect_ok(four_rank_run, "bad_src_before_a_broken_group")
+
+
+def test_call_from_a_non_member(four_rank_run):
+    _expect_ok(four_rank_run, "call_from_a_non_member")
+
+
+def test_drop_in_data_without_len(four_rank_run):
+    _expect_ok(four_rank_run, "drop_in_data_without_len")
 
 
 def test_every_check_has_a_test():

@@ -188,14 +188,12 @@ def _check_slot_boundaries(rank, world):
         del os.environ["FASTBCAST_SHM_SLOTS"], os.environ["FASTBCAST_SHM_BYTES"]
 
 
-@check
-def _check_one_rank_with_a_bad_ring_setting(rank, world):
-    """One rank's FASTBCAST_SHM_BYTES is unusable (under 4 KiB a slot): that
-    rank says why and the group falls back to the collective on every rank,
-    with nobody left waiting in the agreement."""
+def _falls_back_with_one_warning(rank, world, must_say: str) -> None:
+    """A new group's Broadcaster works on the collective transport on every
+    rank, each of which logged one warning containing must_say."""
     fb = _fb()
-    if rank == 2:
-        os.environ["FASTBCAST_SHM_SLOTS"], os.environ["FASTBCAST_SHM_BYTES"] = "2", "8191"
+    handler = _Warnings()
+    logging.getLogger("fastbcast").addHandler(handler)
     try:
         g = _group(range(world))
         b = fb.Broadcaster(g, timeout=30)
@@ -203,8 +201,80 @@ def _check_one_rank_with_a_bad_ring_setting(rank, world):
             assert b.broadcast({"from": src} if rank == src else None, src=src) == {"from": src}
         assert b.transport == "collective", b.transport
     finally:
+        logging.getLogger("fastbcast").removeHandler(handler)
+    assert len(handler.messages) == 1 and must_say in handler.messages[0], handler.messages
+
+
+@check
+def _check_one_rank_with_a_bad_ring_setting(rank, world):
+    """One rank's FASTBCAST_SHM_BYTES is unusable (under 4 KiB a slot): the
+    group falls back to the collective on every rank, with nobody left
+    waiting in the agreement, and every rank's one warning says why."""
+    if rank == 2:
+        os.environ["FASTBCAST_SHM_SLOTS"], os.environ["FASTBCAST_SHM_BYTES"] = "2", "8191"
+    try:
+        _falls_back_with_one_warning(rank, world, "global rank 2: FASTBCAST_SHM_SLOTS=2 / FASTBCAST_SHM_BYTES=8191: "
+                                     "need at least 2 slots of at least 4 KiB" if rank == 2 else
+                                     "global rank 2: its FASTBCAST_SHM_SLOTS / FASTBCAST_SHM_BYTES are unusable")
+    finally:
         if rank == 2:
             del os.environ["FASTBCAST_SHM_SLOTS"], os.environ["FASTBCAST_SHM_BYTES"]
+
+
+@check
+def _check_bad_ring_setting_on_every_rank(rank, world):
+    """The same unusable setting everywhere: the warning gives the setting's
+    reason, not a failure to map /dev/shm."""
+    os.environ["FASTBCAST_SHM_SLOTS"] = "1"
+    try:
+        _falls_back_with_one_warning(rank, world, f"global rank {rank}: FASTBCAST_SHM_SLOTS=1 / FASTBCAST_SHM_BYTES=")
+    finally:
+        del os.environ["FASTBCAST_SHM_SLOTS"]
+
+
+@check
+def _check_dev_shm_without_room_for_the_ring(rank, world):
+    """/dev/shm has less room than a ring (mocked statvfs on every rank):
+    each rank's probe refuses without reserving the ring, and the group
+    falls back with one warning naming the reason."""
+    reserved = []
+    real_statvfs, real_fallocate = os.statvfs, os.posix_fallocate
+    os.statvfs = lambda path: os.statvfs_result((4096, 4096, 256, 16, 16, 0, 0, 0, 0, 255))   # 64 KiB free
+    os.posix_fallocate = lambda fd, off, n: (reserved.append(n), real_fallocate(fd, off, n))[1]
+    try:
+        _falls_back_with_one_warning(rank, world, os.strerror(errno.ENOSPC))
+    finally:
+        os.statvfs, os.posix_fallocate = real_statvfs, real_fallocate
+    assert reserved == [], reserved
+
+
+@check
+def _check_ring_creation_fails_after_the_probe(rank, world):
+    """/dev/shm too small for the ring although the probe passed (a tmpfs
+    the probe's statvfs cannot see through; simulated: the source's create
+    fails with ENOSPC): every rank falls back to the collective for that
+    source, with one warning saying why, and the next calls work."""
+    fb = _fb()
+    ch_cls = fb._C.ShmChannel
+    real_create = ch_cls.__dict__["create"]
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    handler = _Warnings()
+    logging.getLogger("fastbcast").addHandler(handler)
+    ch_cls.create = staticmethod(full)
+    try:
+        g = _group(range(world))
+        b = fb.Broadcaster(g, timeout=30)
+        for _ in range(2):
+            assert b.broadcast(["big", bytes(50000)] if rank == 1 else None, src=1) == ["big", bytes(50000)]
+    finally:
+        ch_cls.create = real_create
+        logging.getLogger("fastbcast").removeHandler(handler)
+    assert b.transport == "shm"
+    assert len(handler.messages) == 1, handler.messages
+    assert "source global rank 1" in handler.messages[0] and os.strerror(errno.ENOSPC) in handler.messages[0]
 
 
 @check
@@ -332,6 +402,25 @@ def _expect_ok(run, name):
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_shm_transport(shm_run, name):
     _expect_ok(shm_run, name)
+
+
+def test_probe_refuses_a_ring_larger_than_dev_shm_without_reserving_it(monkeypatch):
+    # A huge FASTBCAST_SHM_BYTES: every rank probes at once, so the probe must
+    # not reserve the ring (it did, and the OOM killer took a rank).
+    tmod = _mod("transport")
+    reserved = []
+    real_fallocate = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, off, n: (reserved.append(n), real_fallocate(fd, off, n))[1])
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    assert tmod.shm_probe(free + (1 << 30)) == errno.ENOSPC
+    assert tmod.shm_probe(16 << 20) == 0
+    assert reserved == [tmod.PROBE_BYTES], reserved
+    monkeypatch.setattr(tmod, "_available_memory", lambda: 8 << 20)
+    assert tmod.shm_probe(16 << 20) == errno.ENOMEM
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 256, 16, 16, 0, 0, 0, 0, 255)))
+    assert tmod.shm_probe(1 << 20) == errno.ENOSPC
+    assert reserved == [tmod.PROBE_BYTES], reserved
 
 
 # --------------------------------------------------------------------------
