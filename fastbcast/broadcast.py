@@ -490,12 +490,12 @@ class Broadcaster:
             t.send(block, used, route, deadline)
             self._told_receivers = True
             raise
-        if stream is not None:
-            streaming.send(self, block, used, cuda_tensors, device_len, stream, size, route, deadline)
-            return obj
         t.send(block, used, route, deadline)
         if device_len:
             t.send_device(_C.pack_device(cuda_tensors, device_len, self.device), route, deadline)
+        if stream is not None:
+            del block, cuda_tensors
+            streaming.send_rest(self, stream, size, route, deadline)
         return obj
 
     def _recv(self, route: Route, deadline):

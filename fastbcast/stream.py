@@ -41,10 +41,10 @@ import torch
 
 from ._loader import _C
 from .mesh import Route
-from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _padded, _to_host, post_bcast,
+from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _to_host, post_bcast,
                         shm_geometry, wait)
 
-__all__ = ["DEFAULT_STREAM_BYTES", "encode", "send", "receive"]
+__all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
 
 #: Bytes of each message of a streamed frame (FASTBCAST_STREAM_BYTES; 0 turns
 #: streaming off). Only a container whose encoding passes it is streamed.
@@ -69,24 +69,10 @@ def encode(b, obj, version: int, min_capacity: int) -> tuple:
                                      b.allow_pickle, b.device.type == "cuda", min_capacity, b.trusted)
 
 
-def send(b, block: torch.Tensor, nbytes: int, cuda_tensors, device_len: int, enc, sent: int, route: Route,
-         deadline) -> None:
-    """Source, collective transport: the whole stream, message 0
-    (`block[:nbytes]`, with its CUDA tensors; `sent` bytes counted against
-    max_bytes) included. Message 0 goes out like every later message,
-    without waiting for it, so the source encodes message 1 while receivers
-    take message 0."""
+def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
+    """Source, collective transport: every message after message 0
+    (already sent, `sent` bytes counted against max_bytes)."""
     pipe = _CollectiveSource(_collective(b._transport), route, deadline, enc.segment_bytes)
-    pipe.send(block, nbytes, first=True)
-    if device_len:
-        pipe.send_device(_C.pack_device(cuda_tensors, device_len, b.device))
-    del block, cuda_tensors
-    send_rest(b, enc, sent, route, deadline, pipe)
-
-
-def send_rest(b, enc, sent: int, route: Route, deadline, pipe: "_CollectiveSource") -> None:
-    """Source, collective transport: every message after message 0 (posted
-    to `pipe`, `sent` bytes counted against max_bytes)."""
     while True:
         made = False
         try:
@@ -220,30 +206,26 @@ class _CollectiveSource:
         self.slots = [None, None]               # NCCL: device staging, one per message in flight
         self.n = 0
 
-    def send(self, block: torch.Tensor, nbytes: int, first: bool = False) -> None:
+    def send(self, block: torch.Tensor, nbytes: int) -> None:
         if len(self.inflight) >= 2:
             self._finish_one()   # the oldest message; its device slot is the one this message takes
-        # The first collective of a message moves segment_bytes whatever its
-        # length (receivers post it before they know that length); message 0
-        # (first) is a frame: first_chunk bytes, then chunks.
-        lead, c = (self.t.first_chunk if first else self.segment), self.t.chunk
-        total = max(nbytes, lead)
         buf, event = block, None
         if self.t.cuda:
             j = self.n % 2
-            need = max(total, self.segment)
+            need = max(nbytes, self.segment)
             if self.slots[j] is None or self.slots[j].numel() < need:
                 self.slots[j] = torch.empty(need, dtype=torch.uint8, device=self.t.device)
             buf = self.slots[j]
             buf[:nbytes].copy_(block[:nbytes], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        elif first:
-            buf = block = _padded(block, nbytes, lead)
         self.n += 1
-        works = [post_bcast(buf[:lead], self.route, "a stream message")]
-        works += [post_bcast(buf[off:min(off + c, total)], self.route, "a stream message")
-                  for off in range(lead, total, c)]
+        # The first collective moves segment_bytes whatever the message's
+        # length: receivers post it before they know that length.
+        s, c = self.segment, self.t.chunk
+        works = [post_bcast(buf[:s], self.route, "a stream message")]
+        works += [post_bcast(buf[off:min(off + c, nbytes)], self.route, "a stream message")
+                  for off in range(s, nbytes, c)]
         self.inflight.append((block, works, event))
 
     def send_device(self, buf: torch.Tensor) -> None:
