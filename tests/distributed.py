@@ -137,6 +137,9 @@ def _child(rank: int, world_size: int, port: int, backend: str, timeout: float,
         if p not in sys.path:
             sys.path.insert(0, p)
     result_path = os.path.join(workdir, f"rank{rank}.result")
+    # A run started in the background (`cmd &` from a script) hands its
+    # children SIGINT ignored; the Ctrl-C checks need Python's handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # On SIGUSR1 (sent by the parent when this rank hangs) write every
     # thread's Python stack to a file the parent puts in its failure message.
     stacks = open(os.path.join(workdir, f"rank{rank}.stacks"), "w")

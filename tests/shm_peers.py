@@ -84,6 +84,9 @@ def _patched_env(env):
 
 
 def _main(conn, role, args):
+    # A run started in the background (`cmd &` from a script) hands its
+    # children SIGINT ignored; the Ctrl-C tests need Python's handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = role(conn, *args)
         conn.send(("ok", result))
