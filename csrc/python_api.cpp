@@ -129,6 +129,20 @@ Encoded encode_frame_block(PyObject* obj, uint32_t first_chunk, uint32_t chunk, 
   return e;
 }
 
+// A frame a channel's send_object encoded but does not send, as
+// encode_frame_or_stream returns it for the caller's general path: a frame
+// still in the channel's scratch moves to a pool block of at least
+// min_block bytes.
+py::tuple unsent_frame(Encoded& e, const std::vector<at::Tensor>& cuda, size_t min_block) {
+  if (!e.block.defined()) {
+    e.block = PinnedPool::instance().acquire(std::max(e.len, min_block));
+    std::memcpy(e.block.data_ptr<uint8_t>(), e.data, e.len);
+  }
+  py::list tensors;
+  for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
+  return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
+}
+
 // Returns (block, frame_bytes, cuda_tensors, device_len), and a fifth item,
 // None, with stream_slot (encode_frame_or_stream's shape).
 py::tuple encode_frame(py::handle obj, uint32_t first_chunk, uint32_t chunk, uint16_t version, uint64_t seq,
@@ -837,15 +851,7 @@ void bind_shm(py::module_& m) {
             } else {
               e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle, 0, trusted,
                                      collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
-              if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) {
-                if (!e.block.defined()) {  // still in scratch: the general path needs a tensor
-                  e.block = PinnedPool::instance().acquire(e.len);
-                  std::memcpy(e.block.data_ptr<uint8_t>(), e.data, e.len);
-                }
-                py::list tensors;
-                for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
-                return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
-              }
+              if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) return unsent_frame(e, cuda, 0);
             }
             without_gil([&] { c.send(e.data, e.len, clock.p); });
             return py::none();
@@ -1008,15 +1014,8 @@ void bind_collective(py::module_& m) {
                                            small ? 0 : g.size_hint, trusted, collect_cuda ? &cuda : nullptr,
                                            small ? &g.scratch() : nullptr, first_chunk);
             g.size_hint = e.len;
-            if (e.len > first_chunk || !cuda.empty() || e.len - kHeaderBytes > max_bytes) {
-              if (!e.block.defined()) {
-                e.block = PinnedPool::instance().acquire(first_chunk);
-                std::memcpy(e.block.data_ptr<uint8_t>(), e.data, e.len);
-              }
-              py::list tensors;
-              for (auto& t : cuda) tensors.append(steal(THPVariable_Wrap(t)));
-              return py::make_tuple(steal(THPVariable_Wrap(e.block)), e.len, tensors, e.device_len, py::none());
-            }
+            if (e.len > first_chunk || !cuda.empty() || e.len - kHeaderBytes > max_bytes)
+              return unsent_frame(e, cuda, first_chunk);
             at::Tensor frame = e.block.defined() ? e.block.narrow(0, 0, first_chunk)
                                                  : at::from_blob(g.scratch().data(), {int64_t(first_chunk)}, at::kByte);
             const double t = seconds(timeout_s);
