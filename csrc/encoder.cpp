@@ -1246,8 +1246,10 @@ class Encoder {
     try {
       const at::Tensor& src = unpack_tensor(o);
       grad = src.requires_grad();
-      if (grad && !src.is_leaf())
-        return fallback(o, "tensor that requires grad and is not a leaf (pickle refuses it too)");
+      // pickle rebuilds a plain tensor that requires grad as a leaf, whatever
+      // it was; a subclass that is not a leaf it refuses.
+      if (grad && !src.is_leaf() && !is_exact_tensor(o))
+        return fallback(o, "tensor subclass that requires grad and is not a leaf (pickle refuses it too)");
       plain = wrap_tensor(src.detach());
     } catch (const c10::Error& e) {
       PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
@@ -1374,11 +1376,11 @@ class Encoder {
     if (t == &PyFrozenSet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_FROZENSET) : too_deep(o);
     if (t == &PyComplex_Type) return write_complex(o);
     if (is_exact_tensor(o)) {
-      // The TENSOR ext has no room for requires_grad: a leaf that requires
-      // grad travels as a kind 7 instance of torch.Tensor, which carries it,
-      // as pickle does. A non-leaf goes detached, as always (pickle refuses it).
+      // The TENSOR ext has no room for requires_grad: a tensor that
+      // requires grad travels as a kind 7 instance of torch.Tensor, which
+      // carries it, and arrives as a leaf, as pickle gives it.
       const at::Tensor& src = unpack_tensor(o);
-      if (FB_LIKELY(!src.requires_grad() || !src.is_leaf() || opts_.compat))
+      if (FB_LIKELY(!src.requires_grad() || opts_.compat))
         return shared_leaf(o, &Encoder::write_tensor);
       TypeInfo* info = TypeRegistry::instance().for_encode(t);
       if (!info) return false;

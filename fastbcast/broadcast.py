@@ -48,16 +48,11 @@ from ._version import FORMAT_VERSION
 from . import stream as streaming
 from .mesh import Route, resolve
 from .transport import (CHANNEL_ERRORS, CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport,
-                        TransportError, TransportTimeout, _left, channel_failure)
+                        TransportError, TransportTimeout, _env_int, _left, channel_failure)
 
 __all__ = ["Broadcaster", "BroadcastError", "BroadcastTimeoutError", "broadcast", "broadcast_pyobj",
            "DEFAULT_FIRST_CHUNKS", "DEFAULT_CHUNK", "DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT", "DEFAULT_TRANSPORT"]
 
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    return int(v) if v else default
 
 
 #: Bytes of the first collective, per backend; FASTBCAST_FIRST_CHUNK sets
@@ -690,7 +685,9 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
     """Drop-in for SGLang's `broadcast_pyobj`, with the same signature and results.
 
     Arguments:
-        data: the list to send (read on the source only).
+        data: the list to send (read on the source only). On the source,
+            data without a len() (None included) raises SGLang's TypeError,
+            and every receiver raises BroadcastError at the same call.
         rank: this process's GLOBAL rank. A group-local rank here (the bug
             this project exists for) raises ValueError instead of silently
             returning [].
@@ -725,7 +722,8 @@ def broadcast_pyobj(data: list, rank: int, dist_group=None, src: int = 0, force_
         b = _PYOBJ[key] = _pyobj_broadcaster(dist_group, force_cpu_device, allow, trusted, timeout, max_bytes,
                                              transport)
     try:
-        empty = data is not None and len(data) == 0
+        # SGLang's own takes len(data) on the source only (None included).
+        empty = (data is not None or rank == src) and len(data) == 0
     except TypeError as e:
         # SGLang's own raises this on the source (len(data)) and leaves its
         # receivers waiting; here they raise BroadcastError at this call.

@@ -371,8 +371,14 @@ def _to_host(dev: torch.Tensor, host: torch.Tensor, start: int, stop: int) -> No
 # ---------------------------------------------------------------------------
 
 def _env_int(name: str, default: int) -> int:
+    """The integer in environment variable `name`, or `default` if it is unset or empty."""
     v = os.environ.get(name)
-    return int(v) if v else default
+    if not v:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"{name}={v!r} is not an integer") from None
 
 
 def _alive(pid: int) -> bool:

@@ -826,12 +826,16 @@ def _check_requires_grad_survives(rank, world):
     fb = _fb()
     g = _group(range(world))
     t = torch.arange(4.0, requires_grad=True)
-    data = [t, {"again": t}, torch.ones(2), torch.nn.Parameter(torch.zeros(3))]
+    data = [t, {"again": t}, torch.ones(2), torch.nn.Parameter(torch.zeros(3)), t * 2]   # t * 2: not a leaf
     for allow in (True, False):
         got = fb.broadcast_pyobj(data if rank == 0 else None, rank, g, 0, allow_pickle=allow)
         want = pickle.loads(pickle.dumps(data))
-        assert [x.requires_grad for x in (got[0], got[1]["again"], got[2], got[3])] == [True, True, False, True]
+        assert [x.requires_grad for x in (got[0], got[1]["again"], got[2], got[3], got[4])] == \
+            [True, True, False, True, True]
         assert all(x.is_leaf for x in (got[0], got[2], got[3])) and got[1]["again"] is got[0]
+        # The source returns its own list; receivers get t * 2 as pickle gives it: a leaf.
+        assert got[4].is_leaf == (rank != 0) and want[4].is_leaf
+        assert torch.equal(got[4].detach(), want[4].detach())
         assert type(got[3]) is type(want[3]) and torch.equal(got[0], want[0])
 
 
@@ -893,13 +897,13 @@ def _check_call_from_a_non_member(rank, world):
 def _check_drop_in_data_without_len(rank, world):
     fb = _fb()
     g = _group(range(world))
-    try:
-        len(5)
-    except TypeError as e:
-        sglang_says = str(e)
-    for src in (0, 3):
+    for src, data in ((0, 5), (3, 5), (1, None)):
+        try:
+            len(data)
+        except TypeError as e:
+            sglang_says = str(e)
         started = time.monotonic()
-        e = _failed_call(rank, src, TypeError, lambda o: fb.broadcast_pyobj(o, rank, g, src), 5, sglang_says)
+        e = _failed_call(rank, src, TypeError, lambda o: fb.broadcast_pyobj(o, rank, g, src), data, sglang_says)
         assert rank != src or str(e) == sglang_says, str(e)
         assert time.monotonic() - started < CHECK_TIMEOUT_S / 2
         # the next call works on every rank; receivers ignore their data, as SGLang's do

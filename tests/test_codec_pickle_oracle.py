@@ -143,6 +143,7 @@ def _zoo():
         "parameter": torch.nn.Parameter(torch.ones(2, 2)),
         "parameter-no-grad": [torch.nn.Parameter(torch.arange(4), requires_grad=False)],
         "tensor-requires-grad": [grad_t, {"again": grad_t}, torch.zeros(2), torch.ones(3).requires_grad_()],
+        "tensor-requires-grad-not-a-leaf": [grad_t * 2, {"sum": grad_t.sum()}],
         "tensor-subclass": tagged_t,
         "shared-parameter": [param, {"again": param}],
         "lone-surrogate": ["hi \ud83d there", {"\udc80": "\ud800"}],

@@ -404,6 +404,14 @@ def test_shm_transport(shm_run, name):
     _expect_ok(shm_run, name)
 
 
+def test_ring_setting_that_is_not_a_number_is_named(monkeypatch):
+    """The fallback's warning carries this text: it must say which setting."""
+    from fastbcast import transport
+    monkeypatch.setenv("FASTBCAST_SHM_BYTES", "lots")
+    with pytest.raises(ValueError, match="FASTBCAST_SHM_BYTES='lots' is not an integer"):
+        transport.shm_geometry()
+
+
 def test_probe_refuses_a_ring_larger_than_dev_shm_without_reserving_it(monkeypatch):
     # A huge FASTBCAST_SHM_BYTES: every rank probes at once, so the probe must
     # not reserve the ring (it did, and the OOM killer took a rank).
