@@ -334,6 +334,37 @@ def test_streams_through_device_buffers_over_gloo(transport):
     _check_results(run_distributed(_stream_run, 2, transport, "cuda:0", timeout=240), transport)
 
 
+def _grad_run(rank, world, transport, device):
+    """CUDA tensors that require grad (a leaf and not) in a small frame and
+    in a stream, gloo moving the device buffers."""
+    import torch.distributed as dist
+
+    from fastbcast import Broadcaster
+
+    g = dist.new_group(list(range(world)))
+    torch.cuda.set_device(0)
+    leaf = torch.arange(4.0, device="cuda", requires_grad=True)
+    small = [leaf, leaf * 2, torch.ones(2, device="cuda")]
+    big = [small] + [_bin(S // 2) for _ in range(6)]     # a stream: its first item holds the tensors
+    out = []
+    with Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, device=device) as b:
+        for obj in (small, big):
+            got = b.broadcast(obj if rank == 0 else None, src=0)
+            ts = got if got is small else got[0]
+            out.append([(t.device.type, t.requires_grad, t.is_leaf, t.detach().cpu().tolist()) for t in ts])
+    return out
+
+
+@requires_gpus(1)
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_cuda_tensors_that_require_grad_over_gloo(transport):
+    """As pickle gives them: on CUDA, requiring grad, each a leaf."""
+    res = run_distributed(_grad_run, 2, transport, "cuda:0", timeout=240)
+    want = [("cuda", True, True, [0.0, 1.0, 2.0, 3.0]), ("cuda", True, True, [0.0, 2.0, 4.0, 6.0]),
+            ("cuda", False, True, [1.0, 1.0])]
+    assert res[1] == [want, want], res[1]
+
+
 def _stalled_mid_stream(rank, world, transport, how):
     import torch.distributed as dist
 
