@@ -350,7 +350,7 @@ def _grad_run(rank, world, transport, device):
     with Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, device=device) as b:
         for obj in (small, big):
             got = b.broadcast(obj if rank == 0 else None, src=0)
-            ts = got if got is small else got[0]
+            ts = got if obj is small else got[0]
             out.append([(t.device.type, t.requires_grad, t.is_leaf, t.detach().cpu().tolist()) for t in ts])
     return out
 
