@@ -41,7 +41,7 @@ for W in ${WORLDS:-2 4 8}; do
     --methods "$METHODS" --seconds "$SECONDS_PER_CELL" --max-reps 1000 --no-plot --progress off \
     --out "$OUT/w$W" > "$OUT/bench_w$W.log" 2>&1
   echo "world $W: exit $?"
-  sed -n '/^# issue 10 targets/,/^# wrote/p' "$OUT/bench_w$W.log"
+  sed -n "/^# the project's own targets/,/^# wrote/p" "$OUT/bench_w$W.log"
 done
 # Idle steps as they happen when requests are rare: receivers inside the call
 # for 2 ms before the source sends (long enough to leave any spin phase).

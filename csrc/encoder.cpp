@@ -647,7 +647,7 @@ class Encoder {
         opts_.cuda_tensors->push_back(std::move(t));
         return true;
       }
-      if (!src.is_cpu()) return unsupported(o, ("tensor on device " + src.device().str()).c_str());
+      if (!src.is_cpu()) return fallback(o, ("tensor on device " + src.device().str()).c_str());
       at::Tensor t = src.detach().resolve_conj().resolve_neg().contiguous();
       size_t nbytes = t.nbytes();
       if (!write_tensor_header(t, code, nbytes, EXT_TENSOR)) return false;
@@ -1376,11 +1376,12 @@ class Encoder {
     if (t == &PyFrozenSet_Type) return enter(o, depth) ? write_set(o, depth + 1, EXT_FROZENSET) : too_deep(o);
     if (t == &PyComplex_Type) return write_complex(o);
     if (is_exact_tensor(o)) {
-      // The TENSOR ext has no room for requires_grad: a tensor that
-      // requires grad travels as a kind 7 instance of torch.Tensor, which
-      // carries it, and arrives as a leaf, as pickle gives it.
+      // The TENSOR ext has no room for requires_grad or attributes set on
+      // the tensor (t.tag = ...): such a tensor travels as a kind 7
+      // instance of torch.Tensor, which carries both, and arrives as pickle
+      // gives it (a leaf, its __dict__ restored).
       const at::Tensor& src = unpack_tensor(o);
-      if (FB_LIKELY(!src.requires_grad() || opts_.compat))
+      if (FB_LIKELY((!src.requires_grad() && !has_attributes(o)) || opts_.compat))
         return shared_leaf(o, &Encoder::write_tensor);
       TypeInfo* info = TypeRegistry::instance().for_encode(t);
       if (!info) return false;

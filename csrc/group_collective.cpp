@@ -8,7 +8,15 @@
 namespace fastbcast {
 
 GroupCollective::GroupCollective(c10::intrusive_ptr<c10d::ProcessGroup> pg, uint32_t first_chunk, uint32_t chunk)
-    : pg_(std::move(pg)), first_chunk_(first_chunk), chunk_(chunk), scratch_(first_chunk) {}
+    : pg_(std::move(pg)),
+      first_chunk_(first_chunk),
+      chunk_(chunk),
+      scratch_(std::make_shared<std::vector<uint8_t>>(first_chunk)) {}
+
+at::Tensor GroupCollective::scratch_tensor() const {
+  return at::from_blob(
+      scratch_->data(), {int64_t(first_chunk_)}, [keep = scratch_](void*) {}, at::TensorOptions(at::kByte));
+}
 
 at::Tensor& GroupCollective::buffer() {
   if (!buffer_.defined()) buffer_ = PinnedPool::instance().acquire(first_chunk_);
@@ -32,6 +40,10 @@ void GroupCollective::broadcast(const at::Tensor& t, int root, double timeout_s)
     }
   } catch (const c10::DistBackendError& e) {
     throw CollectiveFailed("DistBackendError", e.what_without_backtrace());
+  } catch (const c10::DistNetworkError& e) {
+    throw CollectiveFailed("DistNetworkError", e.what_without_backtrace());
+  } catch (const c10::DistStoreError& e) {
+    throw CollectiveFailed("DistStoreError", e.what_without_backtrace());
   } catch (const c10::Error& e) {
     throw CollectiveFailed("RuntimeError", e.what_without_backtrace());
   } catch (const std::exception& e) {

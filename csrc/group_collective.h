@@ -10,6 +10,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -43,7 +44,11 @@ class GroupCollective {
 
   // Source: a frame within first_chunk is encoded here (first_chunk bytes,
   // so the collective can move all of them).
-  std::vector<uint8_t>& scratch() { return scratch_; }
+  std::vector<uint8_t>& scratch() { return *scratch_; }
+  // The scratch's first first_chunk bytes as a tensor that keeps them
+  // alive: a collective whose wait timed out may still read them after this
+  // channel is gone.
+  at::Tensor scratch_tensor() const;
   // Source: bytes of the previous frame, so a large one starts in a block
   // of about its size rather than growing into one.
   size_t size_hint = 0;
@@ -64,7 +69,7 @@ class GroupCollective {
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   uint32_t first_chunk_, chunk_;
   uint64_t collectives_ = 0;
-  std::vector<uint8_t> scratch_;
+  std::shared_ptr<std::vector<uint8_t>> scratch_;
   at::Tensor buffer_;
 };
 

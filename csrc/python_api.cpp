@@ -748,7 +748,7 @@ void bind_shm(py::module_& m) {
   if (!g_shm_peer_error || !g_shm_timeout_error) throw py::error_already_set();
   m.attr("ShmPeerError") = py::reinterpret_steal<py::object>(g_shm_peer_error);
   m.attr("ShmTimeoutError") = py::reinterpret_steal<py::object>(g_shm_timeout_error);
-  py::register_exception_translator([](std::exception_ptr p) {
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const ShmPeerDied& e) {
@@ -825,6 +825,7 @@ void bind_shm(py::module_& m) {
             // back as encode_frame_or_stream's tuple, unsent, for the
             // caller's general path.
             const CallClock clock(timeout_s);
+            c.set_in_stream(false);   // a stream that threw in Python code left it set
             const uint64_t slot = c.ring().slot_bytes();
             std::vector<at::Tensor> cuda;
             Encoded e;
@@ -853,7 +854,8 @@ void bind_shm(py::module_& m) {
                                      collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
               if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) return unsent_frame(e, cuda, 0);
             }
-            without_gil([&] { c.send(e.data, e.len, clock.p); });
+            const WaitPolicy q = clock.left();
+            without_gil([&] { c.send(e.data, e.len, q); });
             return py::none();
           },
           py::arg("obj"), py::arg("stream_bytes"), py::arg("first_chunk"), py::arg("chunk"), py::arg("version"),
@@ -868,7 +870,8 @@ void bind_shm(py::module_& m) {
           "unsent. Encode errors before anything is sent raise; `sending` tells a failure of the send itself "
           "apart.")
       .def_property_readonly("sending", &Ch::sending,
-                             "True while a send is unfinished: set when a send starts, cleared when it returns.")
+                             "True if the last send, or the stream send_object was sending, did not finish: a "
+                             "failure then is the send's, not the encoder's.")
       .def(
           "recv_object",
           [](Ch& c, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle, const py::object& trusted,
@@ -961,7 +964,7 @@ void bind_collective(py::module_& m) {
       PyExc_RuntimeError, nullptr);
   if (!g_collective_error) throw py::error_already_set();
   m.attr("CollectiveError") = py::reinterpret_steal<py::object>(g_collective_error);
-  py::register_exception_translator([](std::exception_ptr p) {
+  py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const CollectiveFailed& e) {
@@ -1003,6 +1006,7 @@ void bind_collective(py::module_& m) {
             // moves that much), so broadcaster/route/deadline go unused.
             if (first_chunk != g.first_chunk() || chunk != g.chunk())
               throw py::value_error("first_chunk/chunk differ from the channel's");
+            const auto started = std::chrono::steady_clock::now();
             g.sending = false;
             if (streamable(obj.ptr(), stream_bytes))
               return encode_frame_or_stream(obj, stream_bytes, first_chunk, chunk, version, seq, compat,
@@ -1016,10 +1020,13 @@ void bind_collective(py::module_& m) {
             g.size_hint = e.len;
             if (e.len > first_chunk || !cuda.empty() || e.len - kHeaderBytes > max_bytes)
               return unsent_frame(e, cuda, first_chunk);
-            at::Tensor frame = e.block.defined() ? e.block.narrow(0, 0, first_chunk)
-                                                 : at::from_blob(g.scratch().data(), {int64_t(first_chunk)}, at::kByte);
-            const double t = seconds(timeout_s);
+            at::Tensor frame = e.block.defined() ? e.block.narrow(0, 0, first_chunk) : g.scratch_tensor();
+            // The encode counts against the timeout, as on the general path;
+            // a call already past it sends nothing (receivers time out too).
+            double t = seconds(timeout_s);
+            if (t >= 0) t -= std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
             g.sending = true;
+            if (timeout_s && t <= 0) throw CollectiveFailed("RuntimeError", "timed out: the encode used the call's timeout");
             {
               py::gil_scoped_release nogil;
               g.broadcast(frame, g.root, t);
@@ -1035,7 +1042,9 @@ void bind_collective(py::module_& m) {
           "and is not a stream, broadcasts it and returns None. Otherwise returns encode_frame_or_stream's "
           "(block, frame_bytes, cuda_tensors, device_len, stream), unsent. Encode errors raise before anything "
           "is sent; `sending` tells a failure of the collective (CollectiveError) apart.")
-      .def_property_readonly("sending", [](G& g) { return g.sending; })
+      .def_property_readonly("sending", [](G& g) { return g.sending; },
+                             "True if send_object's collective was made and failed: a failure then is the "
+                             "transport's, not the encoder's.")
       .def(
           "recv_object",
           [seconds](G& g, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle,

@@ -48,7 +48,7 @@ from ._version import FORMAT_VERSION
 from . import stream as streaming
 from .mesh import Route, resolve
 from .transport import (CHANNEL_ERRORS, CollectiveTransport, GroupState, ProtocolMismatch, ShmTransport,
-                        TransportError, TransportTimeout, _env_int, _left, channel_failure)
+                        TransportError, TransportTimeout, _env_int, _left, raise_channel_failure)
 
 __all__ = ["Broadcaster", "BroadcastError", "BroadcastTimeoutError", "broadcast", "broadcast_pyobj",
            "DEFAULT_FIRST_CHUNKS", "DEFAULT_CHUNK", "DEFAULT_MAX_BYTES", "DEFAULT_TIMEOUT", "DEFAULT_TRANSPORT"]
@@ -71,14 +71,9 @@ DEFAULT_CHUNK = _env_int("FASTBCAST_CHUNK", 64 << 20)
 DEFAULT_MAX_BYTES = _env_int("FASTBCAST_MAX_BYTES", 4 << 30)
 
 
-def _env_seconds(name: str) -> float | None:
-    v = os.environ.get(name)
-    return float(v) if v else None
-
-
 #: Default `timeout=` of every Broadcaster, in seconds (FASTBCAST_TIMEOUT;
 #: unset: none, so only the process group's own timeout applies).
-DEFAULT_TIMEOUT = _env_seconds("FASTBCAST_TIMEOUT")
+DEFAULT_TIMEOUT = _env_int("FASTBCAST_TIMEOUT", None, float)
 
 TRANSPORTS = ("auto", "shm", "collective")
 #: The default `transport=` of every Broadcaster (FASTBCAST_TRANSPORT).
@@ -264,7 +259,9 @@ class Broadcaster:
         self.first_chunk = int(first_chunk or DEFAULT_FIRST_CHUNK or default_f)
         self.chunk = int(chunk or DEFAULT_CHUNK)
         if not _C.HEADER_BYTES <= self.first_chunk < 2**32 or not 0 < self.chunk < 2**32:
-            raise ValueError(f"first_chunk must be in [{_C.HEADER_BYTES}, 2^32) and chunk in (0, 2^32)")
+            raise ValueError(f"first_chunk must be in [{_C.HEADER_BYTES}, 2^32) and chunk in (0, 2^32), got "
+                             f"{self.first_chunk} and {self.chunk} (Broadcaster(first_chunk=, chunk=) / "
+                             f"FASTBCAST_FIRST_CHUNK, FASTBCAST_CHUNK)")
         self.compat = compat
         self.allow_pickle = allow_pickle
         self.trusted = _prefixes(trusted)
@@ -354,6 +351,8 @@ class Broadcaster:
             if self._closed:
                 raise RuntimeError("this Broadcaster was closed")
             if route.size == 1:
+                if type(obj) is _Refused:
+                    raise obj.error
                 return obj
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             if self._transport is None:
@@ -406,6 +405,8 @@ class Broadcaster:
         transport (agreed with the other ranks unless "collective" was asked
         for; every rank must ask for the same)."""
         self._state = GroupState.of(route.group)
+        if self._state.broken is not None:
+            return   # refused by the caller: a new agreement would pair with the stale collectives
         collective_t = CollectiveTransport(self.device, self.first_chunk, self.chunk)
         if self._requested != "collective":
             try:
@@ -438,7 +439,8 @@ class Broadcaster:
             raise BroadcastTimeoutError(
                 f"broadcast timed out after {self.timeout:g} s on {where} ({error}): a peer is dead or stalled, "
                 f"or the ranks passed different src (every rank must name global rank {route.src} as the "
-                f"source). The ranks may be out of step; destroy and recreate the group.") from error.__cause__
+                f"source) or different transport=/first_chunk/chunk settings. The ranks may be out of step; "
+                f"destroy and recreate the group.") from error.__cause__
         state.give_up(f"{what} failed on {where}: {error}")
         raise BroadcastError(f"broadcast failed on {where}: {error}") from error.__cause__
 
@@ -447,6 +449,7 @@ class Broadcaster:
         t.settle()
         ch = t.inline_channel(route, deadline)
         stream = None
+        left = _left(deadline)   # a call already past its timeout is not an encode failure
         try:
             if type(obj) is _Refused:
                 raise obj.error
@@ -457,7 +460,7 @@ class Broadcaster:
                 # max_bytes comes back encoded, unsent.
                 sent = ch.send_object(obj, self.stream_bytes, self.first_chunk, self.chunk, FORMAT_VERSION,
                                       self._state.seq, self.compat, self.allow_pickle, self.device.type == "cuda",
-                                      self.trusted, self.max_bytes, _left(deadline), self, route, deadline)
+                                      self.trusted, self.max_bytes, left, self, route, deadline)
                 if sent is None:
                     return obj
                 block, used, cuda_tensors, device_len, stream = sent
@@ -476,7 +479,7 @@ class Broadcaster:
                     f"nothing was sent")
         except BaseException as e:
             if ch is not None and ch.sending:   # the send itself failed, not the encode
-                raise channel_failure(e, deadline, "collective 1 of 1 (the first chunk)") from e
+                raise_channel_failure(e, deadline, "collective 1 of 1 (the first chunk)")
             if self._told_receivers:
                 raise   # send_object ended its stream with an error segment
             # Receivers are already waiting for a frame: tell them.
@@ -505,7 +508,7 @@ class Broadcaster:
                 obj = ch.recv_object(FORMAT_VERSION, self._state.seq, self.max_bytes, self.allow_pickle,
                                      self.trusted, _left(deadline), self, route, deadline)
             except CHANNEL_ERRORS as e:
-                raise channel_failure(e, deadline, "collective 1 (the first chunk)") from e
+                raise_channel_failure(e, deadline, "collective 1 (the first chunk)")
             if obj is not _C.SHM_NOT_INLINE:
                 return obj
         frame, header = t.recv(route, deadline, self.max_bytes)
@@ -663,7 +666,7 @@ def broadcast(obj: Any = None, *, mesh=None, dim=None, group=None, src: int | No
         # The mesh decides the default source (its slice's first rank, which
         # need not be the group's lowest rank), so resolve it here.
         try:
-            route = resolve(mesh=mesh, dim=dim, src=src, src_group_rank=src_group_rank, rank=rank)
+            route = resolve(mesh=mesh, dim=dim, group=group, src=src, src_group_rank=src_group_rank, rank=rank)
         except (ValueError, TypeError):
             with contextlib.suppress(Exception):
                 _count_failed_call(resolve(mesh=mesh, dim=dim).group)

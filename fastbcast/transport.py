@@ -370,15 +370,17 @@ def _to_host(dev: torch.Tensor, host: torch.Tensor, start: int, stop: int) -> No
 # Shared memory
 # ---------------------------------------------------------------------------
 
-def _env_int(name: str, default: int) -> int:
-    """The integer in environment variable `name`, or `default` if it is unset or empty."""
+def _env_int(name: str, default, kind=int):
+    """The integer (kind=float: number) in environment variable `name`, or
+    `default` if it is unset or empty; a ValueError naming the variable if
+    it is neither."""
     v = os.environ.get(name)
     if not v:
         return default
     try:
-        return int(v)
+        return kind(v)
     except ValueError:
-        raise ValueError(f"{name}={v!r} is not an integer") from None
+        raise ValueError(f"{name}={v!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
 def _alive(pid: int) -> bool:
@@ -705,7 +707,7 @@ def _shm_call(fn, *args):
     try:
         return fn(*args)
     except (_C.ShmTimeoutError, _C.ShmPeerError) as e:
-        raise channel_failure(e) from e
+        raise_channel_failure(e)
 
 
 #: What an inline channel (ShmChannel, CollectiveChannel) raises when bytes could not move.
@@ -722,3 +724,12 @@ def channel_failure(e: BaseException, deadline: float | None = None, what: str =
     if isinstance(e, _C.CollectiveError):
         return _failure(e, deadline, what)
     return e
+
+
+def raise_channel_failure(e: BaseException, deadline: float | None = None, what: str = ""):
+    """Raises channel_failure(e, ...) from e; e itself when it means nothing
+    more (so it does not become its own __cause__)."""
+    failure = channel_failure(e, deadline, what)
+    if failure is e:
+        raise e
+    raise failure from e

@@ -55,7 +55,7 @@ def test_empty_payload_every_row_and_target_report(tmp_path):
                 assert c["reason"] in proc.stdout
     assert record["payloads"]["empty"]["bytes"] == 1  # msgpack's empty array
     assert "# target empty fastbcast@gloo: p50 " in proc.stdout
-    assert "# issue 10 targets (world 2" in proc.stdout
+    assert "# the project's own targets for the per-step call" in proc.stdout and "# (world 2;" in proc.stdout
     targets = record["payloads"]["empty"]["targets"]
     assert any(t["key"] == "fastbcast@gloo" and {ch["what"] for ch in t["checks"]} >=
                {"p50 us", "p90 / p50", "vs pickle"} for t in targets)

@@ -908,6 +908,11 @@ def _check_drop_in_data_without_len(rank, world):
         assert time.monotonic() - started < CHECK_TIMEOUT_S / 2
         # the next call works on every rank; receivers ignore their data, as SGLang's do
         assert fb.broadcast_pyobj(["next", src] if rank == src else 7, rank, g, src) == ["next", src]
+    # A group of one rank: the same TypeError, not the refused object handed back.
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    e = _raises(TypeError, fb.broadcast_pyobj, None, rank, alone, rank)
+    assert str(e) == "object of type 'NoneType' has no len()", str(e)
+    assert fb.broadcast_pyobj([1], rank, alone, rank) == [1]
 
 
 def _run_checks(rank, world_size, outdir, names, transport):

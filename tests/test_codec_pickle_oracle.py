@@ -125,6 +125,10 @@ def _zoo():
     tagged_t.note = {"k": [1, 2]}
     param = torch.nn.Parameter(torch.zeros(3))
     grad_t = torch.arange(6.0, requires_grad=True)
+    attr_t = torch.arange(4)
+    attr_t.tag, attr_t.meta = "image", {"hw": [2, 2]}
+    grad_attr_t = torch.ones(2, requires_grad=True)
+    grad_attr_t.note = 1
     zoo = {
         "dataclass": ct.Point(1, 2.5),
         "dataclass-undeclared-attr": with_extra,
@@ -144,6 +148,7 @@ def _zoo():
         "parameter-no-grad": [torch.nn.Parameter(torch.arange(4), requires_grad=False)],
         "tensor-requires-grad": [grad_t, {"again": grad_t}, torch.zeros(2), torch.ones(3).requires_grad_()],
         "tensor-requires-grad-not-a-leaf": [grad_t * 2, {"sum": grad_t.sum()}],
+        "tensor-attributes": [attr_t, {"again": attr_t}, grad_attr_t, torch.zeros(1)],
         "tensor-subclass": tagged_t,
         "shared-parameter": [param, {"again": param}],
         "lone-surrogate": ["hi \ud83d there", {"\udc80": "\ud800"}],

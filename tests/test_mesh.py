@@ -183,6 +183,9 @@ def _two_ranks(rank, world_size):
     # mesh and group are exclusive; dim needs a mesh; a mesh is not a group.
     msg = _raises(ValueError, resolve, mesh=m1, group=dist.group.WORLD)
     assert "not both" in msg
+    import fastbcast   # its one-line broadcast refuses the pair too, rather than dropping group=
+    msg = _raises(ValueError, fastbcast.broadcast, ["x"], mesh=m1, dim="tp", group=dist.group.WORLD)
+    assert "not both" in msg
     _raises(ValueError, resolve, group=None, dim="tp")
     msg = _raises(TypeError, resolve, group=m1)
     assert "mesh=" in msg

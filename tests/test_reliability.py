@@ -132,6 +132,30 @@ def _check_stalled_peer(rank, world):
         time.sleep(TIMEOUT_S + 0.5)
 
 
+class _SlowToEncode:
+    """Pickled (allow_pickle) only after longer than TIMEOUT_S."""
+
+    def __reduce__(self):
+        time.sleep(TIMEOUT_S + 0.5)
+        return (_SlowToEncode, ())
+
+
+@check
+def _check_slow_encode_counts_against_the_timeout(rank, world):
+    """On the source the encode counts against timeout= (the one-call path
+    too): an encode that outlasts it sends nothing, and every rank raises
+    BroadcastTimeoutError instead of the source returning late."""
+    fb = _fb()
+    b = fb.Broadcaster(_group(), timeout=TIMEOUT_S, allow_pickle=True)
+    if rank == 0:
+        e, took = _expect(fb.BroadcastTimeoutError, b.broadcast, [_SlowToEncode()], src=0)
+        assert took < TIMEOUT_S + 0.5 + SLACK_S, took
+    else:
+        e, took = _expect(fb.BroadcastTimeoutError, b.broadcast, None, src=0)
+        assert TIMEOUT_S * 0.9 <= took < TIMEOUT_S + SLACK_S, took
+    assert "timed out" in str(e), str(e)
+
+
 @check
 def _check_corrupt_frame_header(rank, world):
     """A first chunk that is not a fastbcast frame (another protocol on the
@@ -437,6 +461,10 @@ def test_src_disagreement_no_source_times_out(two_rank_run):
 
 def test_stalled_peer_times_out(two_rank_run):
     _expect_ok(two_rank_run, "stalled_peer")
+
+
+def test_slow_encode_counts_against_the_timeout(two_rank_run):
+    _expect_ok(two_rank_run, "slow_encode_counts_against_the_timeout")
 
 
 def test_corrupt_frame_header_is_refused(two_rank_run):

@@ -376,6 +376,25 @@ def _check_stalled_source_times_out(rank, world):
     assert "timed out" in str(e) and "writer" in str(e), str(e)
 
 
+@check
+def _check_timeout_while_agreeing_gives_the_group_up(rank, world):
+    """The source comes late to a group's first call, where the ranks agree
+    on the transport: receivers raise BroadcastTimeoutError, and their later
+    calls are refused at once instead of agreeing again (which would wait
+    again, and pair with the late source's stale collectives)."""
+    fb = _fb()
+    b = fb.Broadcaster(_group(range(world), timeout=5), timeout=1.0)
+    if rank == 0:
+        time.sleep(1.5)
+        _expect(fb.BroadcastError, b.broadcast, "late", src=0)
+        return
+    e, took = _expect(fb.BroadcastTimeoutError, b.broadcast, None, src=0)
+    assert 0.9 <= took < 1.0 + SLACK_S and "agreeing on the transport" in str(e), (took, str(e))
+    for _ in range(2):
+        e, took = _expect(fb.BroadcastError, b.broadcast, None, src=0)
+        assert took < 0.5 and "can no longer be used" in str(e), (took, str(e))
+
+
 def _run_checks(rank, world_size, outdir, names):
     run_checks(rank, CHECKS, names, outdir, barrier_each=True)
     return rank
