@@ -854,7 +854,11 @@ void bind_shm(py::module_& m) {
                                      collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
               if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) return unsent_frame(e, cuda, 0);
             }
+            // The encode counts against the timeout, as on the general path;
+            // a call already past it sends nothing (receivers time out too).
             const WaitPolicy q = clock.left();
+            if (clock.p.timeout_s >= 0 && q.timeout_s <= 0)
+              throw ShmTimedOut("fastbcast: the encode used the call's timeout; nothing was sent");
             without_gil([&] { c.send(e.data, e.len, q); });
             return py::none();
           },

@@ -33,9 +33,9 @@ inline bool compact_long(PyObject* o, int64_t* v) {
 #endif
 }
 
-// True if instance `o` has a non-empty __dict__. Reads the dict slot
-// without creating a dict where there is none (PyObject_GenericGetDict
-// would, on the caller's object).
+// True if instance `o` has a non-empty __dict__, read through its dict
+// slot: a tensor that never had an attribute set gets no dict made for it
+// (PyObject_GenericGetDict would make one on the caller's object).
 inline bool has_attributes(PyObject* o) {
   PyObject** dict = _PyObject_GetDictPtr(o);
   return dict && *dict && PyDict_GET_SIZE(*dict) > 0;

@@ -376,6 +376,31 @@ def _check_stalled_source_times_out(rank, world):
     assert "timed out" in str(e) and "writer" in str(e), str(e)
 
 
+class _SlowToEncode:
+    """Pickled (allow_pickle) only after longer than the checks' timeout."""
+
+    def __reduce__(self):
+        time.sleep(1.5)
+        return (_SlowToEncode, ())
+
+
+@check
+def _check_slow_encode_counts_against_the_timeout(rank, world):
+    """The source's encode counts against timeout= on the one-slot path: an
+    encode that outlasts it publishes nothing, and every rank raises
+    BroadcastTimeoutError."""
+    fb = _fb()
+    b = fb.Broadcaster(_group(range(world), timeout=5), timeout=1.0, allow_pickle=True)
+    assert b.broadcast("set up" if rank == 0 else None, src=0) == "set up"
+    if rank == 0:
+        e, took = _expect(fb.BroadcastTimeoutError, b.broadcast, [_SlowToEncode()], src=0)
+        assert took < 1.5 + SLACK_S, took
+    else:
+        e, took = _expect(fb.BroadcastTimeoutError, b.broadcast, None, src=0)
+        assert 0.9 <= took < 1.0 + SLACK_S, took
+    assert "timed out" in str(e) or "timeout passed" in str(e), str(e)
+
+
 @check
 def _check_timeout_while_agreeing_gives_the_group_up(rank, world):
     """The source comes late to a group's first call, where the ranks agree
