@@ -12,6 +12,12 @@ call of each design and their ratio (pickle design / fastbcast: > 1 means
 fastbcast is faster), with the spread over three equal thirds of the run.
 
     python benchmarks/ab_small.py --world-size 4 --payloads empty,tiny_1req --blocks 200
+    python benchmarks/ab_small.py --backend nccl --world-size 2    # one GPU a rank
+
+With `--backend nccl` the designs run on an NCCL group (the pickle design's
+tensors on each rank's GPU, fastbcast staging through the device); the
+one-call path is for CPU groups only, so its "off" column repeats the
+fastbcast one there. The timing barriers use a gloo group in both cases.
 """
 import argparse
 import os
@@ -32,14 +38,19 @@ def _run(rank, world, port, args):
     from fastbcast.bench.payloads import payload_factory
     from fastbcast import transport
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = None
+    if args.backend == "nccl":
+        import torch
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    dist.init_process_group(args.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     g = dist.new_group(list(range(world)))
-    bar = dist.new_group(list(range(world)))
+    bar = dist.new_group(list(range(world)), backend="gloo")
     for name in args.payloads.split(","):
         obj = payload_factory(name)()
-        b = fastbcast.Broadcaster(g, transport="collective", allow_pickle=True)
+        b = fastbcast.Broadcaster(g, transport="collective", allow_pickle=True, device=device)
         designs = {
-            "pickle design": lambda: pickle_broadcast_pyobj(obj if rank == 0 else None, rank, g, 0),
+            "pickle design": lambda: pickle_broadcast_pyobj(obj if rank == 0 else None, rank, g, 0, device),
             "fastbcast-collective": lambda: b.broadcast(obj if rank == 0 else None, src=0),
             "python path": lambda: b.broadcast(obj if rank == 0 else None, src=0),
         }
@@ -60,7 +71,7 @@ def _run(rank, world, port, args):
             n = len(p) // 3
             thirds = [statistics.median(p[j * n:(j + 1) * n]) / statistics.median(f[j * n:(j + 1) * n])
                       for j in range(3)]
-            print(f"{name:16s} world {world}: pickle design {statistics.median(p):8.1f} us/call, "
+            print(f"{name:16s} {args.backend} world {world}: pickle design {statistics.median(p):8.1f} us/call, "
                   f"fastbcast-collective {statistics.median(f):8.1f} us/call, pickle / fastbcast = "
                   f"{statistics.median(p) / statistics.median(f):.2f}x (thirds: "
                   + ", ".join(f"{x:.2f}" for x in thirds) + f"); one-call path off {statistics.median(o):8.1f} us/call "
@@ -72,6 +83,7 @@ def _run(rank, world, port, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     p.add_argument("--payloads", default="empty,tiny_1req")
     p.add_argument("--blocks", type=int, default=100, help="timed blocks per design")
     p.add_argument("--block", type=int, default=10, help="calls per block")

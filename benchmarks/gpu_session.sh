@@ -5,6 +5,7 @@
 #   OUT=gpu-results bash benchmarks/gpu_session.sh tests     # NCCL tests + profile + 2-GPU table
 #   OUT=gpu-results bash benchmarks/gpu_session.sh bench     # the 4-GPU table
 #   OUT=gpu-results bash benchmarks/gpu_session.sh stream    # issue 12 on 2 GPUs (below)
+#   OUT=gpu-results bash benchmarks/gpu_session.sh small     # issue 10: [] and tiny_1req on NCCL vs the pickle design
 #
 # stream: the streaming tests (codec + NCCL), then for rollout_64x1k and
 # rollout_256x4k the phase profile and the designs side by side in one run
@@ -45,6 +46,15 @@ case "${1:-tests}" in
       CUDA_VISIBLE_DEVICES=0,1 timeout 60 python3 benchmarks/profile_broadcast.py --world-size 2 --backend nccl \
         --reps 10 --payloads "$p" --stream-bytes "${STREAM_BYTES:-262144,1048576}" 2>&1 | grep -v Warn \
         | tee -a "$OUT/profile_stream.log"
+    done
+    ;;
+  small)
+    # The collective transport on an NCCL group against the pickle design,
+    # interleaved (issue 10: no payload slower than the pickle design on the
+    # same transport); first_chunk 64 KiB (the NCCL default) and 4 KiB.
+    for fc in 65536 4096; do
+      FASTBCAST_FIRST_CHUNK=$fc CUDA_VISIBLE_DEVICES=0,1 timeout 200 python3 benchmarks/ab_small.py --backend nccl \
+        --world-size 2 --blocks 100 2>&1 | grep -v Warn | sed "s/^/first_chunk $fc: /" | tee -a "$OUT/ab_small_nccl.log"
     done
     ;;
 esac
