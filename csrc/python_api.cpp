@@ -609,6 +609,11 @@ void send_stream(ShmChannel& c, StreamEncoder& enc, StreamMessage msg, uint64_t 
   auto publish = [&](const StreamMessage& m) {
     const uint8_t* data = m.block.data_ptr<uint8_t>();
     const WaitPolicy q = clock.left();
+    // Past the call's timeout (an encode took it) nothing more is
+    // published, though a free slot would take it: the send fails, the
+    // group is given up and its readers see the ring closed.
+    if (clock.p.timeout_s >= 0 && q.timeout_s <= 0)
+      throw ShmTimedOut("fastbcast: the source's encode used the call's timeout; the rest of the stream was not sent");
     without_gil([&] { c.send(data, m.len, q); });
     if (m.device_len) {
       py::list tensors;

@@ -165,6 +165,33 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
     return dec.result()
 
 
+def drain(t, frame: torch.Tensor, payload_len: int, route: Route, deadline, chunk: int) -> None:
+    """Receiver, collective transport: follows a stream it refuses (the
+    source's chunk differs from this rank's) to its LAST segment without
+    keeping or decoding anything, so the source finishes and the ranks stay
+    in step. `frame` holds at least message 0's first STREAM_PREFIX_BYTES;
+    `chunk` is the source's."""
+    try:
+        dec = _C.StreamDecoder(frame, payload_len, False, ())
+    except ValueError as e:
+        raise _corrupt(route, e) from e
+    sink = _CollectiveSink(t, route, deadline, dec.segment_bytes, frame, chunk)
+    buf, first = frame, True
+    while True:
+        try:
+            msg_len, device_len, flags = dec.segment(buf)
+        except ValueError as e:
+            raise _corrupt(route, e) from e
+        if not first and buf.numel() < msg_len:
+            sink.rest(buf, msg_len, False)
+        if flags & _C.SEG_CUDA:
+            sink.device(device_len)
+        if flags & _C.SEG_LAST:
+            return
+        sink.post()
+        buf, first = sink.take(0), False
+
+
 def failure_of(b, route: Route, kind: str, detail, error: type) -> Exception:
     """What a receiver raises once a stream is over: kind "error" (the
     source's error segment; detail: its text), "max_bytes" (detail: the
@@ -253,8 +280,10 @@ class _CollectiveSink:
     plus one chunk (FORMAT.md 3.1): then the next message is posted only
     once this one is decoded, into the same buffer."""
 
-    def __init__(self, t: CollectiveTransport, route: Route, deadline, segment: int, first: torch.Tensor):
+    def __init__(self, t: CollectiveTransport, route: Route, deadline, segment: int, first: torch.Tensor,
+                 chunk: int | None = None):
         self.t, self.route, self.deadline, self.segment = t, route, deadline, segment
+        self.chunk = chunk or t.chunk     # the source's: a message past its segment comes in these
         self.ahead = t.chunk >= segment
         reuse = first if first.numel() >= segment else None
         self.host = [None, reuse]       # message 0 is decoded while message 1 moves into host[0]
@@ -294,11 +323,12 @@ class _CollectiveSink:
         and dropped (the segment header is all that is left)."""
         s = self.segment
         if not keep:
-            self.t.receive(None, s, msg_len, 0, self.route, self.deadline, "stream message collective")
+            self.t.receive(None, s, msg_len, 0, self.route, self.deadline, "stream message collective", self.chunk)
             return buf[:s]
         whole = _host(msg_len)
         whole[:s].copy_(buf[:s])
-        self.t.receive(whole, s, msg_len, msg_len, self.route, self.deadline, "stream message collective")
+        self.t.receive(whole, s, msg_len, msg_len, self.route, self.deadline, "stream message collective",
+                       self.chunk)
         return whole
 
     def device(self, nbytes: int) -> torch.Tensor:

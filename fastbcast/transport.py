@@ -263,12 +263,25 @@ class CollectiveTransport:
             msg = (f"chunk sizes differ between ranks: the source (global rank {route.src}) uses first_chunk="
                    f"{first_chunk}, chunk={chunk}; this rank (global rank {route.rank}) uses first_chunk={f}, "
                    f"chunk={self.chunk}. Configure every rank alike (FASTBCAST_FIRST_CHUNK / FASTBCAST_CHUNK).")
-            if first_chunk == f:
-                # Follow the source's chunking to the frame's end, so the
-                # source is not left sending, then raise.
-                self._drain(route, deadline, total, chunk)
-                if flags & _C.FLAG_CUDA:
-                    self.recv_device(device_len, route, deadline)
+            if first_chunk <= f:
+                # Follow the source's chunking to the frame's end (a stream:
+                # to its LAST segment), so the source is not left sending
+                # and the next call pairs with the next frame, then raise.
+                # (A source's first_chunk above this rank's ends in gloo
+                # itself: the first collective does not fit.)
+                if flags & _C.FLAG_STREAM:
+                    from . import stream
+                    keep = min(total, max(first_chunk, _C.STREAM_PREFIX_BYTES))
+                    if host.numel() < keep:
+                        bigger = _host(keep)
+                        bigger[:first_chunk].copy_(host[:first_chunk])
+                        host = bigger
+                    self.receive(host, first_chunk, total, keep, route, deadline, "collective", chunk)
+                    stream.drain(self, host[:keep], header[3], route, deadline, chunk)
+                else:
+                    self.receive(None, first_chunk, total, 0, route, deadline, "collective", chunk)
+                    if flags & _C.FLAG_CUDA:
+                        self.recv_device(device_len, route, deadline)
             raise ProtocolMismatch(msg)
         total = max(total, f)
         keep = total

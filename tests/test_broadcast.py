@@ -706,6 +706,23 @@ def _check_chunk_size_mismatch(rank, world):
             raise AssertionError(
                 "a normal broadcast on the same group right after the chunk-size mismatch failed: it read "
                 f"what was left of the rejected frame as a new frame ({e})") from e
+    # A stream (64 KiB segments; one item longer than a segment): receivers
+    # follow it to its end with the source's sizes, then raise; a different
+    # chunk, or a larger first_chunk on the receivers (the first collective
+    # still fits). Before, they drained message 0 only, and the next call's
+    # collectives met the rest of the stream (gloo aborted the process).
+    items = [bytes([i % 251]) * 1000 for i in range(200)] + [b"x" * 100_000] + [b"y" * 10] * 5
+    for sizes in ((4096, 1000), (8192, 2000)):
+        first_chunk, chunk = (4096, 2000) if rank == 0 else sizes
+        with fb.Broadcaster(g, first_chunk=first_chunk, chunk=chunk, stream_bytes=65536,
+                            transport="collective") as b:
+            if rank == 0:
+                assert b.broadcast(items, src=0) is items
+            else:
+                e = _raises(fb.BroadcastError, b.broadcast, None, src=0)
+                assert "chunk sizes differ" in str(e), str(e)
+        with fb.Broadcaster(g, first_chunk=4096, chunk=1000, transport="collective") as b:
+            _check_round(lambda o: b.broadcast(o, src=0), rank, 0, payload)
 
 
 @check

@@ -371,10 +371,11 @@ def _stalled_mid_stream(rank, world, transport, how):
     from fastbcast import Broadcaster, BroadcastError, BroadcastTimeoutError
 
     g = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=20))
-    b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=1.5)
+    timeout = None if how == "source_only" and rank else 1.5
+    b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=timeout)
     b.broadcast([1, 2] if rank == 0 else None, src=0)      # the transport is set up
     obj = [_bin(S // 2 - 64) for _ in range(10)]
-    if how == "stalled":
+    if how in ("stalled", "source_only"):
         obj[6] = SlowToEncode(4.0)                         # segment 3 of 5
     else:
         # Every segment a little late (0.35 s), none past the timeout alone:
@@ -399,6 +400,17 @@ def test_a_source_stalled_mid_stream_ends_receivers_at_their_timeout(transport, 
         assert outcome == "timeout" and seconds < 1.5 + 2.0, results
     # The source finds its receivers gone (or its own timeout); it does not hang.
     assert results[0][1] < 4.0 + 1.5 + 5.0, results
+
+
+def test_a_source_past_its_timeout_mid_stream_publishes_no_more():
+    """Shared memory, only the source has timeout=: its encode of segment 3
+    takes 4 s. A free slot would take the rest of the stream; instead the
+    source raises BroadcastTimeoutError at its next message and gives the
+    group up, and its receivers (no timeout) see the ring closed at once."""
+    results = run_distributed(_stalled_mid_stream, 3, "shm", "source_only", timeout=120)
+    assert results[0][0] == "timeout" and 4.0 <= results[0][1] < 4.0 + 5.0, results
+    for outcome, seconds in results[1:]:
+        assert outcome.startswith("error:") and "global rank 0" in outcome and seconds < 4.0 + 5.0, results
 
 
 
