@@ -835,9 +835,13 @@ class Encoder {
   }
 
   bool write_pickle(PyObject* o) {
-    PyObject* pickle = PyImport_ImportModule("pickle");
+    // An object whose __reduce_ex__ write_reduce has asked is pickled with
+    // that answer (fastbcast.codec._dumps_reduced): a reducer runs once.
+    const bool reduced = reduced_obj_ == o;
+    PyObject* pickle = PyImport_ImportModule(reduced ? "fastbcast.codec" : "pickle");
     if (!pickle) return false;
-    PyObject* b = PyObject_CallMethod(pickle, "dumps", "Oi", o, 5);
+    PyObject* b = reduced ? PyObject_CallMethod(pickle, "_dumps_reduced", "OO", o, reduced_rv_)
+                          : PyObject_CallMethod(pickle, "dumps", "Oi", o, 5);
     Py_DECREF(pickle);
     if (!b) return false;
     bool ok = write_ext_header(PyBytes_GET_SIZE(b), EXT_PICKLE);
@@ -1146,6 +1150,21 @@ class Encoder {
     if (!rv) return false;
     Hold hr(rv);
     Py_DECREF(rv);
+    // A pickle fallback of o below (write_pickle) reuses rv; an enclosing
+    // write_reduce's object is restored on the way out.
+    struct Reduced {
+      Encoder& e;
+      PyObject* prev_obj;
+      PyObject* prev_rv;
+      Reduced(Encoder& e, PyObject* obj, PyObject* r) : e(e), prev_obj(e.reduced_obj_), prev_rv(e.reduced_rv_) {
+        e.reduced_obj_ = obj;
+        e.reduced_rv_ = r;
+      }
+      ~Reduced() {
+        e.reduced_obj_ = prev_obj;
+        e.reduced_rv_ = prev_rv;
+      }
+    } reduced(*this, o, rv);
     Py_ssize_t n = PyTuple_Check(rv) ? PyTuple_GET_SIZE(rv) : 0;
     if (n < 2 || n > 6 || !PyTuple_Check(PyTuple_GET_ITEM(rv, 1)))
       return fallback(o, (std::string("unsupported type ") + Py_TYPE(o)->tp_name +
@@ -1630,6 +1649,8 @@ class Encoder {
   std::vector<PyObject*> memo_held_;     // strong references, one per memo slot
   std::vector<uint8_t> memo_ready_;      // 0 while a __reduce__'s arguments are being written
   size_t pickles_ = 0;                   // pickle exts written so far
+  PyObject* reduced_obj_ = nullptr;      // write_reduce's object and its __reduce_ex__ value (borrowed)
+  PyObject* reduced_rv_ = nullptr;
   bool cycle_ = false;                   // the walk failed on a reference cycle that may travel as a pickle
   bool cycle_top_ = false;               // ... and the cycle runs through stack_[0]
 };

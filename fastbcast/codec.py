@@ -8,6 +8,8 @@ module prefix.
 """
 from __future__ import annotations
 
+import io
+import pickle
 from typing import Any, Iterable
 
 import torch
@@ -15,6 +17,25 @@ import torch
 from ._loader import _C
 
 DecodeError = _C.DecodeError
+
+
+class _ReducedOnce(pickle.Pickler):
+    # The encoder asked `obj.__reduce_ex__` before deciding it must travel
+    # as a pickle; pickle is handed that answer instead of asking again, so
+    # the reducer runs once, as with pickle alone.
+    def __init__(self, file, obj, reduced):
+        super().__init__(file, 5)
+        self._obj, self._reduced = obj, reduced
+
+    def reducer_override(self, obj):
+        return self._reduced if obj is self._obj else NotImplemented
+
+
+def _dumps_reduced(obj, reduced) -> bytes:
+    """pickle.dumps(obj, 5) with `reduced`, obj's __reduce_ex__ value, as its reduction (called by the encoder)."""
+    f = io.BytesIO()
+    _ReducedOnce(f, obj, reduced).dump(obj)
+    return f.getvalue()
 
 
 class BufferTooSmallError(ValueError):

@@ -278,6 +278,35 @@ def test_reduce_to_an_untrusted_callable_is_pickled_or_refused_on_the_source():
     assert "register" not in str(info.value)  # register() would not help
 
 
+class _CountsReduce:
+    """Pickles through an untrusted module-level factory, counting its reducer's calls."""
+    calls = 0
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        _CountsReduce.calls += 1
+        return _counted, (self.n,)
+
+
+def _counted(n):
+    return _CountsReduce(n)
+
+
+def test_an_object_that_travels_as_a_pickle_is_reduced_once():
+    # The encoder asks __reduce_ex__ to see whether the object travels
+    # natively; pickle is given that answer, so a reducer with side effects
+    # (or a slow one, against timeout=) runs once, as with pickle.
+    x = [_CountsReduce(1), {"again": _CountsReduce(2)}]
+    _CountsReduce.calls = 0
+    pickle.dumps(x)
+    assert _CountsReduce.calls == 2
+    _CountsReduce.calls = 0
+    out = decode(encode(x, allow_pickle=True), allow_pickle=True)
+    assert _CountsReduce.calls == 2 and [out[0].n, out[1]["again"].n] == [1, 2]
+
+
 def test_reduce_to_a_callable_no_receiver_can_find_is_refused_without_a_trust_hint():
     def make(n):  # a local function: no module-level name finds it
         return n
