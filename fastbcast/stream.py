@@ -41,7 +41,7 @@ import torch
 
 from ._loader import _C
 from .mesh import Route
-from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _to_host, post_bcast,
+from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _left, _to_host, post_bcast,
                         shm_geometry, wait)
 
 __all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
@@ -234,6 +234,7 @@ class _CollectiveSource:
         self.n = 0
 
     def send(self, block: torch.Tensor, nbytes: int) -> None:
+        _left(self.deadline)     # past the call's timeout (an encode took it) nothing more is posted
         if len(self.inflight) >= 2:
             self._finish_one()   # the oldest message; its device slot is the one this message takes
         buf, event = block, None

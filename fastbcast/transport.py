@@ -89,7 +89,10 @@ def bcast(tensor: torch.Tensor, route: Route, deadline: float | None, what: str)
     `deadline` when there is one. This is every broadcast of the protocol,
     the per-step call's included, so it calls the ProcessGroup itself:
     `dist.broadcast`'s Python checks cost more than the rest of a small
-    call's Python on the source (BENCHMARKS.md, section 0b)."""
+    call's Python on the source (BENCHMARKS.md, section 0b). A call past
+    its deadline posts nothing (a gloo root's broadcast would complete into
+    receivers that may already have given up)."""
+    _left(deadline)
     wait(post_bcast(tensor, route, what), deadline, what)
 
 
