@@ -588,6 +588,9 @@ struct CallClock {
           0.0, p.timeout_s - std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
     return q;
   }
+  // A send past the call's timeout (an encode took it) sends nothing: a
+  // free slot, or a gloo root's broadcast, would otherwise take it.
+  bool passed(const WaitPolicy& q) const { return p.timeout_s >= 0 && q.timeout_s <= 0; }
 };
 
 [[noreturn]] void raise_object(const py::object& e) {
@@ -609,10 +612,8 @@ void send_stream(ShmChannel& c, StreamEncoder& enc, StreamMessage msg, uint64_t 
   auto publish = [&](const StreamMessage& m) {
     const uint8_t* data = m.block.data_ptr<uint8_t>();
     const WaitPolicy q = clock.left();
-    // Past the call's timeout (an encode took it) nothing more is
-    // published, though a free slot would take it: the send fails, the
-    // group is given up and its readers see the ring closed.
-    if (clock.p.timeout_s >= 0 && q.timeout_s <= 0)
+    // The send fails, the group is given up and its readers see the ring closed.
+    if (clock.passed(q))
       throw ShmTimedOut("fastbcast: the source's encode used the call's timeout; the rest of the stream was not sent");
     without_gil([&] { c.send(data, m.len, q); });
     if (m.device_len) {
@@ -859,10 +860,8 @@ void bind_shm(py::module_& m) {
                                      collect_cuda ? &cuda : nullptr, &c.scratch(), slot);
               if (e.len > slot || !cuda.empty() || e.len - kHeaderBytes > max_bytes) return unsent_frame(e, cuda, 0);
             }
-            // The encode counts against the timeout, as on the general path;
-            // a call already past it sends nothing (receivers time out too).
             const WaitPolicy q = clock.left();
-            if (clock.p.timeout_s >= 0 && q.timeout_s <= 0)
+            if (clock.passed(q))
               throw ShmTimedOut("fastbcast: the encode used the call's timeout; nothing was sent");
             without_gil([&] { c.send(e.data, e.len, q); });
             return py::none();
@@ -980,7 +979,6 @@ void bind_collective(py::module_& m) {
       PyErr_SetString(g_collective_error, (e.type + ": " + e.what()).c_str());
     }
   });
-  auto seconds = [](const std::optional<double>& t) { return t ? std::max(*t, 0.0) : -1.0; };
 
   using G = GroupCollective;
   py::class_<G, std::shared_ptr<G>>(m, "CollectiveChannel",
@@ -1005,7 +1003,7 @@ void bind_collective(py::module_& m) {
           "Where frames are received (at least first_chunk bytes; None: a pool block at the next receive).")
       .def(
           "send_object",
-          [seconds](G& g, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
+          [](G& g, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
                     uint16_t version, uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda,
                     const py::object& trusted, uint64_t max_bytes, std::optional<double> timeout_s, py::handle,
                     py::handle, py::handle) -> py::object {
@@ -1015,7 +1013,7 @@ void bind_collective(py::module_& m) {
             // moves that much), so broadcaster/route/deadline go unused.
             if (first_chunk != g.first_chunk() || chunk != g.chunk())
               throw py::value_error("first_chunk/chunk differ from the channel's");
-            const auto started = std::chrono::steady_clock::now();
+            const CallClock clock(timeout_s);
             g.sending = false;
             if (streamable(obj.ptr(), stream_bytes))
               return encode_frame_or_stream(obj, stream_bytes, first_chunk, chunk, version, seq, compat,
@@ -1030,15 +1028,12 @@ void bind_collective(py::module_& m) {
             if (e.len > first_chunk || !cuda.empty() || e.len - kHeaderBytes > max_bytes)
               return unsent_frame(e, cuda, first_chunk);
             at::Tensor frame = e.block.defined() ? e.block.narrow(0, 0, first_chunk) : g.scratch_tensor();
-            // The encode counts against the timeout, as on the general path;
-            // a call already past it sends nothing (receivers time out too).
-            double t = seconds(timeout_s);
-            if (t >= 0) t -= std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+            const WaitPolicy q = clock.left();  // the encode counts against the timeout
             g.sending = true;
-            if (timeout_s && t <= 0) throw CollectiveFailed("RuntimeError", "timed out: the encode used the call's timeout");
+            if (clock.passed(q)) throw CollectiveFailed("RuntimeError", "timed out: the encode used the call's timeout");
             {
               py::gil_scoped_release nogil;
-              g.broadcast(frame, g.root, t);
+              g.broadcast(frame, g.root, q.timeout_s);
             }
             g.sending = false;
             return py::none();
@@ -1056,7 +1051,7 @@ void bind_collective(py::module_& m) {
                              "transport's, not the encoder's.")
       .def(
           "recv_object",
-          [seconds](G& g, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle,
+          [](G& g, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle,
                     const py::object& trusted, std::optional<double> timeout_s, py::handle, py::handle,
                     py::handle) -> py::object {
             // A plain frame of this version and call number within the first
@@ -1064,7 +1059,7 @@ void bind_collective(py::module_& m) {
             // (SHM_NOT_INLINE is returned): take() gives its first
             // collective to the general path, which says what is wrong.
             at::Tensor buf = g.buffer().narrow(0, 0, g.first_chunk());
-            const double t = seconds(timeout_s);
+            const double t = CallClock(timeout_s).p.timeout_s;
             {
               py::gil_scoped_release nogil;
               g.broadcast(buf, g.root, t);

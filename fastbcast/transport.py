@@ -275,14 +275,11 @@ class CollectiveTransport:
                 if flags & _C.FLAG_STREAM:
                     from . import stream
                     keep = min(total, max(first_chunk, _C.STREAM_PREFIX_BYTES))
-                    if host.numel() < keep:
-                        bigger = _host(keep)
-                        bigger[:first_chunk].copy_(host[:first_chunk])
-                        host = bigger
+                    host = _grown(host, keep, first_chunk)
                     self.receive(host, first_chunk, total, keep, route, deadline, "collective", chunk)
                     stream.drain(self, host[:keep], header[3], route, deadline, chunk)
                 else:
-                    self.receive(None, first_chunk, total, 0, route, deadline, "collective", chunk)
+                    self._drain(route, deadline, total, chunk, first_chunk)
                     if flags & _C.FLAG_CUDA:
                         self.recv_device(device_len, route, deadline)
             raise ProtocolMismatch(msg)
@@ -297,10 +294,7 @@ class CollectiveTransport:
             # Over max_bytes already, but a stream goes on after message 0:
             # its prologue is all the receiver needs to follow the rest.
             keep = min(total, max(f, _C.STREAM_PREFIX_BYTES))
-        if host.numel() < keep:
-            bigger = _host(keep)
-            bigger[:f].copy_(host[:f])
-            host = bigger
+        host = _grown(host, keep, f)
         self._keep(host)
         self.receive(host, f, total, keep, route, deadline, "collective")
         return (host if keep == total else host[:keep]), header
@@ -334,10 +328,11 @@ class CollectiveTransport:
         if dev is not None and keep > have:
             _to_host(dev, buf, have, keep)
 
-    def _drain(self, route: Route, deadline, total: int, chunk: int) -> None:
-        """Receives the rest of a refused frame into one reused piece of at
-        most `chunk` bytes, so the source finishes and nothing large is kept."""
-        self.receive(None, self.first_chunk, total, 0, route, deadline, "collective", chunk)
+    def _drain(self, route: Route, deadline, total: int, chunk: int, have: int | None = None) -> None:
+        """Receives the rest of a refused frame (past its first `have` bytes,
+        default first_chunk) into one reused piece of at most `chunk` bytes,
+        so the source finishes and nothing large is kept."""
+        self.receive(None, have or self.first_chunk, total, 0, route, deadline, "collective", chunk)
 
     def release(self) -> None:
         """Receiver: done with the frame returned by recv. Its buffer is kept
@@ -675,7 +670,8 @@ class ShmTransport:
     def send(self, block: torch.Tensor, nbytes: int, route: Route, deadline) -> None:
         ch = self.state.ring(route, self.collective, deadline)
         if ch is None:
-            self.collective.send(_padded(block, nbytes, self.collective.first_chunk), nbytes, route, deadline)
+            # The collective path reads first_chunk bytes of the source's block.
+            self.collective.send(_grown(block, self.collective.first_chunk, nbytes), nbytes, route, deadline)
             return
         _shm_call(ch.send, block, nbytes, _left(deadline))
 
@@ -710,12 +706,12 @@ class ShmTransport:
         self.collective.close()
 
 
-def _padded(block: torch.Tensor, nbytes: int, first_chunk: int) -> torch.Tensor:
-    """The collective path reads first_chunk bytes of the source's block."""
-    if block.numel() >= first_chunk:
-        return block
-    bigger = _host(first_chunk)
-    bigger[:nbytes].copy_(block[:nbytes])
+def _grown(host: torch.Tensor, nbytes: int, have: int) -> torch.Tensor:
+    """`host`, or a buffer of at least nbytes holding its first `have` bytes."""
+    if host.numel() >= nbytes:
+        return host
+    bigger = _host(nbytes)
+    bigger[:have].copy_(host[:have])
     return bigger
 
 
@@ -730,22 +726,14 @@ def _shm_call(fn, *args):
 CHANNEL_ERRORS = (_C.ShmTimeoutError, _C.ShmPeerError, _C.CollectiveError)
 
 
-def channel_failure(e: BaseException, deadline: float | None = None, what: str = "") -> BaseException:
-    """What an inline channel's exception means to the protocol; `what`
-    names the collective a CollectiveError came from."""
-    if isinstance(e, _C.ShmTimeoutError):
-        return TransportTimeout(str(e))
-    if isinstance(e, _C.ShmPeerError):
-        return TransportError(str(e))
-    if isinstance(e, _C.CollectiveError):
-        return _failure(e, deadline, what)
-    return e
-
-
 def raise_channel_failure(e: BaseException, deadline: float | None = None, what: str = ""):
-    """Raises channel_failure(e, ...) from e; e itself when it means nothing
-    more (so it does not become its own __cause__)."""
-    failure = channel_failure(e, deadline, what)
-    if failure is e:
-        raise e
-    raise failure from e
+    """Raises what an inline channel's exception means to the protocol, from
+    e (a TransportTimeout / TransportError); e itself if it means nothing
+    more. `what` names the collective a CollectiveError came from."""
+    if isinstance(e, _C.ShmTimeoutError):
+        raise TransportTimeout(str(e)) from e
+    if isinstance(e, _C.ShmPeerError):
+        raise TransportError(str(e)) from e
+    if isinstance(e, _C.CollectiveError):
+        raise _failure(e, deadline, what) from e
+    raise e
