@@ -110,7 +110,7 @@ def encode_failure(route: Route, e: BaseException) -> str:
     return f"source (global rank {route.src}) failed to encode: {type(e).__name__}: {e}"
 
 
-def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, error: type):
+def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, error: type, chunk: int | None = None):
     """Receiver, collective transport: the object of a frame with FLAG_STREAM (message 0 in
     `frame`, or only its first STREAM_PREFIX_BYTES when it alone is over
     max_bytes). Follows the whole stream whatever happens; then raises the
@@ -118,14 +118,20 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
     or a stream over max_bytes, the DecodeError of a segment that did not
     decode. Once a failure is known the messages after it are drained, not
     kept: max_bytes is checked against each message's length before its
-    bytes are received."""
+    bytes are received.
+
+    b None: the stream is refused before it starts (the source's `chunk`
+    differs from this rank's); it is only followed to its LAST segment,
+    nothing kept or decoded, so the source finishes and the ranks stay in
+    step. Returns None then."""
     payload_len = header[3]
     try:
-        dec = _C.StreamDecoder(frame, payload_len, b.allow_pickle, b.trusted)
+        dec = _C.StreamDecoder(frame, payload_len, b is not None and b.allow_pickle, b.trusted if b else ())
     except ValueError as e:
         raise _corrupt(route, e) from e
-    sink = _CollectiveSink(_collective(t), route, deadline, dec.segment_bytes, frame)
-    failure, over, error_end = None, False, False
+    sink = _CollectiveSink(_collective(t), route, deadline, dec.segment_bytes, frame, chunk)
+    failure, over, error_end = None, b is None, False
+    limit = b.max_bytes if b is not None else 0
     got = -_C.HEADER_BYTES
     buf, first = frame, True    # message 0 came as a frame: whole, or (over max_bytes) drained
     while True:
@@ -134,7 +140,7 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
         except ValueError as e:
             raise _corrupt(route, e) from e
         following = failure is None and not over
-        fits = got + msg_len + device_len <= b.max_bytes
+        fits = got + msg_len + device_len <= limit
         if not first and buf.numel() < msg_len:
             buf = sink.rest(buf, msg_len, following and fits)
         device_buffer = sink.device(device_len) if flags & _C.SEG_CUDA else None
@@ -155,7 +161,9 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
                     failure = e
         if last:
             break
-        buf, first = sink.take(b.max_bytes - got if failure is None and not over else 0), False
+        buf, first = sink.take(), False
+    if b is None:
+        return None
     if over:
         # Followed to its end, the stream's size is known, unless the
         # source cut it off with an error segment.
@@ -163,33 +171,6 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
     if failure is not None:
         raise failure
     return dec.result()
-
-
-def drain(t, frame: torch.Tensor, payload_len: int, route: Route, deadline, chunk: int) -> None:
-    """Receiver, collective transport: follows a stream it refuses (the
-    source's chunk differs from this rank's) to its LAST segment without
-    keeping or decoding anything, so the source finishes and the ranks stay
-    in step. `frame` holds at least message 0's first STREAM_PREFIX_BYTES;
-    `chunk` is the source's."""
-    try:
-        dec = _C.StreamDecoder(frame, payload_len, False, ())
-    except ValueError as e:
-        raise _corrupt(route, e) from e
-    sink = _CollectiveSink(t, route, deadline, dec.segment_bytes, frame, chunk)
-    buf, first = frame, True
-    while True:
-        try:
-            msg_len, device_len, flags = dec.segment(buf)
-        except ValueError as e:
-            raise _corrupt(route, e) from e
-        if not first and buf.numel() < msg_len:
-            sink.rest(buf, msg_len, False)
-        if flags & _C.SEG_CUDA:
-            sink.device(device_len)
-        if flags & _C.SEG_LAST:
-            return
-        sink.post()
-        buf, first = sink.take(0), False
 
 
 def failure_of(b, route: Route, kind: str, detail, error: type) -> Exception:
@@ -308,7 +289,7 @@ class _CollectiveSink:
         if self.ahead:
             self._post()
 
-    def take(self, room: int) -> torch.Tensor:
+    def take(self) -> torch.Tensor:
         if not self.ahead:
             self._post()
         j, work = self.pending

@@ -277,7 +277,7 @@ class CollectiveTransport:
                     keep = min(total, max(first_chunk, _C.STREAM_PREFIX_BYTES))
                     host = _grown(host, keep, first_chunk)
                     self.receive(host, first_chunk, total, keep, route, deadline, "collective", chunk)
-                    stream.drain(self, host[:keep], header[3], route, deadline, chunk)
+                    stream.receive(None, self, host[:keep], header, route, deadline, None, chunk)
                 else:
                     self._drain(route, deadline, total, chunk, first_chunk)
                     if flags & _C.FLAG_CUDA:
