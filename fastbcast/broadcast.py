@@ -433,7 +433,8 @@ class Broadcaster:
         state = self._state
         dead = state.dead_ranks(route) if state is not None else []
         if dead:
-            error = TransportError(f"{error}; dead: " + ", ".join(f"global rank {r} (pid {p})" for r, p in dead))
+            gone = ", ".join(f"global rank {r} (pid {p})" for r, p in dead)
+            error = TransportError(f"{error}; no longer running (killed or exited): {gone}")
         if isinstance(error, TransportTimeout) and not dead:
             state.give_up(f"{what} timed out after {self.timeout:g} s on {where}")
             raise BroadcastTimeoutError(
