@@ -126,7 +126,7 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
     step. Returns None then."""
     payload_len = header[3]
     try:
-        dec = _C.StreamDecoder(frame, payload_len, b is not None and b.allow_pickle, b.trusted if b else ())
+        dec = _C.StreamDecoder(frame, payload_len, b is not None and b.allow_pickle, () if b is None else b.trusted)
     except ValueError as e:
         raise _corrupt(route, e) from e
     sink = _CollectiveSink(_collective(t), route, deadline, dec.segment_bytes, frame, chunk)
