@@ -589,7 +589,10 @@ class Broadcaster:
             failure = e
         self._check_seq(header[7], route)
         if failure is not None:
-            raise failure
+            try:
+                raise failure
+            finally:
+                failure = None   # see stream.receive: no exception -> traceback -> frame cycle
         return obj
 
 

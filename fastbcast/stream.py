@@ -169,7 +169,15 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
         # source cut it off with an error segment.
         failure = failure_of(b, route, "max_bytes", None if error_end else got, error)
     if failure is not None:
-        raise failure
+        try:
+            raise failure
+        finally:
+            # This frame is in the traceback: a local still naming the
+            # exception would make a cycle that keeps the frame's buffers
+            # and the Broadcaster (its process group) alive until the
+            # cyclic GC runs; left to interpreter exit, after
+            # destroy_process_group, gloo then sometimes aborts the process.
+            failure = None
     return dec.result()
 
 
@@ -233,8 +241,9 @@ class _CollectiveSource:
         # length: receivers post it before they know that length.
         s, c = self.segment, self.t.chunk
         works = [post_bcast(buf[:s], self.route, "a stream message")]
-        works += [post_bcast(buf[off:min(off + c, nbytes)], self.route, "a stream message")
-                  for off in range(s, nbytes, c)]
+        for off in range(s, nbytes, c):
+            _left(self.deadline)     # posting many small chunks takes time too: the timeout bounds it
+            works.append(post_bcast(buf[off:min(off + c, nbytes)], self.route, "a stream message"))
         self.inflight.append((block, works, event))
 
     def send_device(self, buf: torch.Tensor) -> None:

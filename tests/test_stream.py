@@ -51,6 +51,10 @@ class SlowToEncode:
 fastbcast.register(SlowToEncode)
 
 
+class SourceOnly:
+    """Registered on the source only: receivers refuse to decode it."""
+
+
 class Interrupting:
     """Its __reduce__ raises KeyboardInterrupt: Ctrl-C in the source's encode."""
 
@@ -372,10 +376,15 @@ def _stalled_mid_stream(rank, world, transport, how):
 
     g = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=20))
     timeout = None if how == "source_only" and rank else 1.5
-    b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=CHUNK, timeout=timeout)
+    b = Broadcaster(g, transport=transport, stream_bytes=S, chunk=1 if how == "tiny_chunks" else CHUNK,
+                    timeout=timeout)
     b.broadcast([1, 2] if rank == 0 else None, src=0)      # the transport is set up
     obj = [_bin(S // 2 - 64) for _ in range(10)]
-    if how in ("stalled", "source_only"):
+    if how == "tiny_chunks":
+        # A message of 400 KB posted as one-byte collectives: posting them
+        # alone outlasts the timeout, which bounds it too.
+        obj[3] = _bin(400_000)
+    elif how in ("stalled", "source_only"):
         obj[6] = SlowToEncode(4.0)                         # segment 3 of 5
     else:
         # Every segment a little late (0.35 s), none past the timeout alone:
@@ -400,6 +409,15 @@ def test_a_source_stalled_mid_stream_ends_receivers_at_their_timeout(transport, 
         assert outcome == "timeout" and seconds < 1.5 + 2.0, results
     # The source finds its receivers gone (or its own timeout); it does not hang.
     assert results[0][1] < 4.0 + 1.5 + 5.0, results
+
+
+def test_a_source_posting_tiny_chunks_keeps_its_timeout():
+    """Collective transport, chunk=1: the source's call ends at its timeout
+    like its receivers' (it posted every chunk of a message before looking
+    at the clock: 20 s past a 5 s timeout)."""
+    results = run_distributed(_stalled_mid_stream, 2, "collective", "tiny_chunks", timeout=120)
+    for outcome, seconds in results:
+        assert outcome == "timeout" and seconds < 1.5 + 1.5, results
 
 
 def test_a_source_past_its_timeout_mid_stream_publishes_no_more():
@@ -588,6 +606,47 @@ def _interrupt_and_caps_run(rank, world, transport):
                 out["reason_under_cap"] = rank != 0 and "failed to encode" in str(e) and "max_bytes" not in str(e)
     out["transport"] = b.transport
     return out
+
+
+def _refused_stream_frees_at_once_run(rank, world, transport):
+    import weakref
+
+    from fastbcast import Broadcaster, BroadcastError
+
+    if rank == 0:
+        fastbcast.register(SourceOnly)     # the receiver cannot rebuild the last item
+    out = {}
+    for name, obj in (("max_bytes", [_bin(3 * S) for _ in range(3)]),
+                      ("decode", [_bin(S // 2) for _ in range(10)] + [SourceOnly()])):
+        gc.disable()
+        try:
+            b = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK,
+                            max_bytes=S if rank == 1 and name == "max_bytes" else None)
+            try:
+                b.broadcast(obj if rank == 0 else None, src=0)
+                out[name] = "no error" if rank == 1 else "ok"
+            except (BroadcastError, fastbcast.DecodeError) as e:
+                out[name] = type(e).__name__
+            ref = weakref.ref(b)
+            del b
+            out[name + "_freed"] = ref() is None
+        finally:
+            gc.enable()
+    return out
+
+
+@pytest.mark.parametrize("transport", ["collective", "shm"])
+def test_a_refused_stream_leaves_no_reference_cycle(transport):
+    """A receiver that raises after following a stream (over its
+    max_bytes, or a segment it cannot decode) frees its Broadcaster as soon
+    as the caller drops it, without the cyclic GC: a cycle through the
+    raised exception's traceback kept the Broadcaster (and its process
+    group) alive to interpreter exit, where gloo sometimes aborted the
+    process after destroy_process_group."""
+    res = run_distributed(_refused_stream_frees_at_once_run, 2, transport, timeout=120)
+    assert res[0] == {"max_bytes": "ok", "max_bytes_freed": True, "decode": "ok", "decode_freed": True}, res[0]
+    assert res[1] == {"max_bytes": "BroadcastError", "max_bytes_freed": True, "decode": "DecodeError",
+                      "decode_freed": True}, res[1]
 
 
 @pytest.mark.parametrize("transport", ["collective", "shm"])
