@@ -23,21 +23,13 @@ at::Tensor& GroupCollective::buffer() {
   return buffer_;
 }
 
-void GroupCollective::broadcast(const at::Tensor& t, int root, double timeout_s) {
-  ++collectives_;
-  std::vector<at::Tensor> tensors{t};
-  c10d::BroadcastOptions opts;
-  opts.rootRank = root;
-  opts.rootTensor = 0;
+namespace {
+
+// c10d's errors as CollectiveFailed, keeping their class for the message.
+template <typename F>
+auto translated(F f) -> decltype(f()) {
   try {
-    auto work = pg_->broadcast(tensors, opts);
-    if (timeout_s < 0) {
-      work->wait();
-    } else {
-      // Rounded up: a wait of 0 ms would mean "no timeout" to some backends.
-      auto ms = std::chrono::milliseconds(std::max<int64_t>(1, int64_t(std::ceil(timeout_s * 1e3))));
-      work->wait(ms);
-    }
+    return f();
   } catch (const c10::DistBackendError& e) {
     throw CollectiveFailed("DistBackendError", e.what_without_backtrace());
   } catch (const c10::DistNetworkError& e) {
@@ -46,9 +38,38 @@ void GroupCollective::broadcast(const at::Tensor& t, int root, double timeout_s)
     throw CollectiveFailed("DistStoreError", e.what_without_backtrace());
   } catch (const c10::Error& e) {
     throw CollectiveFailed("RuntimeError", e.what_without_backtrace());
+  } catch (const CollectiveFailed&) {
+    throw;
   } catch (const std::exception& e) {
     throw CollectiveFailed("RuntimeError", e.what());
   }
+}
+
+}  // namespace
+
+c10::intrusive_ptr<c10d::Work> GroupCollective::post(const at::Tensor& t, int root) {
+  ++collectives_;
+  std::vector<at::Tensor> tensors{t};
+  c10d::BroadcastOptions opts;
+  opts.rootRank = root;
+  opts.rootTensor = 0;
+  return translated([&] { return pg_->broadcast(tensors, opts); });
+}
+
+void GroupCollective::wait_for(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s) {
+  translated([&] {
+    if (timeout_s < 0) {
+      work->wait();
+    } else {
+      // Rounded up: a wait of 0 ms would mean "no timeout" to some backends.
+      auto ms = std::chrono::milliseconds(std::max<int64_t>(1, int64_t(std::ceil(timeout_s * 1e3))));
+      work->wait(ms);
+    }
+  });
+}
+
+void GroupCollective::broadcast(const at::Tensor& t, int root, double timeout_s) {
+  wait_for(post(t, root), timeout_s);
 }
 
 }  // namespace fastbcast

@@ -34,6 +34,12 @@ class GroupCollective {
   // and waits for it, at most timeout_s seconds (< 0: the group's own
   // timeout). Call without the GIL. Throws CollectiveFailed.
   void broadcast(const at::Tensor& t, int root, double timeout_s);
+  // The two halves of broadcast(): post starts one without waiting (it only
+  // queues it: the GIL may be held) and keeps t alive until it completes;
+  // wait_for waits, at most timeout_s seconds (< 0: the group's own
+  // timeout), without the GIL. Both throw CollectiveFailed.
+  c10::intrusive_ptr<c10d::Work> post(const at::Tensor& t, int root);
+  static void wait_for(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s);
 
   // The source of the frames sent and received next, as a group rank.
   int root = 0;
@@ -55,6 +61,8 @@ class GroupCollective {
   // Source: inside broadcast(), or a broadcast that threw: a failure then is
   // the transport's, not the encoder's.
   bool sending = false;
+  // Source: the failure came while send_object sent a stream.
+  bool streaming = false;
 
   // Receiver: where frames are received, at least first_chunk bytes: the
   // caller's kept receive buffer (set_buffer), else a pool block taken at

@@ -519,6 +519,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <deque>
 #include <optional>
 
 #include "shm_channel.h"
@@ -599,30 +600,27 @@ struct CallClock {
 }
 
 // A stream (FORMAT.md section 3.1) sent whole by its source: message 0
-// (`msg`, within max_bytes) and every later message, each published as soon
-// as it is encoded; a segment's CUDA tensors go to
+// (`msg`, within max_bytes) and every later message, each handed to
+// pipe.send as soon as it is encoded; a segment's CUDA tensors go to
 // b._stream_send_device(tensors, device_len, route, deadline) after its
 // message. An encode that fails, or messages past max_bytes, end the stream
 // with an error segment (text, and for max_bytes the exception, from
 // b._stream_cut(route, error or None, bytes so far, last)); then
 // b._told_receivers is set and the error raised: the group stays in step.
-// Until the stream ends, c.sending() says a failure is the send's.
-void send_stream(ShmChannel& c, StreamEncoder& enc, StreamMessage msg, uint64_t max_bytes, const CallClock& clock,
-                 py::handle b, py::handle route, py::handle deadline) {
+// pipe.finish() waits for what is still moving; until it returns,
+// pipe.in_stream(true) has the channel say a failure is the send's.
+template <typename Pipe>
+void send_stream(Pipe& pipe, StreamEncoder& enc, StreamMessage msg, uint64_t max_bytes, py::handle b,
+                 py::handle route, py::handle deadline) {
   auto publish = [&](const StreamMessage& m) {
-    const uint8_t* data = m.block.data_ptr<uint8_t>();
-    const WaitPolicy q = clock.left();
-    // The send fails, the group is given up and its readers see the ring closed.
-    if (clock.passed(q))
-      throw ShmTimedOut("fastbcast: the source's encode used the call's timeout; the rest of the stream was not sent");
-    without_gil([&] { c.send(data, m.len, q); });
+    pipe.send(m);
     if (m.device_len) {
       py::list tensors;
       for (auto& t : m.cuda) tensors.append(steal(THPVariable_Wrap(t)));
       b.attr("_stream_send_device")(tensors, m.device_len, route, deadline);
     }
   };
-  c.set_in_stream(true);
+  pipe.in_stream(true);
   uint64_t sent = msg.len - kHeaderBytes + msg.device_len;  // as max_bytes counts it
   publish(msg);
   for (bool last = false; !last;) {
@@ -641,7 +639,8 @@ void send_stream(ShmChannel& c, StreamEncoder& enc, StreamMessage msg, uint64_t 
     msg = StreamMessage();  // past max_bytes: not sent, the error segment takes its index
     py::tuple cut = b.attr("_stream_cut")(route, raised ? raised->value() : py::none(), sent, last);
     publish(enc.error_segment(cut[1].cast<std::string>(), made));
-    c.set_in_stream(false);
+    pipe.finish();
+    pipe.in_stream(false);
     b.attr("_told_receivers") = true;
     if (raised) {
       raised->restore();
@@ -649,8 +648,74 @@ void send_stream(ShmChannel& c, StreamEncoder& enc, StreamMessage msg, uint64_t 
     }
     raise_object(cut[0]);
   }
-  c.set_in_stream(false);
+  pipe.finish();
+  pipe.in_stream(false);
 }
+
+// Shared memory: each message is one ring message, published at once (the
+// ring holds up to its slot count ahead of the slowest reader).
+struct ShmPipe {
+  ShmChannel& c;
+  const CallClock& clock;
+  void send(const StreamMessage& m) {
+    const WaitPolicy q = clock.left();
+    // The send fails, the group is given up and its readers see the ring closed.
+    if (clock.passed(q))
+      throw ShmTimedOut("fastbcast: the source's encode used the call's timeout; the rest of the stream was not sent");
+    without_gil([&] { c.send(m.block.data_ptr<uint8_t>(), m.len, q); });
+  }
+  void finish() {}
+  void in_stream(bool on) { c.set_in_stream(on); }
+};
+
+// What a receiver has taken of a stream so far (FORMAT.md section 3.1), on
+// either transport: each message is decoded, or noted as the failure that
+// ends the decoding (the rest is followed, not kept), and the first failure
+// is raised only once every message is in.
+struct StreamFollower {
+  StreamDecoder& dec;
+  uint64_t max_bytes;
+  py::handle b, route;
+  std::optional<py::error_already_set> decode_error;
+  py::object failure;
+  bool over = false, error_end = false;
+  // Bytes of every message so far; max_bytes counts them less message 0's
+  // frame header (every sum stays far below 2^64: lengths are < 2^48).
+  uint64_t got = 0;
+
+  bool following() const { return !failure && !decode_error && !over; }
+  bool fits(uint64_t msg_len, uint64_t device_len) const {
+    return got + msg_len + device_len - kHeaderBytes <= max_bytes;
+  }
+  // The message whose segment header was read last, avail bytes of it at msg.
+  void take(const uint8_t* msg, uint64_t avail, uint64_t msg_len, uint64_t device_len, uint16_t flags,
+            at::Tensor* device) {
+    const bool keep = following(), fit = fits(msg_len, device_len);
+    got += msg_len + device_len;
+    error_end = flags & SEG_ERROR;
+    if (!keep) return;
+    if (error_end)
+      failure = b.attr("_stream_failure")("error", py::str(dec.error_text(msg, avail)), route);
+    else if (!fit)
+      over = true;
+    else if (!dec.decode(msg, avail, device))
+      decode_error.emplace();
+  }
+  // The stream is over: the first failure raised, else the container.
+  py::object outcome() {
+    if (decode_error) {
+      decode_error->restore();
+      throw py::error_already_set();
+    }
+    if (over)
+      failure = b.attr("_stream_failure")(
+          "max_bytes", error_end ? py::object(py::none()) : py::object(py::int_(got - kHeaderBytes)), route);
+    if (failure) raise_object(failure);
+    PyObject* out = dec.result();
+    if (!out) throw py::error_already_set();
+    return steal(out);
+  }
+};
 
 // A stream (FORMAT.md section 3.1) whose message 0 the reader has taken
 // (in place, or `copied` out of several slots, its prologue only past
@@ -683,33 +748,16 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
   };
   StreamDecoder dec(opts);
   if (!dec.open(data, len, h.payload_len)) corrupt();
-  std::optional<py::error_already_set> decode_error;
-  py::object failure;
-  bool over = false, error_end = false;
-  // Bytes of every message so far; max_bytes counts them less message 0's
-  // frame header (every sum stays far below 2^64: lengths are < 2^48).
-  uint64_t got = 0;
+  StreamFollower f{dec, max_bytes, b, route};
   const uint8_t* msg = data;
   uint64_t avail = len;
   for (;;) {
     uint64_t msg_len = 0, device_len = 0;
     uint16_t flags = 0;
     if (!dec.segment(msg, avail, &msg_len, &device_len, &flags)) corrupt();
-    const bool following = !failure && !decode_error && !over;
-    const bool fits = got + msg_len + device_len - kHeaderBytes <= max_bytes;
     at::Tensor device;
     if (flags & SEG_CUDA) device = THPVariable_Unpack(b.attr("_stream_device")(device_len, route, deadline).ptr());
-    got += msg_len + device_len;
-    error_end = flags & SEG_ERROR;
-    if (following) {
-      if (error_end) {
-        failure = b.attr("_stream_failure")("error", py::str(dec.error_text(msg, avail)), route);
-      } else if (!fits) {
-        over = true;
-      } else if (!dec.decode(msg, avail, device.defined() ? &device : nullptr)) {
-        decode_error.emplace();
-      }
-    }
+    f.take(msg, avail, msg_len, device_len, flags, device.defined() ? &device : nullptr);
     c.release();
     copied = at::Tensor();
     if (flags & SEG_LAST) break;
@@ -720,24 +768,14 @@ py::object recv_stream_inline(ShmChannel& c, const uint8_t* data, uint64_t len, 
       c.take_inline();
       avail = next_len;
     } else {
-      const bool keep = !failure && !decode_error && !over && got + next_len - kHeaderBytes <= max_bytes;
+      const bool keep = f.following() && f.fits(next_len, 0);
       copied = without_gil([&] { return keep ? c.recv(q) : c.recv(q, 0, kSegmentHeaderBytes); });
       msg = copied.data_ptr<uint8_t>();
       avail = uint64_t(copied.numel());
     }
   }
   if (h.seq != seq) b.attr("_check_seq")(h.seq, route);  // raises: another call's stream, followed to its end
-  if (decode_error) {
-    decode_error->restore();
-    throw py::error_already_set();
-  }
-  if (over)
-    failure = b.attr("_stream_failure")(
-        "max_bytes", error_end ? py::object(py::none()) : py::object(py::int_(got - kHeaderBytes)), route);
-  if (failure) raise_object(failure);
-  PyObject* out = dec.result();
-  if (!out) throw py::error_already_set();
-  return steal(out);
+  return f.outcome();
 }
 
 void bind_shm(py::module_& m) {
@@ -847,7 +885,8 @@ void bind_shm(py::module_& m) {
               StreamMessage msg = stream_first(*s, first_chunk, chunk, version, seq, 0, &streaming);
               const bool within = msg.len - kHeaderBytes + msg.device_len <= max_bytes;
               if (streaming && within && !b.is_none()) {
-                send_stream(c, *s->enc, std::move(msg), max_bytes, clock, b, route, deadline);
+                ShmPipe pipe{c, clock};
+                send_stream(pipe, *s->enc, std::move(msg), max_bytes, b, route, deadline);
                 return py::none();
               }
               if (streaming || !msg.cuda.empty() || msg.len > slot || !within)
@@ -964,6 +1003,175 @@ namespace {
 PyObject* g_collective_error = nullptr;
 }
 
+// A host buffer of at least n bytes: a pool block, or ordinary memory once
+// the pool's cap is reached (a rank that cannot join a collective would
+// leave its peers waiting).
+at::Tensor host_block(size_t n) {
+  try {
+    return PinnedPool::instance().acquire(n);
+  } catch (const c10::Error&) {
+    return at::empty({int64_t(n)}, at::TensorOptions(at::kByte));
+  }
+}
+
+// A source's stream over a CPU group's collective: each message's
+// collectives are posted without waiting (message 0 as any frame: a first
+// collective of first_chunk bytes; every later one a first collective of
+// segment_bytes, which receivers post before they know its length), then
+// collectives of `chunk` bytes; at most two messages are in flight,
+// so the source encodes the next while receivers take these. Posts are
+// made without the GIL (see recv_stream_collective), and from tensors
+// Python never saw: a gloo worker dropping them needs no GIL.
+struct CollectivePipe {
+  GroupCollective& g;
+  const StreamEncoder& enc;
+  const CallClock& clock;
+  uint32_t n = 0;  // messages posted
+  std::deque<std::pair<at::Tensor, std::vector<c10::intrusive_ptr<c10d::Work>>>> inflight;
+
+  WaitPolicy in_time() const {
+    const WaitPolicy q = clock.left();
+    if (clock.passed(q)) throw CollectiveFailed("RuntimeError", "timed out: the call's timeout passed mid-stream");
+    return q;
+  }
+  c10::intrusive_ptr<c10d::Work> post(const at::Tensor& t) {
+    return without_gil([&] { return g.post(t, g.root); });
+  }
+  void send(const StreamMessage& m) {
+    in_time();
+    if (inflight.size() >= 2) finish_one();
+    // Message 0 as any frame; every later one's first collective moves
+    // segment_bytes whatever its length: receivers post it before they know it.
+    const uint64_t first = n ? enc.segment_bytes() : g.first_chunk();
+    at::Tensor block = m.block;
+    if (uint64_t(block.numel()) < first) {  // the first collective moves `first` bytes whatever the length
+      at::Tensor bigger = host_block(first);
+      std::memcpy(bigger.data_ptr<uint8_t>(), block.data_ptr<uint8_t>(), m.len);
+      block = bigger;
+    }
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    works.push_back(post(block.narrow(0, 0, int64_t(first))));
+    for (uint64_t off = first; off < m.len; off += g.chunk()) {
+      in_time();  // posting many tiny chunks takes time too
+      works.push_back(post(block.narrow(0, int64_t(off), int64_t(std::min<uint64_t>(g.chunk(), m.len - off)))));
+    }
+    inflight.emplace_back(std::move(block), std::move(works));
+    ++n;
+  }
+  void finish_one() {
+    auto works = std::move(inflight.front().second);
+    for (auto& w : works) {
+      const WaitPolicy q = in_time();
+      without_gil([&] { GroupCollective::wait_for(w, q.timeout_s); });
+    }
+    inflight.pop_front();  // the block may go back to the pool
+  }
+  void finish() {
+    while (!inflight.empty()) finish_one();
+  }
+  void in_stream(bool on) { g.sending = g.streaming = on; }
+};
+
+// A stream (FORMAT.md section 3.1) over a CPU group's collective, received
+// and decoded by one call, as recv_stream_inline does over shared memory:
+// the loop of fastbcast.stream.receive without its Python (about 25 us a
+// message, BENCHMARKS.md section 5c). `frame` is message 0 (whole, or only
+// its first STREAM_PREFIX_BYTES when it alone is over max_bytes), `s` opened
+// on it. Each later message moves in a first collective of segment_bytes,
+// posted before the message in front of it is decoded, and past that in collectives of the
+// source's `chunk`. Every message is received before anything is raised:
+// b._stream_failure's exception for an error segment, a stream over
+// max_bytes or a corrupt segment header, a segment's DecodeError; a
+// collective that fails or passes the call's timeout throws
+// CollectiveFailed at once (the group is then given up).
+py::object recv_stream_collective(GroupCollective& g, PyStreamDecoder& s, at::Tensor frame, uint64_t max_bytes,
+                                  uint32_t chunk, const CallClock& clock, py::handle b, py::handle route,
+                                  py::handle deadline) {
+  StreamDecoder& dec = *s.dec;
+  auto corrupt = [&]() {
+    py::error_already_set e;
+    raise_object(b.attr("_stream_failure")("corrupt", py::str(e.value()), route));
+  };
+  auto in_time = [&]() {
+    const WaitPolicy q = clock.left();
+    if (clock.passed(q)) throw CollectiveFailed("RuntimeError", "timed out: the call's timeout passed mid-stream");
+    return q;
+  };
+  // Without the GIL, as torch's own binding: a gloo worker that drops a
+  // finished collective's tensors may need the GIL while it holds the queue
+  // that a post waits for.
+  auto post_one = [&](const at::Tensor& t) { return without_gil([&] { return g.post(t, g.root); }); };
+  auto wait = [&](const c10::intrusive_ptr<c10d::Work>& w) {
+    const WaitPolicy q = in_time();
+    without_gil([&] { GroupCollective::wait_for(w, q.timeout_s); });
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  };
+  const uint64_t segment = dec.segment_bytes();
+  // The next message is posted before this one is decoded, into the other
+  // of two buffers; message 0's is one of them. With a chunk below the
+  // segment that second buffer would pass the bound of one segment plus
+  // one chunk (FORMAT.md 3.1): then one buffer, posted after the decode.
+  const bool ahead = g.chunk() >= segment;
+  at::Tensor host[2];
+  if (uint64_t(frame.numel()) >= segment) host[1] = frame;
+  uint32_t posted = 0;  // messages after message 0 posted so far
+  int pending_j = 0;
+  c10::intrusive_ptr<c10d::Work> pending;
+  // A later message's first collective is a whole segment, whatever the
+  // message's length: receivers post it before they know that length.
+  auto post = [&]() {
+    const int j = ahead ? int(posted++ % 2) : 1;
+    if (!host[j].defined()) host[j] = host_block(segment);
+    pending_j = j;
+    pending = post_one(host[j].narrow(0, 0, int64_t(segment)));
+  };
+
+  StreamFollower f{dec, max_bytes, b, route};
+  at::Tensor buf = frame;
+  bool first = true;
+  for (;;) {
+    const uint8_t* msg = buf.data_ptr<uint8_t>();
+    uint64_t avail = uint64_t(buf.numel());
+    uint64_t msg_len = 0, device_len = 0;
+    uint16_t flags = 0;
+    if (!dec.segment(msg, avail, &msg_len, &device_len, &flags)) corrupt();
+    if (!first && avail < msg_len) {
+      // Longer than its first collective (its one item is): the rest in
+      // the source's chunks, kept whole if it is to be decoded, else
+      // dropped piece by piece (the segment header is all that is left).
+      if (f.following() && f.fits(msg_len, device_len)) {
+        at::Tensor whole = host_block(msg_len);
+        std::memcpy(whole.data_ptr<uint8_t>(), msg, avail);
+        std::vector<c10::intrusive_ptr<c10d::Work>> works;
+        // The clock is read after every post: posting many tiny chunks takes time too.
+        for (uint64_t off = avail; off < msg_len; off += chunk, in_time())
+          works.push_back(post_one(whole.narrow(0, int64_t(off), int64_t(std::min<uint64_t>(chunk, msg_len - off)))));
+        for (auto& w : works) wait(w);
+        buf = whole;
+        msg = buf.data_ptr<uint8_t>();
+        avail = msg_len;
+      } else {
+        at::Tensor scratch =
+            at::empty({int64_t(std::min<uint64_t>(chunk, msg_len - avail))}, at::TensorOptions(at::kByte));
+        for (uint64_t off = avail; off < msg_len; off += chunk)
+          wait(post_one(scratch.narrow(0, 0, int64_t(std::min<uint64_t>(chunk, msg_len - off)))));
+      }
+    }
+    at::Tensor device;
+    if (flags & SEG_CUDA) device = THPVariable_Unpack(b.attr("_stream_device")(device_len, route, deadline).ptr());
+    const bool last = flags & SEG_LAST;
+    if (!last && ahead) post();  // the next message moves while this one is decoded
+    f.take(msg, avail, msg_len, device_len, flags, device.defined() ? &device : nullptr);
+    if (last) break;
+    if (!ahead) post();
+    wait(pending);
+    pending.reset();
+    buf = host[pending_j].narrow(0, 0, int64_t(segment));
+    first = false;
+  }
+  return f.outcome();
+}
+
 void bind_collective(py::module_& m) {
   g_collective_error = PyErr_NewExceptionWithDoc(
       "fastbcast.CollectiveError",
@@ -1005,20 +1213,34 @@ void bind_collective(py::module_& m) {
           "send_object",
           [](G& g, py::handle obj, uint64_t stream_bytes, uint32_t first_chunk, uint32_t chunk,
                     uint16_t version, uint64_t seq, bool compat, bool allow_pickle, bool collect_cuda,
-                    const py::object& trusted, uint64_t max_bytes, std::optional<double> timeout_s, py::handle,
-                    py::handle, py::handle) -> py::object {
+                    const py::object& trusted, uint64_t max_bytes, std::optional<double> timeout_s, py::handle b,
+                    py::handle route, py::handle deadline) -> py::object {
             // ShmChannel.send_object's contract, with "one slot" read as "the
-            // first collective": anything else, a stream included, comes back
-            // unsent, in a block at least first_chunk long (the general path
-            // moves that much), so broadcaster/route/deadline go unused.
+            // first collective": a stream within max_bytes is sent whole
+            // (with `b`); anything else comes back unsent, in a block at
+            // least first_chunk long (the general path moves that much).
             if (first_chunk != g.first_chunk() || chunk != g.chunk())
               throw py::value_error("first_chunk/chunk differ from the channel's");
             const CallClock clock(timeout_s);
-            g.sending = false;
-            if (streamable(obj.ptr(), stream_bytes))
-              return encode_frame_or_stream(obj, stream_bytes, first_chunk, chunk, version, seq, compat,
-                                            allow_pickle, collect_cuda, std::max<size_t>(first_chunk, g.size_hint),
-                                            trusted);
+            g.sending = g.streaming = false;
+            if (streamable(obj.ptr(), stream_bytes)) {
+              auto s = std::make_unique<PyStreamEncoder>(
+                  PyStreamEncoder{py::reinterpret_borrow<py::object>(obj), trusted, nullptr});
+              s->enc = std::make_unique<StreamEncoder>(obj.ptr(), stream_bytes,
+                                                       encode_options(compat, allow_pickle, s->trusted), collect_cuda);
+              bool streaming = false;
+              StreamMessage msg = stream_first(*s, first_chunk, chunk, version, seq,
+                                               std::max<size_t>(first_chunk, g.size_hint), &streaming);
+              // A stream within max_bytes is sent whole here; anything else
+              // (a plain frame too: it may need more than the first
+              // collective) comes back unsent.
+              if (streaming && msg.len - kHeaderBytes + msg.device_len <= max_bytes && !b.is_none()) {
+                CollectivePipe pipe{g, *s->enc, clock};
+                send_stream(pipe, *s->enc, std::move(msg), max_bytes, b, route, deadline);
+                return py::none();
+              }
+              return first_tuple(msg, std::move(s), streaming);
+            }
             std::vector<at::Tensor> cuda;
             const bool small = g.size_hint <= first_chunk;
             Encoded e = encode_frame_block(obj.ptr(), first_chunk, chunk, version, seq, compat, allow_pickle,
@@ -1049,6 +1271,8 @@ void bind_collective(py::module_& m) {
       .def_property_readonly("sending", [](G& g) { return g.sending; },
                              "True if send_object's collective was made and failed: a failure then is the "
                              "transport's, not the encoder's.")
+      .def_property_readonly("streaming", [](G& g) { return g.streaming; },
+                             "True if that failure came while send_object sent a stream.")
       .def(
           "recv_object",
           [](G& g, uint16_t version, uint64_t seq, uint64_t max_bytes, bool allow_pickle,
@@ -1081,6 +1305,20 @@ void bind_collective(py::module_& m) {
           py::arg("deadline") = py::none(),
           "Receives the first collective of the next frame and decodes it if it is a plain frame of this version "
           "and call number that fits there; otherwise returns SHM_NOT_INLINE with the bytes pending (take()).")
+      .def(
+          "recv_stream",
+          [](G& g, PyStreamDecoder& s, py::handle frame, uint64_t max_bytes, uint32_t chunk,
+             std::optional<double> timeout_s, py::handle broadcaster, py::handle route, py::handle deadline) {
+            return recv_stream_collective(g, s, host_bytes(frame, "frame"), max_bytes, chunk ? chunk : g.chunk(),
+                                          CallClock(timeout_s), broadcaster, route, deadline);
+          },
+          py::arg("decoder"), py::arg("frame"), py::arg("max_bytes"), py::arg("chunk"), py::arg("timeout_s"),
+          py::arg("broadcaster"), py::arg("route"), py::arg("deadline"),
+          "Receiver: the object of a stream whose message 0 is `frame` and `decoder` was opened on "
+          "(recv_stream_collective: every later message received and decoded here, with the source's `chunk`, "
+          "0: this channel's). Raises the broadcaster's _stream_failure(...) for an error segment, a stream over "
+          "max_bytes or a corrupt segment header, a segment's DecodeError, each once the stream is over; "
+          "CollectiveError at once if a collective fails or the timeout passes.")
       .def(
           "take",
           [](G& g) -> py::object {

@@ -480,7 +480,8 @@ class Broadcaster:
                     f"nothing was sent")
         except BaseException as e:
             if ch is not None and ch.sending:   # the send itself failed, not the encode
-                raise_channel_failure(e, deadline, "collective 1 of 1 (the first chunk)")
+                raise_channel_failure(e, deadline, "a stream message" if getattr(ch, "streaming", False)
+                                      else "collective 1 of 1 (the first chunk)")
             if self._told_receivers:
                 raise   # send_object ended its stream with an error segment
             # Receivers are already waiting for a frame: tell them.

@@ -14,9 +14,14 @@ stream, so classes and shared references work across segments.
   (decoding) in this thread overlaps them; NCCL stages them through two
   device slots with asynchronous copies.
 * Shared memory: each message is one ring message; the ring holds up to
-  its slot count of them ahead of the slowest reader. There the whole
-  stream is one C++ call on each side (ShmChannel.send_object /
-  recv_object); this module's sending and receiving serve the collective.
+  its slot count of them ahead of the slowest reader.
+
+On shared memory, and on the collective of a CPU group (gloo), the whole
+stream is one C++ call on each side (ShmChannel / CollectiveChannel
+send_object, and recv_object / recv_stream: csrc/python_api.cpp), the same
+protocol without Python between messages. This module's loops below carry
+it on NCCL (device staging) and whenever the C++ channel is off
+(transport.ONE_CALL).
 
 A frame that is not such a container, or whose encoding fits in one
 segment, is an ordinary frame, sent as before. Failures keep their meaning:
@@ -41,8 +46,8 @@ import torch
 
 from ._loader import _C
 from .mesh import Route
-from .transport import (CollectiveTransport, ShmTransport, TransportError, _host, _left, _to_host, post_bcast,
-                        shm_geometry, wait)
+from .transport import (CHANNEL_ERRORS, CollectiveTransport, ShmTransport, TransportError, _host, _left, _to_host,
+                        post_bcast, raise_channel_failure, shm_geometry, wait)
 
 __all__ = ["DEFAULT_STREAM_BYTES", "encode", "send_rest", "receive"]
 
@@ -70,8 +75,9 @@ def encode(b, obj, version: int, min_capacity: int) -> tuple:
 
 
 def send_rest(b, enc, sent: int, route: Route, deadline) -> None:
-    """Source, collective transport: every message after message 0
-    (already sent, `sent` bytes counted against max_bytes)."""
+    """Source, collective transport without a C++ channel (NCCL): every
+    message after message 0 (already sent, `sent` bytes counted against
+    max_bytes)."""
     pipe = _CollectiveSource(_collective(b._transport), route, deadline, enc.segment_bytes)
     while True:
         made = False
@@ -129,6 +135,12 @@ def receive(b, t, frame: torch.Tensor, header: tuple, route: Route, deadline, er
         dec = _C.StreamDecoder(frame, payload_len, b is not None and b.allow_pickle, () if b is None else b.trusted)
     except ValueError as e:
         raise _corrupt(route, e) from e
+    ch = _collective(t).inline_channel(route, deadline) if b is not None else None
+    if ch is not None:
+        try:   # the same loop in C++ (CollectiveChannel.recv_stream)
+            return ch.recv_stream(dec, frame, b.max_bytes, chunk or 0, _left(deadline), b, route, deadline)
+        except CHANNEL_ERRORS as e:
+            raise_channel_failure(e, deadline, "a stream message")
     sink = _CollectiveSink(_collective(t), route, deadline, dec.segment_bytes, frame, chunk)
     failure, over, error_end = None, b is None, False
     limit = b.max_bytes if b is not None else 0

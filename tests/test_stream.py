@@ -227,12 +227,23 @@ def _rows(n: int, width: int = 200):
     return [{"rid": f"r{i}", "ids": list(range(i, i + width)), "score": i / 7} for i in range(n)]
 
 
+def _loops(transport: str) -> str:
+    """"collective-python": the collective transport with its Python stream
+    loops (as on NCCL) instead of the C++ ones a CPU group gets."""
+    if transport == "collective-python":
+        from fastbcast import transport as tmod
+        tmod.ONE_CALL = False
+        return "collective"
+    return transport
+
+
 def _stream_run(rank, world, transport, device=None):
     import resource
 
     import fastbcast
     from fastbcast import Broadcaster, BroadcastError
 
+    transport = _loops(transport)
     out = {}
     b = Broadcaster(transport=transport, stream_bytes=S, chunk=CHUNK, device=device)
     small = world - 1        # the receiver with a smaller max_bytes
@@ -301,15 +312,23 @@ def _stream_run(rank, world, transport, device=None):
     out["large_ok"] = rank == 0 or len(got) == 8000 and got[7999]["ids"][-1] == 7999 + 399
     out["maxrss_growth_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
     out["transport"] = b.transport
+    ch = getattr(b._transport, "_channel", None)
+    out["c_collectives"] = ch.collectives if ch else 0   # the C++ loops' collectives (CollectiveChannel)
     return out
 
 
 def _check_results(results, transport):
     for rank, res in enumerate(results):
-        assert res["transport"] == transport
+        assert res["transport"] == _loops_name(transport)
         bad = {k: v for k, v in res.items()
-               if k not in ("pool_after_large", "maxrss_growth_kb", "transport") and v is not True}
+               if k not in ("pool_after_large", "maxrss_growth_kb", "transport", "c_collectives") and v is not True}
         assert not bad, (rank, res)
+        if transport == "collective":
+            # Every rank's streams went through the C++ loops: hundreds of
+            # collectives made from C++ (the one-call path alone makes one a call).
+            assert res["c_collectives"] > 100, (rank, res["c_collectives"])
+        elif transport == "collective-python":
+            assert res["c_collectives"] == 0, (rank, res["c_collectives"])
     for rank in range(1, len(results)):
         # Two receive buffers of a segment, message 0's one of them
         # (collective), or none (a ring slot is decoded in place): far below
@@ -317,7 +336,11 @@ def _check_results(results, transport):
         assert results[rank]["pool_after_large"] <= 8 * S + (1 << 20), results[rank]
 
 
-@pytest.mark.parametrize("transport", ["collective", "shm"])
+def _loops_name(transport: str) -> str:
+    return "collective" if transport == "collective-python" else transport
+
+
+@pytest.mark.parametrize("transport", ["collective", "collective-python", "shm"])
 def test_streams_over_gloo(transport):
     _check_results(run_distributed(_stream_run, 3, transport, timeout=240), transport)
 
@@ -463,6 +486,7 @@ def _receiver_memory_run(rank, world, transport):
     import fastbcast
     from fastbcast import Broadcaster, BroadcastError
 
+    transport = _loops(transport)
     out = {}
     small = world - 1       # the receiver with a smaller max_bytes
     rows = _rows(4000)
@@ -516,14 +540,14 @@ def _receiver_memory_run(rank, world, transport):
     return out
 
 
-@pytest.mark.parametrize("transport", ["collective", "shm"])
+@pytest.mark.parametrize("transport", ["collective", "collective-python", "shm"])
 def test_receiver_memory_and_max_bytes_mid_stream(transport):
     res = run_distributed(_receiver_memory_run, 3, transport, timeout=240)
     small = len(res) - 1
     rows_size = _stream_size(_rows(4000), transport)[1]
     big_msg0, big_sizes = _stream_size(_big_first(), transport)
     for rank, r in enumerate(res):
-        assert r["transport"] == transport
+        assert r["transport"] == _loops_name(transport)
         for name in ("after_below_message_0", "after_later_message", "after_first_chunk_64", "after_source"):
             assert r[name] is True, (rank, name, r)
         for chunk in (SEG, 64 << 10):
