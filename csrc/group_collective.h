@@ -34,10 +34,11 @@ class GroupCollective {
   // and waits for it, at most timeout_s seconds (< 0: the group's own
   // timeout). Call without the GIL. Throws CollectiveFailed.
   void broadcast(const at::Tensor& t, int root, double timeout_s);
-  // The two halves of broadcast(): post starts one without waiting (it only
-  // queues it: the GIL may be held) and keeps t alive until it completes;
-  // wait_for waits, at most timeout_s seconds (< 0: the group's own
-  // timeout), without the GIL. Both throw CollectiveFailed.
+  // The two halves of broadcast(): post starts one without waiting and
+  // keeps t alive until it completes; wait_for waits, at most timeout_s
+  // seconds (< 0: the group's own timeout). Both throw CollectiveFailed.
+  // Call both without the GIL: a gloo worker dropping a finished work's
+  // tensors may wait for the GIL while holding the queue a post needs.
   c10::intrusive_ptr<c10d::Work> post(const at::Tensor& t, int root);
   static void wait_for(const c10::intrusive_ptr<c10d::Work>& work, double timeout_s);
 

@@ -1265,9 +1265,11 @@ void bind_collective(py::module_& m) {
           py::arg("max_bytes"), py::arg("timeout_s") = py::none(), py::arg("broadcaster") = py::none(),
           py::arg("route") = py::none(), py::arg("deadline") = py::none(),
           "Encodes obj as a frame and, if it fits the first collective, has no CUDA tensors, is within max_bytes "
-          "and is not a stream, broadcasts it and returns None. Otherwise returns encode_frame_or_stream's "
-          "(block, frame_bytes, cuda_tensors, device_len, stream), unsent. Encode errors raise before anything "
-          "is sent; `sending` tells a failure of the collective (CollectiveError) apart.")
+          "and is not a stream, broadcasts it and returns None. A stream whose message 0 is within max_bytes is "
+          "sent whole (with `broadcaster`: send_stream over a CollectivePipe) and None returned. Otherwise returns "
+          "encode_frame_or_stream's (block, frame_bytes, cuda_tensors, device_len, stream), unsent. Encode errors "
+          "raise before anything is sent (mid-stream: after the error segment, broadcaster._told_receivers set); "
+          "`sending` tells a failure of the collective (CollectiveError) apart, `streaming` one mid-stream.")
       .def_property_readonly("sending", [](G& g) { return g.sending; },
                              "True if send_object's collective was made and failed: a failure then is the "
                              "transport's, not the encoder's.")
